@@ -1,0 +1,5 @@
+"""Reproductions of the sources' claims: ``gradcond repro list`` / ``gradcond repro run NAME``."""
+
+from .registry import Experiment, Row, get, load_all, markdown_table, register, run_experiment
+
+__all__ = ["Experiment", "Row", "get", "load_all", "markdown_table", "register", "run_experiment"]

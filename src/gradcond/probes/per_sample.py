@@ -1,0 +1,343 @@
+"""Per-sample gradient engine on ``torch.func`` (seed 004, §1.0 notation; Def 1.3).
+
+Everything here is *functional*: the model's parameters and buffers are read, never written. Perturbed weights
+(w + ω) and perturbed inputs (x + δ) are evaluated with ``torch.func.functional_call`` on new tensors, so the
+``state_dict`` of the model is bit-identical after every call (tested in ``tests/test_per_sample.py``).
+
+Conventions (decisions where the source is silent)
+---------------------------------------------------
+* **Per-sample loss.** ``loss_fn(output, target)`` is applied to a batch of one sample: ``ℓ_i = loss_fn(f(x_i)[None],
+  t_i[None])``. The batch objective is the *mean* of the per-sample losses, so the batch gradient is
+  ``h̄_W(w, χ) = (1/b) Σ_i h_W(w, x_i, t_i)`` exactly as in Def 1.3, whatever reduction ``loss_fn`` uses.
+  ``loss_fn`` must be traceable by ``torch.vmap`` (no ``.item()`` or data-dependent Python control flow).
+* **Module mode.** During a measurement every module is switched to ``eval()`` (flags restored afterwards), so
+  dropout is off and results are deterministic.
+* **BatchNorm** (``bn=`` argument). Per-sample gradients of a BN network in train mode are not defined by the
+  source (Opacus, which it used, cannot compute them; notes erratum 8). Two policies:
+
+  - ``bn="batch"`` (default): *batch statistics frozen from the batch*. One forward pass of the clean batch at the
+    base weights records each BN layer's batch mean and biased variance (exactly what a train-mode forward
+    normalizes with); every evaluation of the measurement (perturbed weights and perturbed inputs included) then
+    runs BN in eval mode with those statistics in place of the running buffers. Per-sample outputs therefore equal
+    the train-mode batch outputs, but the statistics are treated as constants: no gradient flows through them and
+    they do not move with ω or δ. The function measured is ``L(w, x; s(w₀, χ))``.
+  - ``bn="eval"``: use the running statistics (the model's eval-mode function).
+
+  For a model already in eval mode the two coincide (running statistics are used). A BN layer that does not track
+  running statistics has no buffers to substitute and is rejected with a ValueError.
+* **Flat vectors.** The weight space 𝕎 is the concatenation of all parameters with ``requires_grad=True`` in
+  ``named_parameters()`` order (biases and normalization parameters included; notes erratum 5).
+
+Cost: a per-sample gradient pass costs about one batched forward+backward of the same batch (``vmap(grad)``);
+memory is bounded by ``chunk_size`` per-sample gradients of ``m`` floats at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+__all__ = [
+    "Engine",
+    "as_batch",
+    "flatten",
+    "unflatten",
+    "weight_vector",
+    "DEFAULT_MEMORY_BYTES",
+]
+
+DEFAULT_MEMORY_BYTES = 256 * 2**20  # bound for one chunk of per-sample gradients
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def flatten(tensors: dict[str, torch.Tensor], names: list[str], batched: bool = False) -> torch.Tensor:
+    """Concatenate ``tensors[name]`` in ``names`` order into one vector (or (B, m) matrix when ``batched``)."""
+    if batched:
+        return torch.cat([tensors[n].reshape(tensors[n].shape[0], -1) for n in names], dim=1)
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def unflatten(vec: torch.Tensor, like: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Split a flat vector back into tensors shaped like ``like`` (inverse of :func:`flatten`)."""
+    out, i = {}, 0
+    for n in names:
+        k = like[n].numel()
+        out[n] = vec[i : i + k].view_as(like[n])
+        i += k
+    if i != vec.numel():
+        raise ValueError(f"flat vector has {vec.numel()} entries but the model has {i} trainable parameters.")
+    return out
+
+
+def weight_vector(model: nn.Module) -> torch.Tensor:
+    """All trainable parameters of ``model`` as one detached flat vector (a copy)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).clone()
+
+
+def as_batch(batch_or_loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(x, y)`` from a batch ``(x, y, ...)`` or the first batch of a loader / iterable of batches."""
+    if isinstance(batch_or_loader, (tuple, list)) and len(batch_or_loader) >= 2 and all(
+        isinstance(t, torch.Tensor) for t in batch_or_loader[:2]
+    ):
+        x, y = batch_or_loader[0], batch_or_loader[1]
+    else:
+        try:
+            first = next(iter(batch_or_loader))
+        except (TypeError, StopIteration):
+            raise ValueError(
+                "expected a batch (x, y) of tensors or a non-empty loader/iterable of such batches, got "
+                f"{type(batch_or_loader).__name__}."
+            ) from None
+        return as_batch(first)
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"batch tensors must share a leading batch dimension; got x {tuple(x.shape)} and y {tuple(y.shape)}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError("the batch is empty; pass at least one sample.")
+    return x, y
+
+
+@contextlib.contextmanager
+def _eval_flags(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or inf; the metric is undefined for non-finite gradients.")
+
+
+@dataclass
+class _State:
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+
+class Engine:
+    """Functional view of ``model`` + ``loss_fn`` for one measurement.
+
+    Use as a context manager (``with Engine(model, loss_fn, x, y) as e: ...``): entering switches modules to eval
+    mode and freezes BN statistics from the batch ``(x, y)`` according to ``bn``; leaving restores the modules'
+    training flags. Parameters and buffers are never written.
+
+    Args:
+        model: any ``nn.Module``; inputs are cast to its parameter dtype if floating point.
+        loss_fn: ``loss_fn(output, target) -> scalar``; see the module docstring for the per-sample convention.
+        x, y: the batch that defines the base point (and the frozen BN statistics).
+        bn: ``"batch"`` or ``"eval"`` (module docstring).
+        chunk_size: per-sample gradients computed at most this many at a time (default: from ``memory_bytes``).
+        memory_bytes: memory bound for one chunk of per-sample gradients when ``chunk_size`` is not given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        bn: str = "batch",
+        chunk_size: int | None = None,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable(output, target) -> scalar, got {type(loss_fn).__name__}.")
+        if bn not in ("batch", "eval"):
+            raise ValueError(f"bn must be 'batch' (statistics frozen from the batch) or 'eval', got {bn!r}.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        self.model, self.loss_fn, self.bn = model, loss_fn, bn
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to measure.")
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        self.dtype = params[self.names[0]].dtype
+        self.fixed = {n: t for n, t in params.items() if n not in self.names}
+        self.w = {n: params[n] for n in self.names}
+        self.m = sum(self.w[n].numel() for n in self.names)
+        self.x, self.y = self.cast(x), y
+        self.b = x.shape[0]
+        if chunk_size is None:
+            chunk_size = max(1, int(memory_bytes // max(1, self.m * self.w[self.names[0]].element_size() * 3)))
+        self.chunk_size = chunk_size
+        self._flags = None
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "Engine":
+        self._ctx = _eval_flags(self.model)
+        training = {m: m.training for m in self.model.modules()}
+        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, _BN_TYPES)]
+        self._ctx.__enter__()
+        try:
+            buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+            if self.bn == "batch" and any(training[m] for _, m in bns):
+                buffers = self._batch_statistics(bns, training, buffers)
+            else:
+                for n, m in bns:
+                    if m.running_mean is None:
+                        raise ValueError(
+                            f"BatchNorm layer {n!r} does not track running statistics; per-sample gradients "
+                            "need track_running_stats=True."
+                        )
+            self.buffers = buffers
+        except BaseException:
+            self._ctx.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    def _batch_statistics(self, bns, training, buffers):
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = []
+        for name, mod in bns:
+            if mod.running_mean is None:
+                raise ValueError(
+                    f"BatchNorm layer {name!r} does not track running statistics; per-sample gradients need "
+                    "track_running_stats=True."
+                )
+
+            def hook(module, args, output, name=name):
+                inp = args[0]
+                dims = [0] + list(range(2, inp.ndim))
+                if training[module]:
+                    mean = inp.mean(dims)
+                    var = inp.var(dims, unbiased=False)
+                else:
+                    mean, var = self.buffers_in_use[name + ".running_mean"], self.buffers_in_use[name + ".running_var"]
+                stats[name] = (mean.detach(), var.detach())
+                # normalize with the recorded statistics so downstream layers see the train-mode batch activations
+                shape = [1, -1] + [1] * (inp.ndim - 2)
+                out = (inp - mean.view(shape)) / torch.sqrt(var.view(shape) + module.eps)
+                if module.affine:
+                    out = out * module.weight.view(shape) + module.bias.view(shape)
+                return out.detach()
+
+            handles.append(mod.register_forward_hook(hook))
+        self.buffers_in_use = buffers
+        try:
+            with torch.no_grad():
+                functional_call(self.model, ({**self.fixed, **self.w}, buffers), (self.x,))
+        finally:
+            for h in handles:
+                h.remove()
+            del self.buffers_in_use
+        new = dict(buffers)
+        for name, (mean, var) in stats.items():
+            new[name + ".running_mean"] = mean
+            new[name + ".running_var"] = var
+        return new
+
+    # ------------------------------------------------------------------ basics
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
+
+    def _all(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**self.fixed, **w}
+
+    def _loss_single(self, w, x, y):
+        out = functional_call(self.model, (self._all(w), self.buffers), (x.unsqueeze(0),))
+        return self.loss_fn(out, y.unsqueeze(0))
+
+    def _loss_batch(self, w, x, y):
+        out = functional_call(self.model, (self._all(w), self.buffers), (x,))
+        per = vmap(lambda o, t: self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+        return per.mean()
+
+    def flat_w(self) -> torch.Tensor:
+        return flatten(self.w, self.names)
+
+    def add(self, omega: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weights ``w + ω`` as a new dict (ω flat, full length m)."""
+        d = unflatten(omega.to(self.dtype), self.w, self.names)
+        return {n: self.w[n] + d[n] for n in self.names}
+
+    # ------------------------------------------------------------------ gradients
+    def batch_grad(self, omega: torch.Tensor | None = None, x=None, y=None) -> torch.Tensor:
+        """Flat batch-mean gradient h̄_W(w + ω, χ) (one batched forward+backward)."""
+        w = self.w if omega is None else self.add(omega)
+        x = self.x if x is None else self.cast(x)
+        y = self.y if y is None else y
+        g = grad(self._loss_batch)(w, x, y)
+        return flatten(g, self.names)
+
+    def _chunks(self, b: int) -> Iterator[slice]:
+        for s in range(0, b, self.chunk_size):
+            yield slice(s, min(b, s + self.chunk_size))
+
+    def per_sample_grads(self, x=None, y=None, omega=None, *, wrt: str = "weight", select=None) -> Iterator[
+        tuple[slice, torch.Tensor]
+    ]:
+        """Yield ``(slice, G)`` chunks, ``G`` of shape (c, m) (weights, optionally masked by ``select``) or (c, k)
+        (inputs, flattened). ``select`` is an index tensor applied to the flat weight gradient."""
+        x = self.x if x is None else self.cast(x)
+        y = self.y if y is None else y
+        w = self.w if omega is None else self.add(omega)
+        if wrt == "weight":
+            f = vmap(grad(self._loss_single), in_dims=(None, 0, 0))
+        elif wrt == "input":
+            if not x.is_floating_point():
+                raise ValueError("input gradients need floating-point inputs; got integer inputs (token ids?).")
+            f = vmap(grad(self._loss_single, argnums=1), in_dims=(None, 0, 0))
+        else:
+            raise ValueError(f"wrt must be 'weight' or 'input', got {wrt!r}.")
+        for sl in self._chunks(x.shape[0]):
+            g = f(w, x[sl], y[sl])
+            if wrt == "weight":
+                G = flatten(g, self.names, batched=True)
+                if select is not None:
+                    G = G[:, select]
+            else:
+                G = g.reshape(g.shape[0], -1)
+            yield sl, G
+
+    def per_sample_matrix(self, x=None, y=None, omega=None, *, wrt="weight", select=None) -> torch.Tensor:
+        """All per-sample gradients stacked as a (b, d) matrix (materialized)."""
+        return torch.cat([G for _, G in self.per_sample_grads(x, y, omega, wrt=wrt, select=select)], dim=0)
+
+    def per_sample_sq_norms(self, *, select=None) -> torch.Tensor:
+        """Per-sample squared gradient norms ‖h_W(w, x_i, t_i)‖² streamed chunk by chunk (never all stored)."""
+        return torch.cat([(G * G).sum(1) for _, G in self.per_sample_grads(select=select)])
+
+    def hvp(self, omega: torch.Tensor) -> torch.Tensor:
+        """Exact Hessian-vector product H ω of the batch loss (forward-over-reverse ``jvp(grad)``)."""
+        d = unflatten(omega.to(self.dtype), self.w, self.names)
+        _, t = jvp(lambda w: grad(self._loss_batch)(w, self.x, self.y), (self.w,), (d,))
+        return flatten(t, self.names)
+
+    def mixed_jvp(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, *, select=None) -> torch.Tensor:
+        """Per-sample mixed derivative (∂h_W/∂x)(w, x_i, t_i)·δ_i, shape (c, m); exact (forward-over-reverse)."""
+        x, delta = self.cast(x), self.cast(delta)
+
+        def one(xi, yi, di):
+            _, t = jvp(lambda xx: grad(self._loss_single)(self.w, xx, yi), (xi,), (di,))
+            return t
+
+        out = []
+        for sl in self._chunks(x.shape[0]):
+            t = vmap(one)(x[sl], y[sl], delta[sl])
+            G = flatten(t, self.names, batched=True)
+            out.append(G if select is None else G[:, select])
+        return torch.cat(out, 0)
+
+
+def chunk_count(b: int, chunk: int) -> int:
+    return math.ceil(b / chunk)

@@ -1,0 +1,505 @@
+"""Teleportation with null-space gradient projection (seed 001, Algorithm 1).
+
+A teleport moves the weights of selected layers along directions that leave every layer's
+pre-activation unchanged on a teleport batch, so the loss on that batch is unchanged, while
+ascending the teleport objective (eq. 4)
+
+    L_teleport = 1/2 * || grad_W L_primary ||^2        (W = all trainable parameters)
+
+with the projected update (eq. 5)  W_l <- W_l + eta * pi_l(grad_{W_l} L_teleport).
+
+Per teleport batch of n samples and per selected layer l (one SVD per batch, eqs. 8-10, 3):
+
+* capture the layer's inputs during a forward pass (forward hooks) and build the representation
+  matrix R_l with one column per "input row": a sample for an MLP layer (eq. 8), an unfolded
+  patch per output position for a convolution (eq. 9, groups handled block by block), a token
+  for attention projections and for Linear layers applied to sequences (eq. 10). Biases fold in
+  as a constant-1 input row.
+* SVD R_l = U S V^T; keep the top-k left singular vectors B_l, k = min{k : ||R_k||_F^2 >=
+  tau ||R||_F^2} (eq. 3). Decision: k is capped by the numerical rank (singular values above
+  ``s_max * max(R.shape) * eps(dtype)``, the ``torch.linalg.matrix_rank`` rule); with
+  ``tau = 1`` k *is* the numerical rank, i.e. B_l spans the inputs and its complement is the
+  exact (numerical) input null space.
+* for ``t`` steps: g = grad L_teleport (double backward), pi_l(G) = G - G B_l B_l^T in the
+  (out, in[+1]) layout (eqs. 11-13 are this same map written in the layer's own layout), and
+  W_l += eta * pi_l(G). The steps of a batch stop early once the primary gradient norm reaches
+  ``cap`` (the source's CAP).
+
+Decisions where the source is silent:
+
+* The teleport objective is the gradient norm w.r.t. *all* trainable parameters; only the
+  selected layers move (other parameters, e.g. LayerNorm, cannot be moved without changing the
+  function).
+* Forward passes in a teleport run with dropout off and all buffers restored afterwards
+  (``teleport_mode``): BatchNorm running statistics never move during a teleport.
+* A layer whose input null space is empty on a batch (k equals the input dimension, e.g. a
+  first conv layer with 10-dim patches) is skipped for that batch with a ``UserWarning`` and
+  listed in ``BatchRecord.skipped``.
+* Non-finite loss/gradient/parameters at any point: model and optimizer are restored to their
+  exact pre-teleport state, then ``TeleportError`` (a ``FloatingPointError``) is raised; the
+  trainer callback turns it into a warning and a ``teleport_failed`` event.
+* Optimizer state: see ``apply_optimizer_state`` (``"keep"`` by default, or ``"reset"``).
+
+Cost per batch: one forward with hooks, one SVD per distinct layer input (O(D^2 N) for a
+D x N representation), then per step one primary backward with ``create_graph`` and one
+Hessian-vector product; the projection is O(out * D * k).  The source's O(d^2 n l b) for MLPs.
+
+Assumption (the source's, Section 3.2): the gradient of every selected layer lies in the span
+of its inputs, i.e. the layer is used as ``x @ W^T + b`` on the captured inputs only. Weight
+sharing between two selected modules is not supported.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ._ns_common import (
+    BatchRecord,
+    Snapshot,
+    TeleportError,
+    TeleportResult,
+    apply_optimizer_state,
+    as_batches,
+    eval_loss,
+    finite,
+    resolve_loss,
+    teleport_mode,
+)
+
+__all__ = [
+    "NullSpaceTeleport",
+    "NullSpaceTeleportCallback",
+    "TeleportError",
+    "TeleportResult",
+    "BatchRecord",
+    "SUPPORTED_LAYERS",
+    "supported_layers",
+    "null_space_basis",
+]
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+_SUPPORTED_TEXT = "nn.Linear, nn.Conv1d, nn.Conv2d and nn.MultiheadAttention"
+
+
+# --------------------------------------------------------------------------------------------
+# layers and their weight blocks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Block:
+    """One weight block W (out x D) acting as ``feature_row @ W^T`` on the rows of one source."""
+
+    name: str  # for reporting, e.g. "0", "conv.g1", "attn.q"
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    rows: slice | None  # slice of the parameter's first dim (groups / packed q,k,v)
+    source: tuple[str, str]  # key of the captured features
+    cols: slice | None  # slice of the features' columns (conv groups)
+
+    def w_view(self, t: torch.Tensor) -> torch.Tensor:
+        t = t if self.rows is None else t[self.rows]
+        return t.reshape(t.shape[0], -1)
+
+    def b_view(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t if self.rows is None else t[self.rows]
+
+    @property
+    def basis_key(self) -> tuple:
+        c = (self.cols.start, self.cols.stop) if self.cols is not None else None
+        return (self.source, c, self.bias is not None)
+
+
+def _mha_out_children(model: nn.Module) -> set[int]:
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def supported_layers(model: nn.Module) -> list[str]:
+    """Names of every module of ``model`` that NullSpaceTeleport can move (trainable weight)."""
+    skip = _mha_out_children(model)
+    out = []
+    for name, m in model.named_modules():
+        if id(m) in skip or not isinstance(m, SUPPORTED_LAYERS):
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            ws = [m.in_proj_weight, m.q_proj_weight, m.out_proj.weight]
+            if not any(w is not None and w.requires_grad for w in ws):
+                continue
+        elif not m.weight.requires_grad:
+            continue
+        out.append(name)
+    return out
+
+
+def _resolve_layers(model: nn.Module, layers) -> list[tuple[str, nn.Module]]:
+    skip = _mha_out_children(model)
+    if layers is None:
+        names = supported_layers(model)
+        if not names:
+            raise ValueError(
+                f"model has no layer NullSpaceTeleport can move; supported: {_SUPPORTED_TEXT}"
+            )
+        return [(n, model.get_submodule(n)) for n in names]
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    by_id = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for item in layers:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError("a selected layer module is not part of the model")
+            name, mod = by_id[id(item)], item
+        elif isinstance(item, str):
+            try:
+                mod = model.get_submodule(item)
+            except AttributeError:
+                raise ValueError(f"the model has no layer named {item!r}") from None
+            name = item
+        else:
+            raise TypeError(f"layers must be names or modules, got {type(item).__name__}")
+        if id(mod) in skip:
+            raise ValueError(
+                f"layer {name!r} is the output projection of a MultiheadAttention module; "
+                "select the MultiheadAttention module itself (its q, k, v and output "
+                "projections are teleported together)"
+            )
+        if not isinstance(mod, SUPPORTED_LAYERS):
+            raise ValueError(
+                f"layer {name!r} ({type(mod).__name__}) is not supported by NullSpaceTeleport; "
+                f"supported: {_SUPPORTED_TEXT}"
+            )
+        out.append((name, mod))
+    if len({id(m) for _, m in out}) != len(out):
+        raise ValueError("a layer was selected twice")
+    return out
+
+
+def _blocks_for(name: str, m: nn.Module) -> list[_Block]:
+    if isinstance(m, nn.MultiheadAttention):
+        E = m.embed_dim
+        blocks = []
+        if m._qkv_same_embed_dim:
+            for i, part in enumerate("qkv"):
+                blocks.append(
+                    _Block(f"{name}.{part}", m.in_proj_weight, m.in_proj_bias,
+                           slice(i * E, (i + 1) * E), (name, part), None)
+                )
+        else:
+            for i, (part, w) in enumerate(zip("qkv", (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))):
+                rows = slice(i * E, (i + 1) * E) if m.in_proj_bias is not None else None
+                # separate weights: rows only index the packed bias
+                blk = _Block(f"{name}.{part}", w, m.in_proj_bias, None, (name, part), None)
+                blk._bias_rows = rows  # type: ignore[attr-defined]
+                blocks.append(blk)
+        blocks.append(_Block(f"{name}.out", m.out_proj.weight, m.out_proj.bias, None, (name, "o"), None))
+        return [b for b in blocks if b.weight.requires_grad]
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        G = m.groups
+        if G == 1:
+            return [_Block(name, m.weight, m.bias, None, (name, "in"), None)]
+        co, ci = m.out_channels // G, m.in_channels // G
+        kk = int(torch.tensor(m.kernel_size).prod())
+        return [
+            _Block(f"{name}.g{g}", m.weight, m.bias, slice(g * co, (g + 1) * co), (name, "in"),
+                   slice(g * ci * kk, (g + 1) * ci * kk))
+            for g in range(G)
+        ]
+    return [_Block(name, m.weight, m.bias, None, (name, "in"), None)]
+
+
+def _bias_rows(b: _Block) -> slice | None:
+    return getattr(b, "_bias_rows", b.rows)
+
+
+def _conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded input patches of a Conv1d/Conv2d, one row per output position (eq. 9)."""
+    if isinstance(conv, nn.Conv1d):
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        x = x.unsqueeze(-2)
+        k, s, d = (1, conv.kernel_size[0]), (1, conv.stride[0]), (1, conv.dilation[0])
+    else:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        k, s, d = conv.kernel_size, conv.stride, conv.dilation
+    pad = list(conv._reversed_padding_repeated_twice)
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    p = F.unfold(x, k, dilation=d, stride=s)  # (N, C*kh*kw, L)
+    return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+
+class _Capture:
+    """Forward hooks that record each selected layer's input rows."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        self.layers = layers
+        self.feats: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self.handles = []
+        self._inside = False
+
+    def _add(self, key, t):
+        self.feats.setdefault(key, []).append(t.detach())
+
+    def __enter__(self):
+        for name, m in self.layers:
+            if isinstance(m, nn.MultiheadAttention):
+                self.handles.append(m.register_forward_hook(self._mha_hook(name), with_kwargs=True))
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                self.handles.append(
+                    m.register_forward_hook(lambda mod, a, o, n=name: self._add((n, "in"), _conv_patches(mod, a[0])))
+                )
+            else:
+                self.handles.append(
+                    m.register_forward_hook(
+                        lambda mod, a, o, n=name: self._add((n, "in"), a[0].reshape(-1, mod.in_features))
+                    )
+                )
+        return self
+
+    def _mha_hook(self, name):
+        def hook(mod, args, kwargs, out):
+            if self._inside:
+                return
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if len(args) > i else kwargs[names[i]] for i in range(3))
+            self._add((name, "q"), q.reshape(-1, mod.embed_dim))
+            self._add((name, "k"), k.reshape(-1, mod.kdim))
+            self._add((name, "v"), v.reshape(-1, mod.vdim))
+            # input of the output projection: rerun with an identity output projection
+            E = mod.embed_dim
+            sub = {"out_proj.weight": torch.eye(E, dtype=q.dtype, device=q.device)}
+            if mod.out_proj.bias is not None:
+                sub["out_proj.bias"] = torch.zeros(E, dtype=q.dtype, device=q.device)
+            self._inside = True
+            try:
+                with torch.no_grad():
+                    o = functional_call(mod, sub, args, kwargs)[0]
+            finally:
+                self._inside = False
+            self._add((name, "o"), o.reshape(-1, E))
+
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def matrix(self, key) -> torch.Tensor:
+        return torch.cat(self.feats[key], 0)
+
+
+def null_space_basis(features: torch.Tensor, tau: float = 1.0, bias: bool = False) -> tuple[torch.Tensor, int]:
+    """Orthonormal basis B (D x k) of the kept input space of a representation (eq. 3).
+
+    ``features`` holds one input row per column of R (shape N x D; R = features^T). With
+    ``bias`` a constant-1 column is appended first (D+1). Returns ``(B, k)``; the null space
+    used for teleporting is the orthogonal complement of span(B), of dimension D - k.
+    """
+    if bias:
+        features = torch.cat([features, features.new_ones(features.shape[0], 1)], 1)
+    D = features.shape[1]
+    if features.shape[0] == 0:
+        return features.new_zeros(D, 0), 0
+    _, s, vh = torch.linalg.svd(features, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return features.new_zeros(D, 0), 0
+    tol = float(s[0]) * max(features.shape) * torch.finfo(features.dtype).eps
+    r = int((s > tol).sum())
+    if tau >= 1.0:
+        k = r
+    else:
+        e = torch.cumsum(s.double() ** 2, 0)
+        k = int(torch.searchsorted(e, tau * e[-1]).item()) + 1
+        k = min(k, r)
+    return vh[:k].T.contiguous(), k
+
+
+# --------------------------------------------------------------------------------------------
+# the teleport
+# --------------------------------------------------------------------------------------------
+
+
+class NullSpaceTeleport:
+    """Null-space gradient-projection teleport (seed 001, Algorithm 1, eqs. 3-5, 8-13).
+
+    Parameters
+    ----------
+    loss : loss name or callable ``(output, target) -> scalar``; may be given per call instead.
+    layers : None (every supported layer, see ``supported_layers``) or names/modules.
+        Supported: nn.Linear (any leading dims: tokens are rows), nn.Conv1d/nn.Conv2d (any
+        stride/padding/dilation/padding_mode, groups as separate blocks), nn.MultiheadAttention
+        (q, k, v projections on their own inputs' tokens, output projection on the attention
+        output's tokens). Anything else raises ``ValueError``.
+    eta : teleport learning rate (eq. 5).
+    tau : SVD energy threshold in [0, 1] (eq. 3); 1 = exact null space.
+    steps : teleport steps per batch (the source's t, default 8).
+    cap : stop a batch's steps once the primary gradient norm reaches this value (the source's
+        CAP); None = no cap.
+    """
+
+    method = "nullspace"
+
+    def __init__(self, loss: str | Callable | None = None, *, layers=None, eta: float = 1e-2,
+                 tau: float = 1.0, steps: int = 8, cap: float | None = None):
+        if not (0.0 <= float(tau) <= 1.0):
+            raise ValueError(f"tau must be in [0, 1], got {tau}")
+        if int(steps) < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if not float(eta) > 0:
+            raise ValueError(f"eta must be > 0, got {eta}")
+        if cap is not None and not float(cap) > 0:
+            raise ValueError(f"cap must be > 0 or None, got {cap}")
+        self.loss = resolve_loss(loss) if loss is not None else None
+        self.layers = layers
+        self.eta, self.tau, self.steps, self.cap = float(eta), float(tau), int(steps), cap
+
+    # ---------------------------------------------------------------------------------------
+    def teleport(self, model: nn.Module, batches, *, loss: str | Callable | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, optimizer_state: str = "keep",
+                 held_out: Sequence[torch.Tensor] | None = None) -> TeleportResult:
+        """Teleport ``model`` in place on one ``(x, y)`` batch or a list of them (b batches).
+
+        Returns a ``TeleportResult`` with, per batch, loss and gradient norm before/after on
+        that batch, steps done, rank kept and input dimension per layer block, skipped blocks;
+        plus the loss on ``held_out`` before/after the whole teleport. On non-finite values the
+        model and optimizer are restored exactly and ``TeleportError`` is raised.
+        """
+        loss_fn = resolve_loss(loss) if loss is not None else self.loss
+        if loss_fn is None:
+            raise ValueError("no loss given: pass loss= to NullSpaceTeleport or to teleport()")
+        batches = as_batches(batches)
+        apply_optimizer_state(None, (), optimizer_state)  # validates the policy name
+        layers = _resolve_layers(model, self.layers)
+        blocks = [b for n, m in layers for b in _blocks_for(n, m)]
+        all_params = [p for p in model.parameters() if p.requires_grad]
+        moved = list({id(p): p for b in blocks for p in (b.weight, b.bias) if p is not None}.values())
+        snap = Snapshot(model, optimizer)
+        t0 = time.perf_counter()
+        records: list[BatchRecord] = []
+        try:
+            with teleport_mode(model):
+                held_before = eval_loss(model, loss_fn, held_out)
+                for x, y in batches:
+                    records.append(self._one_batch(model, loss_fn, x, y, layers, blocks, all_params, moved))
+                held_after = eval_loss(model, loss_fn, held_out)
+                if held_before is not None and not finite(held_after):
+                    raise TeleportError("the held-out loss became non-finite during the teleport")
+        except TeleportError:
+            snap.restore()
+            raise
+        except BaseException:
+            snap.restore()
+            raise
+        apply_optimizer_state(optimizer, moved, optimizer_state)
+        return TeleportResult(self.method, records, held_before, held_after,
+                              time.perf_counter() - t0, optimizer_state)
+
+    # ---------------------------------------------------------------------------------------
+    def _primary(self, model, loss_fn, x, y, params, create_graph):
+        L = loss_fn(model(x), y)
+        if not finite(L):
+            raise TeleportError(f"non-finite primary loss ({float(L)}) during a null-space teleport; "
+                                "model and optimizer were restored to their pre-teleport state")
+        g = torch.autograd.grad(L, params, create_graph=create_graph, allow_unused=True)
+        g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
+        sq = sum((gi * gi).sum() for gi in g)
+        if not finite(sq):
+            raise TeleportError("non-finite gradient during a null-space teleport; model and "
+                                "optimizer were restored to their pre-teleport state")
+        return L, g, sq
+
+    def _one_batch(self, model, loss_fn, x, y, layers, blocks, all_params, moved) -> BatchRecord:
+        with _Capture(layers) as cap:
+            L, g, sq = self._primary(model, loss_fn, x, y, all_params, create_graph=self.steps > 0)
+        missing = [n for n, _ in layers if not any(k[0] == n for k in cap.feats)]
+        if missing:
+            raise ValueError(f"selected layer(s) {missing} were not called in the model's forward pass")
+        # one SVD per distinct layer input (eq. 3)
+        bases: dict[tuple, tuple[torch.Tensor, int, int]] = {}
+        for b in blocks:
+            key = b.basis_key
+            if key in bases:
+                continue
+            feats = cap.matrix(b.source)
+            if b.cols is not None:
+                feats = feats[:, b.cols]
+            feats = feats.to(b.weight.dtype)
+            B, k = null_space_basis(feats, self.tau, bias=b.bias is not None)
+            bases[key] = (B, k, B.shape[0])
+        ranks = {b.name: bases[b.basis_key][1] for b in blocks}
+        dims = {b.name: bases[b.basis_key][2] for b in blocks}
+        skipped = [b.name for b in blocks if ranks[b.name] >= dims[b.name]]
+        for name in skipped:
+            warnings.warn(
+                f"NullSpaceTeleport: layer block {name!r} has an empty input null space on this "
+                f"teleport batch (rank {ranks[name]} = input dimension {dims[name]}); skipping it",
+                UserWarning, stacklevel=3,
+            )
+        active = [b for b in blocks if b.name not in skipped]
+        loss0, gn0 = float(L.detach()), float(sq.detach().sqrt())
+        steps, capped = 0, False
+        for s in range(self.steps):
+            if s > 0:
+                L, g, sq = self._primary(model, loss_fn, x, y, all_params, create_graph=True)
+            if self.cap is not None and float(sq.detach().sqrt()) >= self.cap:
+                capped = True
+                break
+            if not active:
+                break
+            obj = 0.5 * sq
+            hv = torch.autograd.grad(obj, moved, allow_unused=True)
+            hv = {id(p): (h if h is not None else torch.zeros_like(p)) for p, h in zip(moved, hv)}
+            if not all(finite(h) for h in hv.values()):
+                raise TeleportError("non-finite teleport-objective gradient during a null-space "
+                                    "teleport; model and optimizer were restored to their "
+                                    "pre-teleport state")
+            updates = []
+            for b in active:
+                B = bases[b.basis_key][0]
+                Gw = b.w_view(hv[id(b.weight)])
+                if b.bias is not None:
+                    gb = hv[id(b.bias)]
+                    gb = gb if _bias_rows(b) is None else gb[_bias_rows(b)]
+                    G = torch.cat([Gw, gb.unsqueeze(1)], 1)
+                else:
+                    G = Gw
+                P = G - (G @ B) @ B.T  # eq. 11 (eqs. 12-13 in the transposed layout)
+                updates.append((b, P))
+            with torch.no_grad():
+                for b, P in updates:
+                    dw = P[:, : P.shape[1] - (b.bias is not None)]
+                    wv = b.weight if b.rows is None else b.weight[b.rows]
+                    wv.add_(dw.reshape(wv.shape), alpha=self.eta)
+                    if b.bias is not None:
+                        bv = b.bias if _bias_rows(b) is None else b.bias[_bias_rows(b)]
+                        bv.add_(P[:, -1], alpha=self.eta)
+            steps += 1
+            del L, g, sq, obj, hv
+            if not all(finite(p) for p in moved):
+                raise TeleportError("non-finite parameters after a null-space teleport step; model "
+                                    "and optimizer were restored to their pre-teleport state")
+        L1, _, sq1 = self._primary(model, loss_fn, x, y, all_params, create_graph=False)
+        return BatchRecord(loss0, float(L1.detach()), gn0, float(sq1.detach().sqrt()), steps, capped, ranks,
+                           dims, skipped)
+
+
+# the trainer callback lives in a private module (it needs gradcond.train)
+def __getattr__(name: str) -> Any:
+    if name == "NullSpaceTeleportCallback":
+        from ._ns_callback import NullSpaceTeleportCallback
+
+        return NullSpaceTeleportCallback
+    raise AttributeError(name)
