@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ._ns_callback import TeleportCallback
 from ._ns_common import (
     BatchRecord,
     Snapshot,
@@ -348,12 +349,16 @@ class NullSpaceTeleport:
     steps : teleport steps per batch (the source's t, default 8).
     cap : stop a batch's steps once the primary gradient norm reaches this value (the source's
         CAP); None = no cap.
+    cap_ratio : (ours) stop a batch's steps once the gradient norm reaches ``cap_ratio`` times
+        its value at the start of that batch; None = no such stop. The ascent on 1/2||g||^2 is
+        super-linear, so without a cap a large ``eta`` overflows within a few steps.
     """
 
     method = "nullspace"
 
     def __init__(self, loss: str | Callable | None = None, *, layers=None, eta: float = 1e-2,
-                 tau: float = 1.0, steps: int = 8, cap: float | None = None):
+                 tau: float = 1.0, steps: int = 8, cap: float | None = None,
+                 cap_ratio: float | None = None):
         if not (0.0 <= float(tau) <= 1.0):
             raise ValueError(f"tau must be in [0, 1], got {tau}")
         if int(steps) < 0:
@@ -362,9 +367,12 @@ class NullSpaceTeleport:
             raise ValueError(f"eta must be > 0, got {eta}")
         if cap is not None and not float(cap) > 0:
             raise ValueError(f"cap must be > 0 or None, got {cap}")
+        if cap_ratio is not None and not float(cap_ratio) > 1:
+            raise ValueError(f"cap_ratio must be > 1 or None, got {cap_ratio}")
         self.loss = resolve_loss(loss) if loss is not None else None
         self.layers = layers
         self.eta, self.tau, self.steps, self.cap = float(eta), float(tau), int(steps), cap
+        self.cap_ratio = cap_ratio
 
     # ---------------------------------------------------------------------------------------
     def teleport(self, model: nn.Module, batches, *, loss: str | Callable | None = None,
@@ -454,7 +462,9 @@ class NullSpaceTeleport:
         for s in range(self.steps):
             if s > 0:
                 L, g, sq = self._primary(model, loss_fn, x, y, all_params, create_graph=True)
-            if self.cap is not None and float(sq.detach().sqrt()) >= self.cap:
+            gn = float(sq.detach().sqrt())
+            if (self.cap is not None and gn >= self.cap) or (
+                    self.cap_ratio is not None and gn >= self.cap_ratio * gn0):
                 capped = True
                 break
             if not active:
@@ -496,10 +506,17 @@ class NullSpaceTeleport:
                            dims, skipped)
 
 
-# the trainer callback lives in a private module (it needs gradcond.train)
-def __getattr__(name: str) -> Any:
-    if name == "NullSpaceTeleportCallback":
-        from ._ns_callback import NullSpaceTeleportCallback
+class NullSpaceTeleportCallback(TeleportCallback):
+    """Trainer callback running :class:`NullSpaceTeleport` on the source's schedule (Algorithm 1).
 
-        return NullSpaceTeleportCallback
-    raise AttributeError(name)
+    ``NullSpaceTeleportCallback(eta=..., tau=..., steps=..., cap=..., layers=..., schedule=(0, 1, 2,
+    3, 4), num_batches=32, batch_size=32, warmup_steps=0, optimizer_state="keep", ...)``; keywords
+    not listed in :class:`TeleportCallback` go to :class:`NullSpaceTeleport`. The loss is the
+    trainer's unless ``loss=`` is given. See :class:`TeleportCallback` for schedule and logging.
+    """
+
+    def __init__(self, teleporter: NullSpaceTeleport | None = None, **kwargs):
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in TeleportCallback.OPTIONS}
+        super().__init__(teleporter if teleporter is not None else NullSpaceTeleport(**kwargs), **own)
+        if teleporter is not None and kwargs:
+            raise TypeError(f"pass either a teleporter or its options, not both: {sorted(kwargs)}")

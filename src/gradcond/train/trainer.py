@@ -238,7 +238,7 @@ def fit(
                 batch_loss = loss_fn(out, y)
                 if not torch.isfinite(batch_loss):
                     raise FloatingPointError(
-                        f"training loss became {float(batch_loss)} at step {state.step} (epoch {epoch}); "
+                        f"training loss became {float(batch_loss.detach())} at step {state.step} (epoch {epoch}); "
                         "lower the learning rate or check the data."
                     )
                 batch_loss.backward()

@@ -1,0 +1,36 @@
+"""Modules that teleportation puts into a model when an activation must be rewritten."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TeleportedActivation(nn.Module):
+    """The teleported form of an activation module (seed 000, eq. 2), per neuron / channel.
+
+    ``kind="scale"``: ``g(x) = tau * f(x / tau)`` -- any elementwise ``f`` (tanh, GELU, SELU, ...).
+    ``kind="sign"``:  ``g(x) = s * f(s * x)`` with ``s = sign(tau)`` stored in ``tau`` -- for positively homogeneous,
+    per-channel ``f`` (ReLU, LeakyReLU, PReLU, max-pooling), for which ``tau * f(x / tau) == s * f(s * x)`` exactly
+    (no rounding: only signs flip).  For ReLU and s = -1 this is ``min(0, x)`` (seed 000, Sec. 3).
+
+    ``tau`` is a buffer (saved in ``state_dict``) of the shape that broadcasts against the activation's input
+    (e.g. ``(C,)`` after a Linear, ``(C, 1, 1)`` after a Conv2d).  The wrapped module is ``self.inner`` (so the
+    slope of a wrapped ``PReLU`` is named ``<path>.inner.weight``).
+    """
+
+    def __init__(self, inner: nn.Module, tau: torch.Tensor, kind: str):
+        super().__init__()
+        if kind not in ("scale", "sign"):
+            raise ValueError(f"kind must be 'scale' or 'sign', got {kind!r}.")
+        self.inner = inner
+        self.kind = kind
+        self.register_buffer("tau", tau.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "scale":
+            return self.tau * self.inner(x / self.tau)
+        return self.tau * self.inner(self.tau * x)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, tau_shape={tuple(self.tau.shape)}"

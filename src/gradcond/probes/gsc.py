@@ -1,0 +1,394 @@
+"""Gradient Scale Coefficient (GSC) of seed 003 (Philipp, Song & Carbonell, "Gradients explode").
+
+Definitions (notes/003 §1.2-1.4, with the errata applied):
+
+* qm norm (Def. 1): ``||A||_qm = ||A||_F / sqrt(n)`` for an m x n matrix (n = input dimension).
+* GSC (Def. 2, **unsquared** form, which Props. 2/4/5 and protocol I.2 use):
+  ``GSC(k, l) = ||J_k^l||_qm * ||f_k||_2 / ||f_l||_2`` with ``J_k^l = df_l / df_k``; f_0 is the error.
+* Dataset aggregate (I.2): a ratio of quadratic expectations ``Q_D||J_l^0||_qm * Q_D||f_l|| / Q_D|f_0|`` with
+  ``Q[X] = E[X^2]^(1/2)``, **not** the mean of per-sample ratios (which are heavy-tailed when f_0 ~ 0).
+
+Decisions (source ambiguous):
+
+* f_0 is the per-sample error value ``loss_fn`` returns on a batch of one (vmap); only |f_0| enters the GSC, so
+  the sign convention (error vs. loss) does not matter.
+* The backward pass differentiates the *sum* of per-sample errors. Without batch coupling this gives every
+  sample's own gradient exactly. With BatchNorm in train mode the samples of a batch are coupled; the gradient
+  row of sample i then includes the cross-sample BN terms (d sum_j f_0,j / d f_l,i) -- the "summed error"
+  implementation of seed 003's noise experiments (all 10,000 points in one BN batch). Pass the data as one
+  batch to reproduce that protocol; with several batches each is normalised on its own and the Q's aggregate
+  over all samples.
+* Layers are indexed for the explosion fit by ``linear_index`` = the number of linear layers (Linear/Conv/...)
+  that are applied *after* the layer's output, i.e. between f_l and the error (0 for the prediction layer).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _hooks as H
+
+__all__ = ["GSCProfile", "ExplosionFit", "GSCEstimate", "gsc_profile", "gsc"]
+
+
+@dataclass
+class ExplosionFit:
+    """Least-squares fit ``log GSC(l, 0) = log c + linear_index * log r`` (seed 003 Def. 3)."""
+
+    rate: float  # r: per-linear-layer growth factor
+    intercept: float  # c
+    r2: float  # coefficient of determination of the log-linear fit
+    n_points: int
+    kinds: tuple = ("linear",)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GSCProfile:
+    """GSC(l, 0) at every measured layer, in forward order (the first entry is the lowest layer, f_L).
+
+    Fields: ``layers`` (names), ``kinds`` (linear/norm/act/other), ``linear_index`` (linear layers above the
+    layer), ``dims`` (d_l), ``gsc`` (dataset aggregate), ``q_grad`` (Q_D||df0/df_l||_2), ``q_act`` (Q_D||f_l||_2),
+    ``q_loss`` (Q_D|f_0|), ``n_samples``, ``training`` (mode of the model), and per-sample arrays ``grad_norms``,
+    ``act_norms`` (N x layers) and ``loss_values`` (N) when ``per_sample=True``.
+    """
+
+    layers: list
+    kinds: list
+    linear_index: list
+    dims: list
+    gsc: list
+    q_grad: list
+    q_act: list
+    q_loss: float
+    n_samples: int
+    training: bool
+    grad_norms: np.ndarray | None = field(default=None, repr=False)
+    act_norms: np.ndarray | None = field(default=None, repr=False)
+    loss_values: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def lowest(self) -> float:
+        """GSC(L, 0): the value at the first measured layer (the lowest, e.g. the first linear layer)."""
+        return self.gsc[0]
+
+    def __getitem__(self, name: str) -> float:
+        try:
+            return self.gsc[self.layers.index(name)]
+        except ValueError:
+            raise KeyError(f"no measured layer {name!r}; layers: {', '.join(self.layers[:8])}...") from None
+
+    def per_sample(self) -> np.ndarray:
+        """Per-sample GSC(l, 0) = ||g_l||/sqrt(d_l) * ||f_l|| / |f_0| (N x layers); inf/NaN where f_0 = 0."""
+        if self.grad_norms is None:
+            raise ValueError("per-sample values were not kept; call gsc_profile(..., per_sample=True).")
+        d = np.sqrt(np.asarray(self.dims, dtype=np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.grad_norms / d * self.act_norms / np.abs(self.loss_values)[:, None]
+
+    def fit_explosion(self, kinds=("linear",)) -> ExplosionFit:
+        """Fit log GSC(l, 0) against ``linear_index`` over the layers of the given kinds (``"all"`` for every
+        measured layer). Returns rate r = exp(slope) and intercept c = exp(offset); layers with a non-finite or
+        non-positive GSC are skipped. Needs >= 2 distinct linear indices."""
+        sel = [i for i, k in enumerate(self.kinds) if kinds == "all" or k in tuple(kinds)]
+        xs = np.array([self.linear_index[i] for i in sel], dtype=np.float64)
+        ys = np.array([self.gsc[i] for i in sel], dtype=np.float64)
+        ok = np.isfinite(ys) & (ys > 0)
+        xs, ys = xs[ok], np.log(ys[ok])
+        if len(np.unique(xs)) < 2:
+            raise ValueError(f"need >= 2 layers of kinds {kinds} at distinct linear indices to fit an explosion rate, "
+                             f"got {len(np.unique(xs))}.")
+        slope, off = np.polyfit(xs, ys, 1)
+        pred = off + slope * xs
+        ss = float(((ys - ys.mean()) ** 2).sum())
+        r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss if ss > 0 else 1.0
+        return ExplosionFit(float(math.exp(slope)), float(math.exp(off)), r2, int(len(xs)),
+                            tuple(kinds) if kinds != "all" else ("all",))
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("grad_norms", "act_norms", "loss_values")}
+        d["lowest"] = self.lowest
+        return d
+
+    def to_frame(self) -> list[dict]:
+        """One dict per layer (pandas is not a dependency; ``pandas.DataFrame(profile.to_frame())`` works)."""
+        return [
+            {"layer": n, "kind": k, "linear_index": li, "dim": d, "gsc": g, "q_grad": qg, "q_act": qa}
+            for n, k, li, d, g, qg, qa in zip(self.layers, self.kinds, self.linear_index, self.dims, self.gsc,
+                                               self.q_grad, self.q_act)
+        ]
+
+    def plot(self, ax=None, label: str | None = None):
+        """log-scale GSC(l, 0) against the measured layer position (forward order); returns the Figure."""
+        from matplotlib.figure import Figure
+
+        if ax is None:
+            fig = Figure(figsize=(6, 3.5))
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure
+        ax.semilogy(range(len(self.gsc)), self.gsc, "-", lw=1, label=label)
+        ax.set_xlabel("measured layer (forward order)")
+        ax.set_ylabel("GSC(l, 0)")
+        if label:
+            ax.legend()
+        return fig
+
+
+def _accumulate(calls, acc, keep, per):
+    for c in calls:
+        if c.grad_norm is None:
+            raise ValueError(f"layer {c.name!r} is not on the gradient path from the input to the loss "
+                             f"(its output received no gradient).")
+        a = acc.setdefault(c.name, {"kind": c.kind, "dim": c.dim, "li": c.linear_after, "g2": 0.0, "a2": 0.0})
+        a["g2"] += float((c.grad_norm ** 2).sum())
+        a["a2"] += float((c.act_norm ** 2).sum())
+        if keep:
+            per.setdefault(c.name, ([], []))
+            per[c.name][0].append(c.grad_norm.cpu().numpy())
+            per[c.name][1].append(c.act_norm.cpu().numpy())
+
+
+def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: bool = True) -> GSCProfile:
+    """GSC(l, 0) at every measured layer (seed 003 Def. 2, unsquared; dataset aggregate of protocol I.2).
+
+    ``loss_fn``: a loss name (``"dot"`` for the noise protocol, ``"cross_entropy"``, ``"mse"``) or a callable
+    ``(output, target) -> scalar``. ``data``: ``(x, y)``, a TensorDataset or an iterable of batches.
+    ``layers``: None (every Linear/Conv, normalisation and activation, forward order) or module names.
+
+    Cost: per batch one forward and one backward pass (only activation gradients; no weight gradients), plus one
+    vmapped loss evaluation; memory is that of a training step. The model's mode is used as it is (BatchNorm in
+    train mode normalises with batch statistics: pass the data as one batch); no buffer, parameter or ``.grad``
+    is changed. A layer whose activations are all zero, or a dataset whose errors are all zero, has an undefined
+    GSC: its value is NaN and a RuntimeWarning names it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    loss = H.resolve_loss(loss_fn)
+    mods, wanted = H.select_layers(model, layers)
+    acc: dict = {}
+    per: dict = {}
+    losses, order = [], None
+    n = 0
+    with H.measurement(model), H.Recorder(model, mods, wanted) as rec:
+        for batch in H.batches(data):
+            if len(batch) < 2:
+                raise ValueError("gsc_profile needs targets: pass data as (x, y).")
+            x, y = batch[0], batch[1]
+            rec.reset()
+            xi = H.prepare_input(x)
+            out = model(xi)
+            if not torch.is_tensor(out):
+                raise TypeError(f"the model must return a tensor, got {type(out).__name__}.")
+            ell, _ = H.per_sample_losses(loss, out, y)
+            calls = rec.finish()
+            H.check_names(calls, wanted)
+            if not calls:
+                raise ValueError("no measured layer was called in the forward pass.")
+            names = [c.name for c in calls]
+            if order is None:
+                order = names
+            elif names != order:
+                raise ValueError("the measured layers differ between batches; GSC aggregates need a fixed graph.")
+            targets = [xi] if xi.requires_grad else [c.value for c in calls if c.value is not None]
+            if not ell.requires_grad:
+                raise ValueError("the loss does not depend on the model output through autograd.")
+            if xi.requires_grad:
+                torch.autograd.grad(ell.sum(), [xi], allow_unused=True)
+            else:  # integer inputs: drive the backward through every parameter instead
+                params = [p for p in model.parameters() if p.requires_grad]
+                torch.autograd.grad(ell.sum(), params, allow_unused=True)
+            del targets
+            _accumulate(calls, acc, per_sample, per)
+            losses.append(ell.detach().double().cpu().numpy())
+            n += int(ell.shape[0])
+    loss_vals = np.concatenate(losses)
+    q_loss = float(np.sqrt(np.mean(loss_vals ** 2)))
+    gsc_vals, q_grad, q_act = [], [], []
+    for name in order:
+        a = acc[name]
+        qg, qa = math.sqrt(a["g2"] / n), math.sqrt(a["a2"] / n)
+        q_grad.append(qg)
+        q_act.append(qa)
+        if qa == 0.0 or q_loss == 0.0:
+            H.nan_warning(f"GSC undefined at layer {name!r}: " + ("all its activations are zero." if qa == 0.0
+                                                                    else "the error f_0 is zero on every sample."))
+            gsc_vals.append(float("nan"))
+        else:
+            gsc_vals.append(qg / math.sqrt(a["dim"]) * qa / q_loss)
+    prof = GSCProfile(
+        layers=list(order), kinds=[acc[k]["kind"] for k in order], linear_index=[acc[k]["li"] for k in order],
+        dims=[acc[k]["dim"] for k in order], gsc=gsc_vals, q_grad=q_grad, q_act=q_act, q_loss=q_loss, n_samples=n,
+        training=bool(model.training),
+    )
+    if per_sample:
+        prof.grad_norms = np.stack([np.concatenate(per[k][0]) for k in order], 1)
+        prof.act_norms = np.stack([np.concatenate(per[k][1]) for k in order], 1)
+        prof.loss_values = loss_vals
+    return prof
+
+
+# ----------------------------------------------------------------------------------------------- GSC(k, l)
+
+
+@dataclass
+class GSCEstimate:
+    """GSC(k, l) between two measured layers (k below l) with its standard error.
+
+    ``value`` = Q_D||J_k^l||_qm * Q_D||f_k|| / Q_D||f_l||; ``q_jac_qm`` = Q_D||J_k^l||_qm; ``stderr`` is the
+    standard error of ``value`` over probe vectors (delta method; 0 for ``mode="exact"`` and for l = the loss).
+    """
+
+    k: str
+    l: str
+    value: float
+    stderr: float
+    q_jac_qm: float
+    q_act_k: float
+    q_act_l: float
+    dim_k: int
+    dim_l: int
+    probes: int
+    mode: str
+    n_samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_frame(self) -> list[dict]:
+        return [self.to_dict()]
+
+    def plot(self, ax=None):
+        """Bar with a 2-standard-error whisker; returns the Figure."""
+        from matplotlib.figure import Figure
+
+        if ax is None:
+            fig = Figure(figsize=(3, 3))
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure
+        ax.bar([0], [self.value], yerr=[2 * self.stderr], capsize=4)
+        ax.set_xticks([0], [f"GSC({self.k}, {self.l})"])
+        return fig
+
+
+def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: int = 32, mode: str = "vjp",
+        seed: int = 0) -> GSCEstimate:
+    """GSC(k, l) between measured layers ``k`` (lower, nearer the input) and ``l`` (higher; None or ``"loss"``
+    for the error f_0), with a Hutchinson estimate of ``||J_k^l||_F^2`` (notes/003 §1.4 "Cost"):
+
+    * ``mode="vjp"``: ``E_v ||v^T J||^2 = ||J||_F^2`` with ``v ~ N(0, I_{d_l})``; one backward from f_l to f_k per
+      probe (one forward in all).
+    * ``mode="jvp"``: ``E_u ||J u||^2 = ||J||_F^2`` with ``u ~ N(0, I_{d_k})``; one ``torch.func.jvp`` forward per
+      probe through the map f_k -> f_l (f_k replaced by a hook).
+    * ``mode="exact"``: d_l VJPs with the basis vectors (exact Frobenius norm; for checks and small layers).
+
+    Per sample, ``J`` is the Jacobian of sample i's f_l w.r.t. sample i's f_k. With batch coupling (BatchNorm in
+    train mode) the VJP of a batch of probe rows returns for sample i the sum over j of v_j^T J_ji, so the
+    estimate is ``sum_j ||J_ji||_F^2`` (every output's sensitivity to sample i), consistent with gsc_profile's
+    summed-error backward. The dataset aggregate is the ratio of Q's of gsc_profile. ``loss_fn`` is only used
+    when l is the loss (exact, one backward). Standard error: over probes, propagated through the square root.
+    """
+    if mode not in ("vjp", "jvp", "exact"):
+        raise ValueError(f"unknown mode {mode!r}; accepted: vjp, jvp, exact.")
+    if not isinstance(probes, int) or probes < 2:
+        raise ValueError(f"probes must be an integer >= 2, got {probes!r}.")
+    to_loss = l is None or l == "loss"
+    names = [k] if to_loss else [k, l]
+    mods, wanted = H.select_layers(model, names)
+    gen = torch.Generator().manual_seed(seed)
+    stats = {"m": np.zeros(probes), "ak": 0.0, "al": 0.0, "n": 0}
+    dk = dl = 0
+    with H.measurement(model), H.Recorder(model, mods, wanted, norms=True, keep=True) as rec:
+        for batch in H.batches(data):
+            x = batch[0]
+            rec.reset()
+            xi = H.prepare_input(x)
+            out = model(xi)
+            calls = {c.name: c for c in rec.finish()}
+            H.check_names(list(calls.values()), wanted)
+            ck = calls[k]
+            fk = ck.value
+            dk = ck.dim
+            stats["ak"] += float((ck.act_norm ** 2).sum())
+            b = fk.shape[0]
+            stats["n"] += b
+            if to_loss:
+                if len(batch) < 2:
+                    raise ValueError("GSC to the loss needs targets: pass data as (x, y).")
+                ell, _ = H.per_sample_losses(H.resolve_loss(loss_fn), out, batch[1])
+                (g,) = torch.autograd.grad(ell.sum(), [fk])
+                sq = g.reshape(b, -1).pow(2).sum(1).double()
+                stats["m"] += float(sq.sum())
+                stats["al"] += float((ell.detach().double() ** 2).sum())
+                dl = 1
+                continue
+            cl = calls[l]
+            if cl.linear_seq < ck.linear_seq or list(calls).index(l) < list(calls).index(k):
+                raise ValueError(f"layer k={k!r} must come before l={l!r} in forward order (k is the lower layer).")
+            fl = cl.value
+            dl = cl.dim
+            stats["al"] += float((cl.act_norm ** 2).sum())
+            if not fl.requires_grad or not fk.requires_grad:
+                raise ValueError(f"layer {l!r} does not depend on layer {k!r} through autograd.")
+            if mode == "exact":
+                tot = 0.0
+                flat = fl.reshape(b, -1)
+                for j in range(dl):
+                    v = torch.zeros_like(flat)
+                    v[:, j] = 1.0
+                    (gk,) = torch.autograd.grad(flat, [fk], v, retain_graph=True, allow_unused=True)
+                    if gk is not None:
+                        tot += float(gk.double().pow(2).sum())
+                stats["m"] += tot
+            elif mode == "vjp":
+                for p in range(probes):
+                    v = torch.randn(fl.shape, generator=gen, dtype=fl.dtype)
+                    (gk,) = torch.autograd.grad(fl, [fk], v, retain_graph=True, allow_unused=True)
+                    stats["m"][p] += 0.0 if gk is None else float(gk.double().pow(2).sum())
+            else:
+                z0 = fk.detach()
+
+                def f(z, xi=xi):
+                    rec_inner.replace[k] = z
+                    rec_inner.reset()
+                    model(xi.detach())
+                    got = {c.name: c for c in rec_inner.calls}
+                    return got[l].value
+
+                rec.__exit__(None, None, None)  # the outer hooks must not fire inside the JVP forwards
+                try:
+                    with H.Recorder(model, mods, wanted, norms=False, keep=True) as rec_inner:
+                        for p in range(probes):
+                            u = torch.randn(z0.shape, generator=gen, dtype=z0.dtype)
+                            _, ju = torch.func.jvp(f, (z0,), (u,))
+                            stats["m"][p] += float(ju.detach().double().pow(2).sum())
+                finally:
+                    rec.__enter__()
+            del fk, fl
+    n = stats["n"]
+    if to_loss or mode == "exact":
+        m = np.full(probes, stats["m"][0] / n) if np.isscalar(stats["m"]) else stats["m"] / n
+        m_mean, m_se, used = float(m[0]), 0.0, 0
+    else:
+        m = stats["m"] / n
+        m_mean, m_se, used = float(m.mean()), float(m.std(ddof=1) / math.sqrt(probes)), probes
+    q_jac = math.sqrt(m_mean / dk)
+    qa_k, qa_l = math.sqrt(stats["ak"] / n), math.sqrt(stats["al"] / n)
+    if qa_k == 0.0 or qa_l == 0.0:
+        H.nan_warning(f"GSC({k}, {l or 'loss'}) undefined: " + (f"layer {k!r} has all-zero activations."
+                                                                if qa_k == 0 else f"{l or 'the loss'} is zero."))
+        value = se = float("nan")
+    else:
+        value = q_jac * qa_k / qa_l
+        se = value * m_se / (2 * m_mean) if m_mean > 0 else 0.0
+    return GSCEstimate(k, "loss" if to_loss else l, value, se, q_jac, qa_k, qa_l, dk, dl, used,
+                       "exact" if to_loss else mode, n)

@@ -1,0 +1,129 @@
+"""Trainer callback shared by the null-space and symmetry teleports (private; issue 4)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+
+from gradcond.train import Callback
+
+from ._ns_common import OPTIMIZER_STATE_POLICIES, TeleportError, first_samples, sample_batches
+
+
+class TeleportCallback(Callback):
+    """Run ``teleporter.teleport`` before the scheduled epochs (the source's schedule K).
+
+    Options
+    -------
+    schedule : epochs (0-based) before which to teleport, or an int ``K`` meaning the first K
+        epochs (default 5, the source's "first 5 epochs").
+    num_batches, batch_size : b teleport batches of n samples, drawn at random (without
+        replacement inside a batch) from ``state.train_loader.dataset`` with a generator seeded by
+        ``seed`` and the teleport's index (default b = 32, n = 32: the source's settings).
+    warmup_steps : optimizer steps before the first teleport (the source: 40 for CNNs). If a
+        scheduled epoch starts before the warm-up is over, its teleport happens at the first step
+        of that epoch once ``state.step >= warmup_steps``; a scheduled epoch that ends before that
+        is skipped.
+    optimizer_state : "keep" (default) or "reset" for the moved parameters; see
+        ``apply_optimizer_state``. Tested with SGD, momentum, Adagrad and Adam.
+    held_out_size : the first this-many samples of ``state.test_loader.dataset`` form the
+        held-out batch whose loss is reported before/after (None or no test loader: skipped).
+    on_nonfinite : "warn" (default: warning + ``teleport_failed`` event; model and optimizer are
+        already restored by the teleporter; training goes on) or "raise".
+
+    Events: ``state.log_event("teleport", **TeleportResult.summary(), index=i)`` with losses and
+    gradient norms before/after per teleport batch, the held-out loss before/after, rank kept per
+    layer, skipped layers and wall time. Metrics (probe "teleport"): ``max_rel_loss_change``,
+    ``grad_norm_before``/``grad_norm_after`` (first/last batch) and ``held_out_before``/``_after``.
+    ``self.results`` keeps the ``TeleportResult`` objects.
+    """
+
+    OPTIONS = ("schedule", "num_batches", "batch_size", "warmup_steps", "optimizer_state",
+               "held_out_size", "on_nonfinite", "seed", "loss")
+
+    def __init__(self, teleporter, *, schedule: int | Iterable[int] = 5, num_batches: int = 32,
+                 batch_size: int = 32, warmup_steps: int = 0, optimizer_state: str = "keep",
+                 held_out_size: int | None = 256, on_nonfinite: str = "warn", seed: int = 0,
+                 loss=None):
+        if isinstance(schedule, int):
+            if schedule < 0:
+                raise ValueError(f"schedule must be a non-negative int or a set of epochs, got {schedule}")
+            schedule = range(schedule)
+        self.schedule = sorted({int(e) for e in schedule})
+        if any(e < 0 for e in self.schedule):
+            raise ValueError("schedule epochs must be >= 0")
+        if num_batches < 1 or batch_size < 1:
+            raise ValueError(f"num_batches and batch_size must be >= 1, got {num_batches}, {batch_size}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_POLICIES}, got {optimizer_state!r}")
+        if on_nonfinite not in ("warn", "raise"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        self.teleporter = teleporter
+        self.num_batches, self.batch_size, self.warmup_steps = int(num_batches), int(batch_size), int(warmup_steps)
+        self.optimizer_state, self.held_out_size, self.on_nonfinite = optimizer_state, held_out_size, on_nonfinite
+        self.seed, self.loss = int(seed), loss
+        self.results: list = []
+        self._done: set[int] = set()
+        self._count = 0
+
+    # hooks ------------------------------------------------------------------------------------
+    def on_epoch_start(self, state) -> None:
+        self._maybe(state)
+
+    def on_step_start(self, state) -> None:
+        self._maybe(state)
+
+    def _maybe(self, state) -> None:
+        e = state.epoch
+        if e in self.schedule and e not in self._done and state.step >= self.warmup_steps:
+            self._done.add(e)
+            self._fire(state)
+
+    def _fire(self, state) -> None:
+        model = state.model
+        dtype = next(model.parameters()).dtype
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._count)
+        self._count += 1
+
+        def cast(b):
+            if b is None:
+                return None
+            return tuple(t.to(dtype) if t.is_floating_point() else t for t in b)
+
+        batches = [cast(b) for b in sample_batches(state.train_loader.dataset, self.num_batches, self.batch_size, gen)]
+        held = None
+        if self.held_out_size and state.test_loader is not None:
+            held = cast(first_samples(state.test_loader.dataset, self.held_out_size))
+        loss = self.loss if self.loss is not None else (self.teleporter.loss or state.loss_fn)
+        try:
+            res = self.teleporter.teleport(model, batches, loss=loss, optimizer=state.optimizer,
+                                           optimizer_state=self.optimizer_state, held_out=held)
+        except TeleportError as exc:
+            if self.on_nonfinite == "raise":
+                raise
+            warnings.warn(f"teleport skipped at epoch {state.epoch}, step {state.step}: {exc}", RuntimeWarning, stacklevel=2)
+            state.log_event("teleport_failed", method=self.teleporter.method, error=str(exc), index=self._count - 1)
+            return
+        self.results.append(res)
+        summary = res.summary()
+        state.log_event("teleport", index=self._count - 1, **summary)
+        rows = [("teleport", "", "max_rel_loss_change", res.max_rel_loss_change),
+                ("teleport", "", "grad_norm_before", res.grad_norm_before),
+                ("teleport", "", "grad_norm_after", res.grad_norm_after),
+                ("teleport", "", "time_s", res.time_s)]
+        if res.held_out_before is not None:
+            rows += [("teleport", "", "held_out_before", res.held_out_before),
+                     ("teleport", "", "held_out_after", res.held_out_after)]
+        state.log_metrics(rows)
+
+    # resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"done": sorted(self._done), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._done = set(state.get("done", []))
+        self._count = int(state.get("count", 0))

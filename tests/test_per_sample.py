@@ -1,0 +1,189 @@
+"""Per-sample engine (gradcond.probes.per_sample) against explicit autograd loops (no torch.func)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradcond.probes.per_sample import Engine, as_batch, flatten, unflatten
+
+
+def mlp(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).to(dtype)
+
+
+def cnn(dtype):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(12, 3)).to(dtype)
+
+
+def data(model, b=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    shape = (b, 6) if isinstance(model[0], nn.Linear) else (b, 1, 4, 4)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, 3, (b,), generator=g)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, snap):
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def frozen_copy(model, x):
+    """Independent reference for bn='batch': BN with momentum 1 copies the batch statistics into the running
+    buffers during one train-mode forward; the unbiased variance is converted to the biased one BN normalizes with."""
+    mc = copy.deepcopy(model)
+    if model.training:
+        bns = [m for m in mc.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in bns:
+            m.momentum = 1.0
+        with torch.no_grad():
+            mc(x)
+        # elements per channel of each BN input (b*H*W), to turn the unbiased variance into the biased one
+        acts = {}
+        hs = [m.register_forward_hook(lambda mod, a, o: acts.__setitem__(mod, a[0].numel() / a[0].shape[1]))
+              for m in bns]
+        mc.eval()
+        with torch.no_grad():
+            mc(x)
+        for h in hs:
+            h.remove()
+        for m in bns:
+            k = acts[m]
+            m.running_var.mul_((k - 1) / k)
+    mc.eval()
+    return mc
+
+
+def naive_per_sample(model, loss_fn, x, y):
+    mc = frozen_copy(model, x)
+    rows = []
+    for i in range(x.shape[0]):
+        mc.zero_grad()
+        loss_fn(mc(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in mc.parameters()]).clone())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_per_sample_weight_grads_match_loop(make, dtype, tol):
+    model = make(dtype)
+    x, y = data(model, dtype=dtype)
+    snap = snapshot(model)
+    ref = naive_per_sample(model, F.cross_entropy, x, y)
+    with Engine(model, F.cross_entropy, x, y, chunk_size=3) as e:
+        G = e.per_sample_matrix()
+        sq = e.per_sample_sq_norms()
+        gbar = e.batch_grad()
+    assert torch.allclose(G, ref, rtol=tol, atol=tol * ref.abs().max())
+    assert torch.allclose(sq, (ref ** 2).sum(1), rtol=tol * 10)
+    assert torch.allclose(gbar, ref.mean(0), rtol=tol, atol=tol * ref.abs().max())
+    assert same_state(model, snap) and model.training
+
+
+def test_chunk_size_does_not_change_result():
+    model = cnn(torch.float64)
+    x, y = data(model, b=9)
+    with Engine(model, F.cross_entropy, x, y, chunk_size=2) as e:
+        a = e.per_sample_matrix()
+    with Engine(model, F.cross_entropy, x, y, memory_bytes=10**9) as e:
+        assert e.chunk_size >= 9
+        b = e.per_sample_matrix()
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_input_grads_match_loop(make):
+    model = make(torch.float64)
+    x, y = data(model)
+    mc = frozen_copy(model, x)
+    ref = []
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        ref.append(torch.autograd.grad(F.cross_entropy(mc(xi), y[i:i + 1]), xi)[0].reshape(-1))
+    with Engine(model, F.cross_entropy, x, y) as e:
+        H = e.per_sample_matrix(wrt="input")
+    assert torch.allclose(H, torch.stack(ref), rtol=1e-10, atol=1e-14)
+
+
+def test_frozen_batch_statistics_reproduce_train_mode_outputs():
+    # bn="batch": per-sample forward equals the train-mode forward of the whole batch.
+    model = cnn(torch.float64)
+    x, y = data(model)
+    train_out = copy.deepcopy(model)(x)
+    with Engine(model, F.cross_entropy, x, y) as e:
+        from torch.func import functional_call
+        per = torch.cat([functional_call(model, ({**e.fixed, **e.w}, e.buffers), (x[i:i + 1],)) for i in range(7)])
+    assert torch.allclose(per, train_out, rtol=1e-10, atol=1e-12)
+
+
+def test_bn_eval_policy_uses_running_statistics():
+    model = cnn(torch.float64)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x, y = data(model)
+    mc = copy.deepcopy(model).eval()
+    ref = []
+    for i in range(x.shape[0]):
+        mc.zero_grad()
+        F.cross_entropy(mc(x[i:i + 1]), y[i:i + 1]).backward()
+        ref.append(torch.cat([p.grad.reshape(-1) for p in mc.parameters()]).clone())
+    snap = snapshot(model)
+    with Engine(model, F.cross_entropy, x, y, bn="eval") as e:
+        G = e.per_sample_matrix()
+    assert torch.allclose(G, torch.stack(ref), rtol=1e-10, atol=1e-14)
+    assert same_state(model, snap)
+
+
+def test_bn_without_running_stats_is_rejected():
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        with Engine(model, F.cross_entropy, x, y):
+            pass
+    assert model.training
+
+
+def test_hvp_matches_double_backward():
+    model = mlp(torch.float64)
+    x, y = data(model)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    loss = sum(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]) for i in range(7)) / 7
+    gs = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    g = torch.cat([t.reshape(-1) for t in gs])
+    ref = torch.cat([t.reshape(-1) for t in torch.autograd.grad(g @ v, list(model.parameters()))])
+    with Engine(model, F.cross_entropy, x, y) as e:
+        hv = e.hvp(v)
+    assert torch.allclose(hv, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_flatten_roundtrip_and_bad_length():
+    model = mlp(torch.float64)
+    w = dict(model.named_parameters())
+    names = list(w)
+    v = flatten(w, names)
+    back = unflatten(v, w, names)
+    assert all(torch.equal(back[n], w[n]) for n in names)
+    with pytest.raises(ValueError, match="trainable parameters"):
+        unflatten(torch.zeros(v.numel() + 1), w, names)
+
+
+def test_bad_batches_and_arguments():
+    model = mlp(torch.float64)
+    with pytest.raises(ValueError, match="leading batch dimension"):
+        as_batch((torch.zeros(3, 6), torch.zeros(4)))
+    with pytest.raises(ValueError, match="batch"):
+        as_batch(42)
+    with pytest.raises(ValueError, match="bn must be"):
+        Engine(model, F.cross_entropy, torch.zeros(2, 6), torch.zeros(2, dtype=torch.long), bn="train")
+    with pytest.raises(TypeError, match="loss_fn"):
+        Engine(model, None, torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))
+    assert as_batch([(torch.zeros(2, 6), torch.zeros(2))])[0].shape == (2, 6)
