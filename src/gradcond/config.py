@@ -10,7 +10,8 @@ Sections and their keys (defaults in :data:`DEFAULTS`)::
     [optim]    name (sgd|momentum|adagrad|adam|adamw), lr, momentum, weight_decay
     [schedule] name (constant|step|plateau), step_size, gamma, patience, factor
     [train]    epochs, loss ("auto" = the dataset's default)
-    [monitor]  enabled, schedule ("default"|"full"|"off") and per-probe options (see gradcond.monitor)
+    [monitor]  enabled, schedule (preset "default"|"full"|"off"), budget (fraction of training time),
+               probe_batch_size, probes = {probe = "every:N"|"epoch"|"log", ...} (overrides the preset)
     [[callbacks]]  name = "...", plus that callback's keywords
     compare_teleport = false   # also train a copy with one optimised teleport and compare (the demo does)
 """
@@ -33,12 +34,13 @@ DEFAULTS: dict = {
     "optim": {"name": "momentum", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
     "schedule": {"name": "constant", "step_size": 10, "gamma": 0.1, "patience": 2, "factor": 0.5},
     "train": {"epochs": 8, "loss": "auto"},
-    "monitor": {"enabled": False, "schedule": "default"},
+    "monitor": {"enabled": False, "schedule": "default", "budget": 0.1, "probe_batch_size": 64, "probes": {}},
     "callbacks": [],
 }
 
 # sections whose keys are fixed here; [model], [data.options], [monitor] and callbacks take open keyword sets
 _FIXED = {"data": {"name", "form", "batch_size", "options"}, "optim": set(DEFAULTS["optim"]) | {"name"},
+          "monitor": set(DEFAULTS["monitor"]),
           "schedule": set(DEFAULTS["schedule"]), "train": set(DEFAULTS["train"])}
 _TOP = set(DEFAULTS)
 
@@ -148,4 +150,4 @@ def dumps(cfg: dict) -> str:
 
 # The built-in job of `gradcond run` with no config (what `make demo` runs): the default MLP on digits, trained
 # plainly and with one optimised teleport, with the monitor on. Falls back gracefully while those parts are absent.
-DEMO: dict = {"name": "demo", "compare_teleport": False, "monitor": {"enabled": False, "schedule": "default"}}
+DEMO: dict = {"name": "demo", "compare_teleport": True, "monitor": {"enabled": True, "schedule": "default"}}

@@ -82,6 +82,8 @@ def build_job(cfg: dict, model_state: dict | None = None) -> Job:
         scfg = cfg["schedule"]
         make_schedule(scfg["name"], torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
         callbacks = [build_callback(c) for c in cfg["callbacks"]]
+        if cfg["monitor"]["enabled"]:
+            callbacks.append(make_monitor(cfg["monitor"]))
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     # one forward + loss on a small batch: shape mismatches surface here, not mid-training
@@ -98,6 +100,16 @@ def build_job(cfg: dict, model_state: dict | None = None) -> Job:
             f"{bundle.num_outputs} outputs, loss {loss!r}): {str(exc).splitlines()[0]}"
         ) from None
     return Job(cfg, bundle, model, loss, callbacks)
+
+
+def make_monitor(mcfg: dict):
+    """The :class:`~gradcond.monitor.Monitor` of a run's ``[monitor]`` table."""
+    from .monitor import PRESETS, Monitor
+
+    if mcfg["schedule"] not in PRESETS:
+        raise ValueError(f"unknown monitor schedule {mcfg['schedule']!r}; accepted: {', '.join(PRESETS)}.")
+    probes = {**PRESETS[mcfg["schedule"]], **mcfg.get("probes", {})}
+    return Monitor(probes, budget=mcfg["budget"], probe_batch_size=mcfg["probe_batch_size"])
 
 
 def _check_writable(out: Path) -> None:

@@ -38,6 +38,8 @@ def build_callback(spec: dict):
 
 
 register_callback("stop_after", "gradcond.train.callbacks:StopAfterEpochs")
+register_callback("monitor", "gradcond.monitor:Monitor")
+register_callback("teleport", "gradcond.teleport.callback:TeleportCallback")
 
 
 def _base():

@@ -1,0 +1,143 @@
+"""Probes the monitor can schedule: each maps (model, loss_fn, batch, state) to rows ``(layer, name, value)``.
+
+Probes never change parameters, gradients or BatchNorm buffers (the underlying ``gradcond.probes`` functions are
+pure; ``grad_norm`` only reads the ``.grad`` left by the last optimizer step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+Rows = list[tuple[str, str, float]]
+
+
+def _param_layers(model: nn.Module):
+    """(module name, weight) for every module owning a ``weight`` parameter of dim >= 2 (Linear, Conv, Embedding...)."""
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter) and w.dim() >= 2:
+            yield name or "<root>", w
+
+
+def grad_norm(model, loss_fn, batch, state=None) -> Rows:
+    """Per-layer ||dL/dW||_F from the gradients of the last training step (free: no extra pass)."""
+    rows = []
+    for name, w in _param_layers(model):
+        if w.grad is not None:
+            rows.append((name, "grad_norm", float(w.grad.detach().norm())))
+    return rows
+
+
+def weight_norm(model, loss_fn, batch, state=None) -> Rows:
+    """Per-layer ||W||_F and the relative gradient size ||dW|| / ||W||."""
+    rows = []
+    for name, w in _param_layers(model):
+        wn = float(w.detach().norm())
+        rows.append((name, "weight_norm", wn))
+        if w.grad is not None and wn > 0:
+            rows.append((name, "grad_to_weight", float(w.grad.detach().norm()) / wn))
+    return rows
+
+
+def gsc(model, loss_fn, batch, state=None) -> Rows:
+    """GSC(l, 0) per measured layer (seed 003 Def. 2) and the fitted explosion rate per linear layer."""
+    from ..probes.gsc import gsc_profile
+
+    prof = gsc_profile(model, loss_fn, batch, per_sample=False)
+    rows = [(layer, "gsc", float(v)) for layer, v in zip(prof.layers, prof.gsc)]
+    try:
+        fit = prof.fit_explosion()
+        rows.append(("", "explosion_rate", fit.rate))
+    except ValueError:
+        pass  # fewer than two linear layers: no rate to fit
+    return rows
+
+
+def domain(model, loss_fn, batch, state=None) -> Rows:
+    """Pre-activation std and sign diversity per nonlinearity (seed 003 §I.2)."""
+    from ..probes.domain import domain_stats
+
+    st = domain_stats(model, batch)
+    rows = []
+    for layer, s, sd in zip(st.layers, st.std, st.sign_diversity):
+        rows += [(layer, "preact_std", float(s)), (layer, "sign_diversity", float(sd))]
+    return rows
+
+
+def conditioning(model, loss_fn, batch, state=None) -> Rows:
+    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7)."""
+    from ..probes import conditioning as C
+
+    bn = "eval"
+    rows = []
+    for name, fn, kw in (
+        ("coherence", C.gradient_coherence, {"bn": bn}),
+        ("step_consistency", C.step_consistency, {"bn": bn}),
+        ("relative_rank_weight", C.relative_gradient_rank, {"wrt": "weight", "bn": bn}),
+    ):
+        try:
+            res = fn(model, loss_fn, batch, **kw)
+        except TypeError:  # a metric without a ``bn`` option
+            kw.pop("bn", None)
+            res = fn(model, loss_fn, batch, **kw)
+        rows.append(("", name, float(res.value)))
+    return rows
+
+
+PROBES: dict[str, Callable] = {
+    "grad_norm": grad_norm,
+    "weight_norm": weight_norm,
+    "gsc": gsc,
+    "domain": domain,
+    "conditioning": conditioning,
+}
+
+
+@dataclass
+class Schedule:
+    """When a probe runs: ``every`` N optimizer steps, at ``epoch`` ends, or at log-spaced steps (1, 2, 4, ...)."""
+
+    kind: str  # "every" | "epoch" | "log"
+    n: int = 1
+
+    @classmethod
+    def parse(cls, text) -> "Schedule":
+        if isinstance(text, Schedule):
+            return text
+        s = str(text).strip()
+        if s == "epoch":
+            return cls("epoch")
+        if s in ("log", "logspaced"):
+            return cls("log")
+        if s.startswith("every:") or s.isdigit():
+            n = int(s.split(":")[-1])
+            if n < 1:
+                raise ValueError(f"probe schedule every:N needs N >= 1, got {s!r}.")
+            return cls("every", n)
+        raise ValueError(f"unknown probe schedule {text!r}; accepted: every:N, epoch, log.")
+
+    def due_at_step(self, step: int) -> bool:
+        if self.kind == "every":
+            return step % self.n == 0
+        if self.kind == "log":
+            return step > 0 and (step & (step - 1)) == 0
+        return False
+
+
+# the monitor presets (probe -> schedule); "default" keeps the overhead small, "full" measures everything often
+PRESETS = {
+    "default": {"grad_norm": "every:5", "weight_norm": "epoch", "gsc": "epoch", "domain": "epoch", "conditioning": "epoch"},
+    "full": {"grad_norm": "every:1", "weight_norm": "every:5", "gsc": "every:5", "domain": "every:5",
+             "conditioning": "every:10"},
+    "off": {},
+}
+
+
+def is_finite_rows(rows: Rows) -> bool:
+    return all(math.isfinite(v) or math.isnan(v) for _, _, v in rows)
+
+

@@ -1,0 +1,149 @@
+"""Report sections for monitored probes (instruments over the rows the probes wrote; cf. Cockpit's split)."""
+
+from __future__ import annotations
+
+import html
+
+from ..report import figures
+from ..report.html import Figure, Section
+
+# rows: label -> long-format metric rows; events: label -> event dicts
+
+
+def _has(rows: dict, probe: str, name: str | None = None) -> bool:
+    return any(r["probe"] == probe and (name is None or r["name"] == name) for rr in rows.values() for r in rr)
+
+
+def _lowest_layer_series(rr: list[dict], probe: str, name: str):
+    """Per step, the value at the first layer listed at that step (GSC(L, 0): the lowest measured layer)."""
+    first = {}
+    for r in rr:
+        if r["probe"] == probe and r["name"] == name and r["step"] not in first:
+            first[r["step"]] = r["value"]
+    steps = sorted(first)
+    return steps, [first[s] for s in steps]
+
+
+def _line_fig(rows, probe, name, title, ylabel, events, logy=False, reducer=None):
+    plt = figures._plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for label, rr in rows.items():
+        if reducer is None:
+            xs, ys = figures.series(rr, probe, name, layer="", x="step")
+        else:
+            xs, ys = reducer(rr, probe, name)
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+    figures.mark_events(ax, events, x="step")
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _last_profile_fig(rows, probe, name, title, ylabel, logy=True):
+    plt = figures._plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for label, rr in rows.items():
+        sel = [r for r in rr if r["probe"] == probe and r["name"] == name]
+        if not sel:
+            continue
+        last_step = sel[-1]["step"]
+        prof = [r for r in sel if r["step"] == last_step]
+        ax.plot(range(len(prof)), [r["value"] for r in prof], marker=".", label=f"{label} (step {last_step})")
+        layers = [r["layer"] for r in prof]
+    ax.set_title(title)
+    ax.set_xlabel("measured layer (forward order: input side first)")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _table(rows, probe):
+    out = []
+    for label, rr in rows.items():
+        for r in rr:
+            if r["probe"] == probe:
+                out.append({"run": label, **{k: r[k] for k in ("step", "epoch", "layer", "name", "value")}})
+    return out
+
+
+def monitor_sections(rows: dict, events: dict) -> list[Section]:
+    sections = []
+    if _has(rows, "grad_norm"):
+        sec = Section("Gradient norms per layer", "<p>Frobenius norm of each layer's weight gradient at the "
+                      "training step (no extra computation). Layers are listed input side first.</p>")
+        for label, rr in rows.items():
+            if any(r["probe"] == "grad_norm" for r in rr):
+                sec.figures.append(Figure(f"grad_norm_{label}", figures.per_layer(
+                    rr, "grad_norm", "grad_norm", f"Per-layer gradient norm ({label})", "||dL/dW||_F",
+                    events={label: events.get(label, [])}), f"Per-layer gradient norm over training, run '{label}'."))
+        sec.tables.append(("gradient norms (all rows)", _table(rows, "grad_norm")))
+        sections.append(sec)
+    if _has(rows, "weight_norm"):
+        sec = Section("Weight norms and relative gradient size")
+        for label, rr in rows.items():
+            if any(r["probe"] == "weight_norm" for r in rr):
+                sec.figures.append(Figure(f"grad_to_weight_{label}", figures.per_layer(
+                    rr, "weight_norm", "grad_to_weight", f"||dW|| / ||W|| per layer ({label})", "relative gradient size",
+                    events={label: events.get(label, [])}), "Relative gradient size per layer (teleportation changes it "
+                    "layer by layer while keeping the function)."))
+        sec.tables.append(("weight norms", _table(rows, "weight_norm")))
+        sections.append(sec)
+    if _has(rows, "gsc"):
+        sec = Section("Gradient scale coefficient (GSC)", "<p>GSC(l, 0) = ||J_l||_qm ||f_l|| / ||f_0|| (seed 003, "
+                      "Def. 2): how much a relative change of layer l's output changes the loss. A GSC that grows "
+                      "exponentially towards the input side means exploding gradients.</p>")
+        sec.figures.append(Figure("gsc_over_time", _line_fig(rows, "gsc", "gsc", "GSC at the lowest layer over training",
+                                                             "GSC(L, 0)", events, logy=True, reducer=_lowest_layer_series),
+                                  "GSC of the lowest measured layer, over training."))
+        sec.figures.append(Figure("gsc_profile", _last_profile_fig(rows, "gsc", "gsc", "GSC profile (last measurement)",
+                                                                   "GSC(l, 0)"), "GSC at every measured layer."))
+        if _has(rows, "gsc", "explosion_rate"):
+            sec.figures.append(Figure("explosion_rate", _line_fig(rows, "gsc", "explosion_rate",
+                                                                  "Fitted explosion rate per linear layer",
+                                                                  "rate r (GSC growth per layer)", events),
+                                      "Rate r of log GSC(l, 0) vs linear-layer index; r > 1 means explosion."))
+        sec.tables.append(("GSC rows", _table(rows, "gsc")))
+        sections.append(sec)
+    if _has(rows, "domain"):
+        sec = Section("Domain statistics", "<p>Pre-activation standard deviation and sign diversity per nonlinearity "
+                      "(seed 003 §I.2): a collapsing domain shows as a falling sign diversity.</p>")
+        for label, rr in rows.items():
+            if any(r["probe"] == "domain" for r in rr):
+                sec.figures.append(Figure(f"sign_diversity_{label}", figures.per_layer(
+                    rr, "domain", "sign_diversity", f"Sign diversity per nonlinearity ({label})", "sign diversity",
+                    logy=False, events={label: events.get(label, [])}), "0.5 = balanced signs; 0 = collapsed domain."))
+        sec.tables.append(("domain rows", _table(rows, "domain")))
+        sections.append(sec)
+    if _has(rows, "conditioning"):
+        names = sorted({r["name"] for rr in rows.values() for r in rr if r["probe"] == "conditioning"})
+        sec = Section("Gradient conditioning", "<p>Seed 004's metrics on a fixed probe batch: gradient coherence "
+                      "(eq. 3.26), step-consistency (eq. 2.24), relative weight-gradient rank (Def. 3.7).</p>")
+        for n in names:
+            sec.figures.append(Figure(f"conditioning_{n}", _line_fig(rows, "conditioning", n, n.replace("_", " "),
+                                                                     n.replace("_", " "), events),
+                                      f"{n.replace('_', ' ')} over training."))
+        sec.tables.append(("conditioning rows", _table(rows, "conditioning")))
+        sections.append(sec)
+    if _has(rows, "monitor"):
+        text = "<p>Share of the training time spent measuring, and measurements skipped to stay within budget.</p>"
+        failures = [e for evs in events.values() for e in evs if e.get("kind") == "probe_failed"]
+        if failures:
+            text += "<div class='finding'><b>Probe failures</b> (training continued):<ul>" + "".join(
+                f"<li>{html.escape(e['probe'])} at step {e['step']}: {html.escape(e['error'])}</li>" for e in failures) + "</ul></div>"
+        sec = Section("Monitor overhead", text)
+        sec.tables.append(("monitor rows", _table(rows, "monitor")))
+        sections.append(sec)
+    return sections
+
+
