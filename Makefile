@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/gradcond run --out runs
+	@$(BIN)/python -m gradcond.report.browser runs/demo/report.html || echo "browser check of the report failed"
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q

@@ -150,4 +150,4 @@ def dumps(cfg: dict) -> str:
 
 # The built-in job of `gradcond run` with no config (what `make demo` runs): the default MLP on digits, trained
 # plainly and with one optimised teleport, with the monitor on. Falls back gracefully while those parts are absent.
-DEMO: dict = {"name": "demo", "compare_teleport": True, "monitor": {"enabled": True, "schedule": "default"}}
+DEMO: dict = {"name": "demo", "compare_teleport": True, "monitor": {"enabled": True, "schedule": "default", "budget": 1.0}}

@@ -6,6 +6,7 @@ its own measuring time under ``budget`` (a fraction of the training time so far)
 exceed it is skipped, and the number of skips per probe is logged (``probe=monitor, name=skipped``). A probe that
 raises is disabled, the failure is logged as a ``probe_failed`` event (and shown in the report), and training goes on.
 Probes run on a fixed probe batch (the first ``probe_batch_size`` training samples) so curves are comparable over time.
+``budget=1`` switches the budget off (every due measurement runs).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Monitor(Callback):
         est = self.cost.get(name, 0.0)
         # skip when this measurement would push the monitor's share of the time over the budget; the first
         # measurement of each probe always runs, so its cost is known
-        if name in self.cost and self.spent + est > self.budget * max(elapsed, 1e-9):
+        if self.budget < 1 and name in self.cost and self.spent + est > self.budget * max(elapsed, 1e-9):
             self.skipped[name] += 1
             return
         t = time.perf_counter()
@@ -113,10 +114,13 @@ class Monitor(Callback):
             self._tb.flush()
 
     def state_dict(self) -> dict:
-        return {"spent": self.spent, "cost": dict(self.cost), "failed": dict(self.failed)}
+        elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        return {"spent": self.spent, "elapsed": elapsed, "cost": dict(self.cost), "failed": dict(self.failed)}
 
     def load_state_dict(self, state: dict) -> None:
+        # the budget is a share of training time: carry both the time spent measuring and the time elapsed
         self.spent = state.get("spent", 0.0)
+        self._t0 = time.perf_counter() - state.get("elapsed", 0.0)
         self.cost = dict(state.get("cost", {}))
         self.failed = dict(state.get("failed", {}))
 

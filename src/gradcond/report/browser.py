@@ -1,0 +1,169 @@
+"""Render a report in headless Chromium and check it as a person would see it.
+
+``check_report(path, screenshot=None)`` opens ``path`` in Debian's ``chromium`` (``--headless --no-sandbox
+--disable-gpu`` and no background networking), over the DevTools protocol: it waits for the page to load, counts
+images whose ``naturalWidth`` is 0 (not loaded), collects console errors and uncaught exceptions, and saves a
+full-page screenshot. ``python -m gradcond.report.browser REPORT.html`` prints the result (exit 1 on problems).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-default-apps",
+    "--remote-debugging-port=0", "--remote-allow-origins=*",
+]
+
+
+@dataclass
+class BrowserCheck:
+    images: int
+    broken_images: list[str]
+    console_errors: list[str]
+    screenshot: str | None
+    title: str = ""
+    figures: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.images > 0 and not self.broken_images and not self.console_errors
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class _CDP:
+    def __init__(self, ws_url: str):
+        import websocket  # websocket-client
+
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        mid = self.next_id
+        self.ws.send(json.dumps({"id": mid, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == mid:
+                if "error" in msg:
+                    raise RuntimeError(f"DevTools {method} failed: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_event(self, method: str, timeout: float = 30.0) -> dict:
+        end = time.time() + timeout
+        for e in self.events:
+            if e.get("method") == method:
+                return e
+        while time.time() < end:
+            msg = json.loads(self.ws.recv())
+            self.events.append(msg)
+            if msg.get("method") == method:
+                return msg
+        raise TimeoutError(f"no {method} within {timeout} s")
+
+    def close(self):
+        self.ws.close()
+
+
+def check_report(path: str | Path, screenshot: str | Path | None = None, timeout: float = 60.0) -> BrowserCheck:
+    """Open ``path`` in headless Chromium; return image/console findings and save a screenshot if asked."""
+    exe = find_chromium()
+    if exe is None:
+        raise FileNotFoundError("chromium is not installed (Debian package 'chromium'); .ci/run installs it.")
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"report {path} does not exist.")
+    profile = tempfile.mkdtemp(prefix="gradcond-chromium-")
+    proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"
+        end = time.time() + timeout
+        while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
+            if proc.poll() is not None or time.time() > end:
+                raise RuntimeError("chromium did not start its DevTools endpoint.")
+            time.sleep(0.1)
+        port = port_file.read_text().splitlines()[0]
+        import urllib.request
+
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        page = next(t for t in targets if t.get("type") == "page")
+        cdp = _CDP(page["webSocketDebuggerUrl"])
+        try:
+            cdp.call("Page.enable")
+            cdp.call("Runtime.enable")
+            cdp.call("Log.enable")
+            cdp.call("Page.navigate", url=path.as_uri())
+            cdp.wait_event("Page.loadEventFired", timeout)
+            res = cdp.call("Runtime.evaluate", returnByValue=True, awaitPromise=True, expression="""
+                (async () => {
+                  const imgs = Array.from(document.images);
+                  await Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = r; i.onerror = r; })));
+                  return {n: imgs.length, broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.alt || i.src.slice(0, 60)),
+                          title: document.title, figures: document.querySelectorAll('figure').length,
+                          height: document.documentElement.scrollHeight};
+                })()""")["result"]["value"]
+            errors = []
+            for e in cdp.events:
+                m, p = e.get("method"), e.get("params", {})
+                if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                    errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+                elif m == "Runtime.exceptionThrown":
+                    errors.append(p.get("exceptionDetails", {}).get("text", "exception"))
+                elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+                    errors.append(p["entry"].get("text", "error"))
+            shot = None
+            if screenshot is not None:
+                height = min(int(res.get("height", 2000)), 16000)
+                cdp.call("Emulation.setDeviceMetricsOverride", width=1200, height=height, deviceScaleFactor=1, mobile=False)
+                data = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+                Path(screenshot).write_bytes(base64.b64decode(data))
+                shot = str(screenshot)
+            return BrowserCheck(res["n"], res["broken"], errors, shot, res.get("title", ""), res.get("figures", 0))
+        finally:
+            cdp.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m gradcond.report.browser REPORT.html", file=sys.stderr)
+        return 2
+    report = Path(argv[0])
+    if find_chromium() is None:
+        print("chromium not installed: skipped the browser check of the report", file=sys.stderr)
+        return 0
+    res = check_report(report, report.parent / "screenshot.png")
+    print(f"browser check: {res.images} images ({len(res.broken_images)} not loaded), {len(res.console_errors)} console "
+          f"errors; screenshot {res.screenshot}")
+    return 0 if res.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
