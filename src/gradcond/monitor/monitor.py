@@ -20,6 +20,9 @@ from ..train.run import RunLogger
 from ..train.trainer import Callback, TrainState
 from .probes import PRESETS, PROBES, Schedule
 
+# a-priori cost of each probe in training steps (forward+backward+update), used until it has been measured once
+PRIOR_COST_IN_STEPS = {"grad_norm": 0.05, "weight_norm": 0.05, "gsc": 2.0, "domain": 1.0, "conditioning": 40.0}
+
 
 class Monitor(Callback):
     def __init__(self, probes: str | dict = "default", budget: float = 0.1, probe_batch_size: int = 64,
@@ -73,10 +76,11 @@ class Monitor(Callback):
         if self._t0 is None:
             self._t0 = time.perf_counter()
         elapsed = time.perf_counter() - self._t0
-        est = self.cost.get(name, 0.0)
-        # skip when this measurement would push the monitor's share of the time over the budget; the first
-        # measurement of each probe always runs, so its cost is known
-        if self.budget < 1 and name in self.cost and self.spent + est > self.budget * max(elapsed, 1e-9):
+        # skip when this measurement would push the monitor's share of the time over the budget; before a probe
+        # has run once, its cost is guessed from the mean training-step time and PRIOR_COST_IN_STEPS
+        step_time = max(elapsed - self.spent, 0.0) / max(state.step, 1)
+        est = self.cost.get(name, PRIOR_COST_IN_STEPS.get(name, 1.0) * step_time)
+        if self.budget < 1 and self.spent + est > self.budget * max(elapsed, 1e-9):
             self.skipped[name] += 1
             return
         t = time.perf_counter()
