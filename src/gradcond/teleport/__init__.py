@@ -14,8 +14,8 @@ _EXPORTS = {
     "optim_state": ["transport_optimizer_state"],
     "optimize": ["optimize_cob", "best_of_random"],
     "callback": ["TeleportCallback"],
-    "nullspace": ["NullSpaceTeleport"],
-    "symmetry": ["SymmetryTeleport"],
+    "nullspace": ["NullSpaceTeleport", "NullSpaceTeleportCallback", "null_space_basis", "supported_layers", "TeleportError"],
+    "symmetry": ["SymmetryTeleport", "SymmetryTeleportCallback"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -40,6 +40,11 @@ def build_callback(spec: dict):
 register_callback("stop_after", "gradcond.train.callbacks:StopAfterEpochs")
 register_callback("monitor", "gradcond.monitor:Monitor")
 register_callback("teleport", "gradcond.teleport.callback:TeleportCallback")
+register_callback("nullspace_teleport", "gradcond.teleport.nullspace:NullSpaceTeleportCallback")
+register_callback("symmetry_teleport", "gradcond.teleport.symmetry:SymmetryTeleportCallback")
+register_callback("residual_tracker", "gradcond.probes.tracking:ResidualTracker")
+register_callback("effective_depth", "gradcond.probes.tracking:EffectiveDepth")
+register_callback("consecutive_step_consistency", "gradcond.probes.conditioning:ConsecutiveStepConsistency")
 
 
 def _base():
