@@ -118,3 +118,9 @@ def test_console_script_entry_point(tmp_path):
     p = subprocess.run([sys.executable, "-m", "gradcond.cli", "run", "--set", "optim.name=foo", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2 and p.stderr.strip().startswith("gradcond: error: unknown optimizer 'foo'")
+
+
+def test_run_with_progress_bar(run_cli, tmp_path):
+    rc, out, err = run_cli("run", "--out", str(tmp_path), "--set", "train.epochs=1", "--set", "compare_teleport=false")
+    assert rc == 0, err
+    assert out.strip().endswith("report.html")

@@ -390,7 +390,13 @@ def test_masked_metrics_match_naive_on_masked_vectors(make):
     assert close(k.value, sum(ref) / 8)
     rk = C.relative_gradient_rank(model, LOSS, (x, y), wrt="weight", mask=mask)
     sv = torch.linalg.svdvals(G)
-    assert rk.details["d"] == mask.size and close(rk.details["rank"], float((sv ** 2).sum() / sv[0] ** 2))
+    assert rk.details["d_masked"] == mask.size and close(rk.details["rank"], float((sv ** 2).sum() / sv[0] ** 2))
+    # decision (relative_gradient_rank docstring): the Gaussian baseline keeps the unmasked shape b x m
+    m_total = sum(p.numel() for p in model.parameters())
+    assert rk.details["d"] == m_total
+    assert close(rk.value, rk.details["rank"] / C.gaussian_effective_rank(m_total, x.shape[0], 5))
+    assert close(rk.details["relative_to_masked_shape"],
+                 rk.details["rank"] / C.gaussian_effective_rank(mask.size, x.shape[0], 5))
 
 
 def test_mask_for_other_model_rejected():

@@ -100,6 +100,37 @@ class CoBStructure:
     rewrite: bool = True
     tau_dtype: torch.dtype = torch.float32
     free_group: torch.Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _flat(self, device) -> dict:
+        """Precomputed gather plan: the term indices of every rule in one list (``terms``, one ``torch.take`` each),
+        their concatenation (``flat``) and the concatenated site indices per kind."""
+        key = ("flat", str(device))
+        plan = self._cache.get(key)
+        if plan is None:
+            names, terms = [], []
+            for name, rule in self.rules.items():
+                names.append(name)
+                terms.append(rule.gidx)
+            flat_terms = [g for ts in terms for g in ts]
+            sizes = [g.numel() for g in flat_terms]
+            shapes = [tuple(g.shape) for g in flat_terms]
+            flat = (torch.cat([g.reshape(-1) for g in flat_terms]) if flat_terms
+                    else torch.zeros(0, dtype=torch.int64)).to(device)
+            slots, k = [], 0
+            for name, ts in zip(names, terms):
+                slots.append((name, list(range(k, k + len(ts)))))
+                k += len(ts)
+            scale = [s.gidx.reshape(-1) for s in self.sites if s.kind == "scale"]
+            sign = [s.gidx.reshape(-1) for s in self.sites if s.kind == "sign"]
+            plan = dict(
+                flat=flat, sizes=sizes, shapes=shapes, slots=slots,
+                terms=[g.contiguous().to(device) for g in flat_terms],
+                scale_idx=torch.cat(scale).to(device) if scale else None,
+                sign_idx=torch.cat(sign).to(device) if sign else None,
+            )
+            self._cache[key] = plan
+        return plan
 
     # ------------------------------------------------------------------------------------------------------
     @property

@@ -229,6 +229,7 @@ class Recorder:
         self._handles = []
         self._counts: dict[str, int] = {}
         self._linear_seen = 0
+        self.batch_size: int | None = None  # outputs whose dim 0 differs (e.g. position tables) are skipped
 
     def __enter__(self):
         hooked = set()
@@ -268,6 +269,8 @@ class Recorder:
             t = first_tensor(output)
             if t is None or not t.is_floating_point() or t.dim() == 0:
                 return None
+            if self.batch_size is not None and t.shape[0] != self.batch_size:
+                return None
             if lname in self.replace:
                 new = self.replace[lname]
                 if new.shape != t.shape:
@@ -303,8 +306,9 @@ def check_names(calls: list[Call], wanted: set[str] | None):
     got = {c.name for c in calls}
     missing = sorted(wanted - got)
     if missing:
-        raise ValueError(f"layer(s) {', '.join(map(repr, missing))} produced no floating-point tensor output in the "
-                         f"forward pass (never called, or called fewer times); measured: {', '.join(sorted(got))}.")
+        raise ValueError(f"layer(s) {', '.join(map(repr, missing))} produced no floating-point tensor output with the "
+                         f"batch as dimension 0 in the forward pass (never called, called fewer times, or not "
+                         f"per-sample); measured: {', '.join(sorted(got))}.")
 
 
 def prepare_input(x: torch.Tensor) -> torch.Tensor:

@@ -409,7 +409,12 @@ def effective_rank(A: torch.Tensor) -> float:
     """Stable rank R(A) = ‖A‖_F² / ‖A‖₂² (Def 3.6) of a (b, d) matrix via its b×b Gram matrix (O(d b²), no SVD of
     A). Raises ValueError for a zero or non-finite matrix."""
     check_finite(A, "the gradient matrix")
-    G = A.double() @ A.double().T
+    return _rank_from_gram(A.double() @ A.double().T)
+
+
+def _rank_from_gram(G: torch.Tensor) -> float:
+    """Stable rank trace(G)/λ_max(G) of the matrix whose Gram matrix is G."""
+    check_finite(G, "the gradient matrix")
     lam = torch.linalg.eigvalsh(G)[-1]
     check_nonzero(lam, "the gradient matrix (all per-sample gradients)")
     return float(torch.trace(G) / lam)
@@ -443,9 +448,16 @@ def relative_gradient_rank(
 ) -> Result:
     """Relative gradient rank Δ R(h, w, χ) = R(A)/R(Y) (seed 004, Defs 3.6-3.7): A holds the b per-sample gradients
     (w.r.t. the input, Balduzzi's "shattered gradients", or w.r.t. the weights, the thesis's weight-gradient rank) and
-    Y is Gaussian of the same shape (masked shape when a mask is given; baseline cached per shape). Near 1: white-noise
-    gradients; near 0: highly correlated. Cost: one per-sample pass, O(d b²) for the Gram matrix; A is materialized
-    (b × d). Needs b >= 2. The mask applies only to ``wrt="weight"``.
+    Y is Gaussian of the same shape b × d (baseline cached per shape). With a mask, A is replaced by its masked
+    columns but Y keeps the *unmasked* shape b × m (decision): the mask is applied to gradient vectors only, and the
+    masked stable rank R(MA) estimates R(A) (coordinate subsampling leaves the stable rank of structured, low-rank
+    gradients nearly unchanged), whereas the Gaussian baseline depends on the aspect ratio itself (b = 64: ≈62.3 at
+    d = 3·10⁵ but ≈56.9 at d = 1.5·10⁴), so renormalizing at the masked shape would shift the value by ~10% for
+    reasons unrelated to the gradients. ``details["relative_to_masked_shape"]`` gives R(MA)/R(Y_masked) too.
+    Near 1: white-noise gradients; near 0: highly correlated. Cost: one per-sample pass, O(d b²) for the Gram matrix; A is materialized
+    (b × d) for ``wrt="input"``; for ``wrt="weight"`` only the b×b Gram matrix is formed layer by layer (ghost form
+    (A Aᵀ)∘(E Eᵀ) for Linear layers, see :meth:`Engine.per_sample_gram`). Needs b >= 2. The mask applies only to
+    ``wrt="weight"``.
     """
     check_choice("wrt", wrt, ("input", "weight"))
     check_int("gaussian_samples", gaussian_samples)
@@ -454,11 +466,22 @@ def relative_gradient_rank(
         need_samples(x.shape[0], 2, "relative_gradient_rank")
         select, frac = mask_select(mask, model)
         with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
-            A = e.per_sample_matrix(wrt=wrt, select=select if wrt == "weight" else None)
-        r = effective_rank(A)
-        rg = gaussian_effective_rank(A.shape[1], A.shape[0], gaussian_samples)
-    return Result(r / rg, {"wrt": wrt, "rank": r, "gaussian_rank": rg, "d": A.shape[1]}, A.shape[0], A.shape[0],
-                  None, frac if wrt == "weight" else None, t.seconds, "relative_gradient_rank")
+            if wrt == "weight":
+                gram = e.per_sample_gram(select=select)
+                d = e.m if select is None else int(select.numel())
+            else:
+                A = e.per_sample_matrix(wrt=wrt)
+                check_finite(A, "the gradient matrix")
+                gram, d = A.double() @ A.double().T, A.shape[1]
+        r = _rank_from_gram(gram)
+        b = gram.shape[0]
+        d_full = e.m if wrt == "weight" else d
+        rg = gaussian_effective_rank(d_full, b, gaussian_samples)
+        details = {"wrt": wrt, "rank": r, "gaussian_rank": rg, "d": d_full}
+        if d != d_full:
+            rgm = gaussian_effective_rank(d, b, gaussian_samples)
+            details.update(d_masked=d, gaussian_rank_masked=rgm, relative_to_masked_shape=r / rgm)
+    return Result(r / rg, details, b, b, None, frac if wrt == "weight" else None, t.seconds, "relative_gradient_rank")
 
 
 # ---------------------------------------------------------------------------------------------- batch metrics

@@ -96,6 +96,7 @@ def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = Fal
     order: list = []
     counts: dict = {}
     handles = []
+    bsize = [0]
 
     def make(name):
         def pre(module, inputs):
@@ -105,7 +106,7 @@ def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = Fal
             if wanted is not None and lname not in wanted:
                 return
             t = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
-            if t is None or not t.is_floating_point():
+            if t is None or not t.is_floating_point() or t.dim() == 0 or t.shape[0] != bsize[0]:
                 return
             f = t.detach().reshape(t.shape[0], -1).double()
             a = acc.get(lname)
@@ -129,6 +130,7 @@ def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = Fal
         try:
             for batch in H.batches(data):
                 counts.clear()
+                bsize[0] = int(batch[0].shape[0])
                 model(batch[0])
         finally:
             for h in handles:

@@ -25,7 +25,6 @@ Decisions (source ambiguous):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -184,6 +183,7 @@ def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: boo
                 raise ValueError("gsc_profile needs targets: pass data as (x, y).")
             x, y = batch[0], batch[1]
             rec.reset()
+            rec.batch_size = int(x.shape[0])
             xi = H.prepare_input(x)
             out = model(xi)
             if not torch.is_tensor(out):
@@ -311,6 +311,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
         for batch in H.batches(data):
             x = batch[0]
             rec.reset()
+            rec.batch_size = int(x.shape[0])
             xi = H.prepare_input(x)
             out = model(xi)
             calls = {c.name: c for c in rec.finish()}
@@ -367,6 +368,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
                 rec.__exit__(None, None, None)  # the outer hooks must not fire inside the JVP forwards
                 try:
                     with H.Recorder(model, mods, wanted, norms=False, keep=True) as rec_inner:
+                        rec_inner.batch_size = int(x.shape[0])
                         for p in range(probes):
                             u = torch.randn(z0.shape, generator=gen, dtype=z0.dtype)
                             _, ju = torch.func.jvp(f, (z0,), (u,))
@@ -376,8 +378,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
             del fk, fl
     n = stats["n"]
     if to_loss or mode == "exact":
-        m = np.full(probes, stats["m"][0] / n) if np.isscalar(stats["m"]) else stats["m"] / n
-        m_mean, m_se, used = float(m[0]), 0.0, 0
+        m_mean, m_se, used = float(stats["m"][0] / n), 0.0, 0  # exact: every entry holds the same total
     else:
         m = stats["m"] / n
         m_mean, m_se, used = float(m.mean()), float(m.std(ddof=1) / math.sqrt(probes)), probes

@@ -51,6 +51,9 @@ class BatchRecord:
     ranks: dict[str, int] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    loss_trace: list[float] = field(default_factory=list)  # batch loss before each step, then after the last
+    grad_norm_trace: list[float] = field(default_factory=list)  # same points, primary gradient norm
+    reverted: bool = False  # the last step was undone by the max_loss_change guard
 
     @property
     def rel_loss_change(self) -> float:
@@ -113,6 +116,7 @@ class TeleportResult:
             "rank_kept_max": {k: max(v) for k, v in ranks.items()},
             "input_dim": dict(self.batches[0].dims) if self.batches else {},
             "skipped_layers": skipped,
+            "reverted_batches": sum(b.reverted for b in self.batches),
             "time_s": self.time_s,
             "optimizer_state": self.optimizer_state,
         }
@@ -231,9 +235,12 @@ def apply_optimizer_state(
 
 
 def finite(*xs: torch.Tensor | float) -> bool:
+    """True when every value is finite. For tensors the *sum* is tested: NaN/inf entries make
+    the sum non-finite, and an overflowing sum is reported as non-finite too (conservative);
+    this costs one reduction instead of an elementwise mask."""
     for x in xs:
         if torch.is_tensor(x):
-            if not bool(torch.isfinite(x).all()):
+            if not math.isfinite(float(x.detach().sum())):
                 return False
         elif not math.isfinite(float(x)):
             return False

@@ -224,19 +224,18 @@ def _bias_rows(b: _Block) -> slice | None:
 
 def _conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Unfolded input patches of a Conv1d/Conv2d, one row per output position (eq. 9)."""
-    if isinstance(conv, nn.Conv1d):
-        if x.dim() == 2:
-            x = x.unsqueeze(0)
-        x = x.unsqueeze(-2)
-        k, s, d = (1, conv.kernel_size[0]), (1, conv.stride[0]), (1, conv.dilation[0])
-    else:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        k, s, d = conv.kernel_size, conv.stride, conv.dilation
+    one_d = isinstance(conv, nn.Conv1d)
+    if x.dim() == (2 if one_d else 3):  # unbatched input
+        x = x.unsqueeze(0)
     pad = list(conv._reversed_padding_repeated_twice)
     if any(pad):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, pad, mode=mode)
+    if one_d:
+        x = x.unsqueeze(-2)
+        k, s, d = (1, conv.kernel_size[0]), (1, conv.stride[0]), (1, conv.dilation[0])
+    else:
+        k, s, d = conv.kernel_size, conv.stride, conv.dilation
     p = F.unfold(x, k, dilation=d, stride=s)  # (N, C*kh*kw, L)
     return p.transpose(1, 2).reshape(-1, p.shape[1])
 
@@ -349,6 +348,10 @@ class NullSpaceTeleport:
     steps : teleport steps per batch (the source's t, default 8).
     cap : stop a batch's steps once the primary gradient norm reaches this value (the source's
         CAP); None = no cap.
+    max_loss_change : (ours) error guard: if, after a step, the teleport-batch loss differs from
+        its value before the batch by more than this relative amount, that step is undone
+        (parameters copied back) and the batch stops; ``BatchRecord.reverted`` says so. None = off.
+        With tau = 1 only a numerically huge step (runaway ascent) can trip it.
     cap_ratio : (ours) stop a batch's steps once the gradient norm reaches ``cap_ratio`` times
         its value at the start of that batch; None = no such stop. The ascent on 1/2||g||^2 is
         super-linear, so without a cap a large ``eta`` overflows within a few steps.
@@ -358,7 +361,7 @@ class NullSpaceTeleport:
 
     def __init__(self, loss: str | Callable | None = None, *, layers=None, eta: float = 1e-2,
                  tau: float = 1.0, steps: int = 8, cap: float | None = None,
-                 cap_ratio: float | None = None):
+                 cap_ratio: float | None = None, max_loss_change: float | None = None):
         if not (0.0 <= float(tau) <= 1.0):
             raise ValueError(f"tau must be in [0, 1], got {tau}")
         if int(steps) < 0:
@@ -373,6 +376,9 @@ class NullSpaceTeleport:
         self.layers = layers
         self.eta, self.tau, self.steps, self.cap = float(eta), float(tau), int(steps), cap
         self.cap_ratio = cap_ratio
+        if max_loss_change is not None and not float(max_loss_change) > 0:
+            raise ValueError(f"max_loss_change must be > 0 or None, got {max_loss_change}")
+        self.max_loss_change = max_loss_change
 
     # ---------------------------------------------------------------------------------------
     def teleport(self, model: nn.Module, batches, *, loss: str | Callable | None = None,
@@ -459,10 +465,27 @@ class NullSpaceTeleport:
         active = [b for b in blocks if b.name not in skipped]
         loss0, gn0 = float(L.detach()), float(sq.detach().sqrt())
         steps, capped = 0, False
+        ltrace, gtrace = [], []
+        saved = None
+        reverted = False
+
+        def _violates(Lv) -> bool:
+            return (self.max_loss_change is not None
+                    and abs(float(Lv.detach()) - loss0) > self.max_loss_change * max(abs(loss0), 1e-30))
+
         for s in range(self.steps):
             if s > 0:
                 L, g, sq = self._primary(model, loss_fn, x, y, all_params, create_graph=True)
+                if _violates(L):
+                    with torch.no_grad():
+                        for p, v in zip(moved, saved):
+                            p.copy_(v)
+                    steps -= 1
+                    reverted = True
+                    break
             gn = float(sq.detach().sqrt())
+            ltrace.append(float(L.detach()))
+            gtrace.append(gn)
             if (self.cap is not None and gn >= self.cap) or (
                     self.cap_ratio is not None and gn >= self.cap_ratio * gn0):
                 capped = True
@@ -488,6 +511,8 @@ class NullSpaceTeleport:
                     G = Gw
                 P = G - (G @ B) @ B.T  # eq. 11 (eqs. 12-13 in the transposed layout)
                 updates.append((b, P))
+            if self.max_loss_change is not None:
+                saved = [p.detach().clone() for p in moved]
             with torch.no_grad():
                 for b, P in updates:
                     dw = P[:, : P.shape[1] - (b.bias is not None)]
@@ -498,12 +523,19 @@ class NullSpaceTeleport:
                         bv.add_(P[:, -1], alpha=self.eta)
             steps += 1
             del L, g, sq, obj, hv
-            if not all(finite(p) for p in moved):
-                raise TeleportError("non-finite parameters after a null-space teleport step; model "
-                                    "and optimizer were restored to their pre-teleport state")
+            # non-finite parameters show up as a non-finite loss/gradient at the next evaluation
         L1, _, sq1 = self._primary(model, loss_fn, x, y, all_params, create_graph=False)
-        return BatchRecord(loss0, float(L1.detach()), gn0, float(sq1.detach().sqrt()), steps, capped, ranks,
-                           dims, skipped)
+        if not reverted and steps > 0 and _violates(L1):
+            with torch.no_grad():
+                for p, v in zip(moved, saved):
+                    p.copy_(v)
+            steps -= 1
+            reverted = True
+            L1, _, sq1 = self._primary(model, loss_fn, x, y, all_params, create_graph=False)
+        ltrace.append(float(L1.detach()))
+        gtrace.append(float(sq1.detach().sqrt()))
+        return BatchRecord(loss0, ltrace[-1], gn0, gtrace[-1], steps, capped, ranks, dims, skipped,
+                           ltrace, gtrace, reverted)
 
 
 class NullSpaceTeleportCallback(TeleportCallback):

@@ -10,8 +10,13 @@ eq. after (2); Zhao et al. eq. 8), with h = h_{m-2} the pair's input on the tele
 If h has full column rank (h^+ h = I, i.e. n <= d_{m-2} [+1]) the network output on the batch
 is unchanged *exactly*. A teleport step does gradient ascent on the Lie-algebra element:
 T_m = eta * d/dT_m [ 1/2 ||grad_W L(g.W)||^2 ] at T = 0 (all pairs jointly, derivative taken
-through the pseudo-inverses as in the published code), then applies g_m to the pairs in order
-m = 1, 2, ..., each pair using the activations produced by the already-transformed layers.
+through the pseudo-inverses), then applies g_m to the pairs in order m = 1, 2, ..., each pair
+using the activations produced by the already-transformed layers. Decision: the derivative is
+the exact chain rule - G = d/dW 1/2||grad_W L||^2 with the weights as independent leaves, then
+the vector-Jacobian product of T -> g.W against G. (The published code differentiates L with
+respect to the *intermediate* transformed weights, whose graph links each layer to the previous
+one through h and h^+, which adds spurious terms to grad_W L; tested against finite
+differences in tests/test_symmetry.py.)
 
 ``action`` chooses how g acts:
 
@@ -232,6 +237,7 @@ class SymmetryTeleport:
         Ws = [W.detach() for W in Ws]
         loss0, gn0 = float(L0.detach()), float(sq0.detach().sqrt())
         steps, capped = 0, False
+        ltrace, gtrace = [], []
         nL = len(Ws)
         for s in range(self.steps):
             # ---- gradient of the objective w.r.t. T at T = 0 (Zhao et al.) ----------------
@@ -245,25 +251,30 @@ class SymmetryTeleport:
                 gW[m + 1] = torch.cat([U[:, : dims[m]] @ (I - Ts[m]), U[:, dims[m]:]], 1)
                 gW[m] = self._lower(gW[m], h, I + Ts[m], mlp.slopes[m])
                 h = _aug(_act(gW[m] @ h, mlp.slopes[m]), biases[m + 1])
-            L, sq = self._loss_grad(model, mlp, loss_fn, x, y, gW, True)
-            if self.cap is not None and float(sq.detach().sqrt()) >= self.cap:
+            # gradient of the objective w.r.t. the weights as independent leaves, then the
+            # vector-Jacobian product of the parameterisation (exact chain rule)
+            Wl = [w.detach().requires_grad_() for w in gW]
+            L, sq = self._loss_grad(model, mlp, loss_fn, x, y, Wl, True)
+            gn = float(sq.detach().sqrt())
+            ltrace.append(float(L.detach()))
+            gtrace.append(gn)
+            if (self.cap is not None and gn >= self.cap) or (
+                    self.cap_ratio is not None and gn >= self.cap_ratio * gn0):
                 capped = True
                 break
-            if self.cap_ratio is not None and float(sq.detach().sqrt()) >= self.cap_ratio * gn0:
-                capped = True
-                break
-            dT = torch.autograd.grad(0.5 * sq, Ts)
+            G = torch.autograd.grad(0.5 * sq, Wl)
+            dT = torch.autograd.grad(gW, Ts, grad_outputs=G)
             if not all(finite(d) for d in dT):
                 raise TeleportError("non-finite Lie-algebra gradient during a symmetry teleport; model "
                                     "and optimizer were restored to their pre-teleport state")
             Ts = [self.eta * d.detach() for d in dT]
-            del gW, L, sq, dT
+            del gW, Wl, L, sq, G, dT
             # ---- apply the group elements -------------------------------------------------
             with torch.no_grad():
                 try:
                     Ws = self._apply(mlp, X, Ws, Ts, biases, dims)
                 except torch.linalg.LinAlgError as e:
-                    raise TeleportError(f"singular group element during a symmetry teleport ({e}); "
+                    raise TeleportError(f"linear-algebra failure (singular group element or non-finite values) during a symmetry teleport ({e}); "
                                         "model and optimizer were restored to their pre-teleport state") from None
             if not all(finite(W) for W in Ws):
                 raise TeleportError("non-finite parameters after a symmetry teleport step; model and "
@@ -277,9 +288,10 @@ class SymmetryTeleport:
                 else:
                     lin.weight.copy_(W)
         L1, sq1 = self._loss_grad(model, mlp, loss_fn, x, y, [W.requires_grad_() for W in self._weights(mlp)], False)
-        ranks = {}
-        return BatchRecord(loss0, float(L1.detach()), gn0, float(sq1.detach().sqrt()), steps, capped,
-                           ranks, {n: d for (n, _), d in zip(mlp.linears, dims)}, [])
+        ltrace.append(float(L1.detach()))
+        gtrace.append(float(sq1.detach().sqrt()))
+        return BatchRecord(loss0, ltrace[-1], gn0, gtrace[-1], steps, capped, {},
+                           {n: d for (n, _), d in zip(mlp.linears, dims)}, [], ltrace, gtrace)
 
     def _apply(self, mlp: _MLP, X, Ws, Ts, biases, dims) -> list[torch.Tensor]:
         Ws = list(Ws)

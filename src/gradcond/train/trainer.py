@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..utils import progress
+from ..utils import progress as progress_bar_factory
 from .losses import get_loss
 from .run import RunLogger
 
@@ -220,7 +220,7 @@ def fit(
             cb.on_train_start(state)
     n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
     total = None if n_batches is None else n_batches * (epochs - start_epoch)
-    bar = progress(total=total, desc="train", unit="step") if progress_bar else None
+    bar = progress_bar_factory(total=total, desc="train", unit="step") if progress_bar else None
     try:
         for epoch in range(start_epoch, epochs):
             state.epoch = epoch

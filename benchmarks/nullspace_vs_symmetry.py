@@ -1,0 +1,117 @@
+"""Null-space teleport vs symmetry teleport: time of one teleport schedule (seed 001, Figure 5).
+
+One schedule = b teleport batches of n samples, t ascent steps each, on a bias-free MLP of l
+square d x d Linear layers with LeakyReLU(0.1) (the setting both algorithms support), MSE
+regression on Gaussian data, one CPU thread. Starting from d=256, n=32, l=3, t=8, b=4, one
+parameter varies at a time. Prints, per setting, the seconds of both algorithms and their ratio,
+then the fitted log-log slope of time vs each parameter (1 = linear), and finally the loss change
+per teleport of null-space, exact symmetry and the published first-order symmetry action side by
+side. All numbers come from this one run; nothing is asserted here.
+
+Usage: python benchmarks/nullspace_vs_symmetry.py [--quick] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gradcond.teleport.nullspace import NullSpaceTeleport  # noqa: E402
+from gradcond.teleport.symmetry import SymmetryTeleport  # noqa: E402
+
+BASE = dict(t=8, d=256, n=32, l=3, b=4)
+GRID = dict(t=[2, 4, 8, 16], d=[128, 256, 512, 1024], n=[16, 32, 64, 128], l=[2, 3, 4, 6], b=[1, 2, 4, 8])
+QUICK = dict(t=[2, 8], d=[256, 1024], n=[16, 64], l=[2, 6], b=[1, 4])
+
+
+def make(d: int, l: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for i in range(l):
+        mods.append(nn.Linear(d, d, bias=False))
+        if i < l - 1:
+            mods.append(nn.LeakyReLU(0.1))
+    return nn.Sequential(*mods)
+
+
+def batches(d: int, n: int, b: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)) for _ in range(b)]
+
+
+def time_one(tp, t, d, n, l, b, repeats) -> float:
+    best = math.inf
+    for r in range(repeats):
+        model = make(d, l)
+        data = batches(d, n, b)
+        tp.steps = t
+        t0 = time.perf_counter()
+        tp.teleport(model, data)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="two values per parameter")
+    ap.add_argument("--repeats", type=int, default=2, help="best of R runs per cell")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    grid = QUICK if args.quick else GRID
+    eta = 1e-3
+    ns = NullSpaceTeleport("mse", eta=eta)
+    sy = SymmetryTeleport("mse", eta=eta, action="inverse")
+    time_one(ns, 1, 64, 8, 2, 1, 1), time_one(sy, 1, 64, 8, 2, 1, 1)  # warm-up
+
+    print(f"one teleport schedule, 1 thread, from {BASE} (best of {args.repeats})")
+    print(f"{'vary':>4} {'value':>6} {'nullspace_s':>12} {'symmetry_s':>11} {'sym/null':>9}")
+    slopes = {}
+    table = {}
+    for key, values in grid.items():
+        tn, ts = [], []
+        for v in values:
+            cfg = dict(BASE, **{key: v})
+            a = time_one(ns, repeats=args.repeats, **cfg)
+            s = time_one(sy, repeats=args.repeats, **cfg)
+            tn.append(a)
+            ts.append(s)
+            table[(key, v)] = (a, s)
+            print(f"{key:>4} {v:>6} {a:>12.4f} {s:>11.4f} {s / a:>9.1f}", flush=True)
+        lx = [math.log(v) for v in values]
+        def slope(ys):
+            ly = [math.log(y) for y in ys]
+            mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+            return sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
+        slopes[key] = (slope(tn), slope(ts))
+    print("\nlog-log slope of time vs parameter (1.0 = linear, 0 = constant)")
+    print(f"{'param':>5} {'nullspace':>10} {'symmetry':>9}")
+    for k, (a, s) in slopes.items():
+        print(f"{k:>5} {a:>10.2f} {s:>9.2f}")
+    if ("d", 1024) in table:
+        a, s = table[("d", 1024)]
+        print(f"\nd=1024: symmetry / null-space = {s / a:.1f}x  (issue 4 asks >= 5x; the authors' code took ~2.0 s here)")
+
+    # loss change per teleport, side by side (float32 and float64, same model/batch/eta/steps)
+    print("\nrelative loss change on the teleport batch per teleport (b=1, t=8, d=256, n=32, l=3, eta=2.0)")
+    print(f"{'dtype':>8} {'method':>22} {'rel_loss_change':>16} {'grad_norm':>22}")
+    for dtype in (torch.float32, torch.float64):
+        for tp in (NullSpaceTeleport("mse", eta=2.0), SymmetryTeleport("mse", eta=2.0, action="inverse"),
+                   SymmetryTeleport("mse", eta=2.0, action="expm"), SymmetryTeleport("mse", eta=2.0, action="first_order")):
+            model = make(256, 3).to(dtype)
+            x, y = batches(256, 32, 1)[0]
+            rec = tp.teleport(model, (x.to(dtype), y.to(dtype))).batches[0]
+            print(f"{str(dtype).split('.')[-1]:>8} {tp.method:>22} {rec.rel_loss_change:>16.2e} "
+                  f"{rec.grad_norm_before:>10.4f}->{rec.grad_norm_after:<10.4f}")
+
+
+if __name__ == "__main__":
+    main()
