@@ -129,3 +129,17 @@ def test_monitored_resume_appends_without_duplicates(tmp_path):
     n = len(load_dataset("digits").loaders(64)[0])
     assert gn_steps == [s for s in range(1, 3 * n + 1) if s % 4 == 0]  # nothing lost
     assert sorted({r["epoch"] for r in rows if r["probe"] == "gsc"}) == [0, 1, 2]
+
+
+def test_probe_failure_shows_in_the_run_report(run_cli, tmp_path, monkeypatch):
+    from gradcond.monitor import probes
+
+    def broken(*a, **k):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setitem(probes.PROBES, "domain", broken)
+    rc, out, err = run_cli("run", "--out", str(tmp_path), "--quiet", "--set", "train.epochs=2", "--set", "compare_teleport=false",
+                           "--set", "monitor.enabled=true")
+    assert rc == 0, err
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "Probe failures" in html and "probe exploded" in html

@@ -69,22 +69,29 @@ def domain(model, loss_fn, batch, state=None) -> Rows:
 
 
 def conditioning(model, loss_fn, batch, state=None) -> Rows:
-    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7)."""
+    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7).
+
+    Each metric is computed on its own: one that cannot be computed (e.g. a zero gradient) is left out with a
+    warning instead of losing the others; only when all three fail does the probe fail.
+    """
+    import warnings
+
     from ..probes import conditioning as C
 
-    bn = "eval"
-    rows = []
+    rows, errors = [], []
     for name, fn, kw in (
-        ("coherence", C.gradient_coherence, {"bn": bn}),
-        ("step_consistency", C.step_consistency, {"bn": bn}),
-        ("relative_rank_weight", C.relative_gradient_rank, {"wrt": "weight", "bn": bn}),
+        ("coherence", C.gradient_coherence, {}),
+        ("step_consistency", C.step_consistency, {}),
+        ("relative_rank_weight", C.relative_gradient_rank, {"wrt": "weight"}),
     ):
         try:
-            res = fn(model, loss_fn, batch, **kw)
-        except TypeError:  # a metric without a ``bn`` option
-            kw.pop("bn", None)
-            res = fn(model, loss_fn, batch, **kw)
-        rows.append(("", name, float(res.value)))
+            rows.append(("", name, float(fn(model, loss_fn, batch, bn="eval", **kw).value)))
+        except (ValueError, FloatingPointError) as exc:
+            errors.append(f"{name}: {exc}")
+    if not rows:
+        raise ValueError("no conditioning metric could be computed (" + "; ".join(errors) + ")")
+    for e in errors:
+        warnings.warn(f"conditioning probe skipped {e}", RuntimeWarning, stacklevel=2)
     return rows
 
 
