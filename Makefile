@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch is pinned to the local CPU wheel first so that nothing can pull a CUDA build.
+# torch is pinned to the local CPU wheel first so that nothing can pull a CUDA build (lightning, an optional
+# extra installed here so its integration is tested, needs no other torch).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,lightning]'
 	touch $(STAMP)
 
 install: $(STAMP)
