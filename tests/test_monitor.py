@@ -143,3 +143,16 @@ def test_probe_failure_shows_in_the_run_report(run_cli, tmp_path, monkeypatch):
     assert rc == 0, err
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "Probe failures" in html and "probe exploded" in html
+
+
+def test_tensorboard_scalars_or_clear_error(tmp_path):
+    import importlib.util
+
+    d, model = _setup()
+    mon = Monitor({"grad_norm": "every:5"}, budget=1.0, tensorboard_dir=str(tmp_path / "tb"))
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match=r"needs the optional 'tensorboard' package"):
+            fit(model, *d.loaders(64), optimizer="sgd", lr=0.1, epochs=1, callbacks=[mon])
+    else:
+        fit(model, *d.loaders(64), optimizer="sgd", lr=0.1, epochs=1, callbacks=[mon])
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
