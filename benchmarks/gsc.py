@@ -15,7 +15,7 @@ import time
 import torch
 
 from gradcond.data import load_dataset
-from gradcond.probes.gsc import gsc_profile
+from gradcond.probes.scale import gsc_profile
 from gradcond.train.losses import dot_error
 from gradcond.zoo import mlp, resnet_mlp
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gradcond.probes.dilution import composed_dilution, dilution_profile, find_blocks
-from gradcond.probes.gsc import gsc_profile
+from gradcond.probes.scale import gsc_profile
 from gradcond.zoo import resnet_mlp
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradcond.probes.gsc import GSCProfile, gsc, gsc_profile
+from gradcond.probes.scale import GSCProfile, gsc, gsc_profile
 
 
 def _data(n=64, d=8, seed=0, dtype=torch.float64):

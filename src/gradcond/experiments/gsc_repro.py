@@ -84,7 +84,7 @@ def measure_table1_row(spec: dict, n_networks: int, n_samples: int, seed0: int =
     dataset) draws of one Table 1 architecture; all samples form one batch (BatchNorm in train mode)."""
     from ..data import load_dataset
     from ..probes.domain import domain_stats
-    from ..probes.gsc import gsc_profile
+    from ..probes.scale import gsc_profile
 
     g, s, d, rates = [], [], [], []
     for i in range(n_networks):
@@ -190,7 +190,7 @@ def run_invariance(quick: bool, out_dir: Path) -> list[Row]:
     from matplotlib.figure import Figure
 
     from ..data import load_dataset
-    from ..probes.gsc import gsc_profile
+    from ..probes.scale import gsc_profile
     from ..zoo import mlp
 
     depth = 10 if quick else 20
@@ -260,7 +260,7 @@ def run_invariance(quick: bool, out_dir: Path) -> list[Row]:
 def run_theorem3(quick: bool, out_dir: Path) -> list[Row]:
     from ..data import load_dataset
     from ..probes.dilution import dilution_profile
-    from ..probes.gsc import gsc_profile
+    from ..probes.scale import gsc_profile
 
     n_net = 1 if quick else 3
     n_samples = 4000 if quick else 10000

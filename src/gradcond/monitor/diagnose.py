@@ -132,7 +132,7 @@ def diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None
             result["errors"][name] = f"{type(exc).__name__}: {exc}"
 
     def gsc_section():
-        from ..probes.gsc import gsc_profile
+        from ..probes.scale import gsc_profile
 
         prof = gsc_profile(model, loss, (x, y), per_sample=False)
         out = {"layers": prof.layers, "kinds": prof.kinds, "gsc": [_finite(v) for v in prof.gsc], "lowest": _finite(prof.lowest)}

@@ -45,7 +45,7 @@ def weight_norm(model, loss_fn, batch, state=None) -> Rows:
 
 def gsc(model, loss_fn, batch, state=None) -> Rows:
     """GSC(l, 0) per measured layer (seed 003 Def. 2) and the fitted explosion rate per linear layer."""
-    from ..probes.gsc import gsc_profile
+    from ..probes.scale import gsc_profile
 
     prof = gsc_profile(model, loss_fn, batch, per_sample=False)
     rows = [(layer, "gsc", float(v)) for layer, v in zip(prof.layers, prof.gsc)]

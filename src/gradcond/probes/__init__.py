@@ -9,10 +9,10 @@ and the trainer callbacks ``ResidualTracker`` and ``EffectiveDepth``. Gradient c
 
 from __future__ import annotations
 
-import importlib
+from ..utils import lazy_exports
 
 _EXPORTS = {
-    "gsc": ["gsc_profile", "gsc", "GSCProfile", "GSCEstimate", "ExplosionFit"],
+    "scale": ["gsc_profile", "gsc", "GSCProfile", "GSCEstimate", "ExplosionFit"],
     "domain": ["domain_stats", "DomainStats"],
     "dilution": ["dilution_profile", "DilutionProfile", "find_blocks", "composed_dilution"],
     "tracking": ["ResidualTracker", "EffectiveDepth"],
@@ -23,17 +23,4 @@ _EXPORTS = {
                      "gradient_coherence", "batch_efficiency_ratio"],
     "mask": ["LayerwiseMask"],
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -16,7 +16,7 @@ A residual block computes ``f_b(u) = S_b u + rho_b(u)`` (skip path S_b, branch r
 Blocks are found in the ``torch.fx`` graph: every ``add`` of two tensors that share a common ancestor. The block
 input u is their nearest common ancestor; the operand reached through fewer graph nodes is the skip path (ties:
 the first operand). A block is named by the innermost module that contains the add (``name[i]`` for the i-th add
-of a module). Gradients use the summed error, like :func:`gradcond.probes.gsc.gsc_profile`.
+of a module). Gradients use the summed error, like :func:`gradcond.probes.scale.gsc_profile`.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class ResidualTracker(Callback):
             rel = float((w.detach() - prev).norm() / prev.norm().clamp_min(1e-300))
             rows += [("residual", n, "delta_op", ops[n]), ("residual", n, "rel_update", rel)]
         if self.gsc_every and state.step % self.gsc_every == 0 and state.batch is not None:
-            from .gsc import gsc_profile
+            from .scale import gsc_profile
 
             names = list(self._w(state.model))
             with warnings.catch_warnings():

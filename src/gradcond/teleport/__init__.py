@@ -6,7 +6,7 @@ Public names are imported lazily from their modules (``core``, ``optim_state``, 
 
 from __future__ import annotations
 
-import importlib
+from ..utils import lazy_exports
 
 _EXPORTS = {
     "core": ["CoB", "teleport", "random_cob", "micro_teleport", "pseudo_teleport", "weight_scale_factors",
@@ -17,17 +17,4 @@ _EXPORTS = {
     "nullspace": ["NullSpaceTeleport", "NullSpaceTeleportCallback", "null_space_basis", "supported_layers", "TeleportError"],
     "symmetry": ["SymmetryTeleport", "SymmetryTeleportCallback"],
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
