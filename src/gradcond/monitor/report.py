@@ -35,15 +35,7 @@ def _line_fig(rows, probe, name, title, ylabel, events, logy=False, reducer=None
         if xs:
             ax.plot(xs, ys, marker="o", ms=3, label=label)
     figures.mark_events(ax, events, x="step")
-    ax.set_title(title)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return figures.finish_axes(ax, title, "optimizer step", ylabel, logy)
 
 
 def _last_profile_fig(rows, probe, name, title, ylabel, logy=True):
@@ -56,16 +48,7 @@ def _last_profile_fig(rows, probe, name, title, ylabel, logy=True):
         last_step = sel[-1]["step"]
         prof = [r for r in sel if r["step"] == last_step]
         ax.plot(range(len(prof)), [r["value"] for r in prof], marker=".", label=f"{label} (step {last_step})")
-        layers = [r["layer"] for r in prof]
-    ax.set_title(title)
-    ax.set_xlabel("measured layer (forward order: input side first)")
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return figures.finish_axes(ax, title, "measured layer (forward order: input side first)", ylabel, logy)
 
 
 def _table(rows, probe):

@@ -24,6 +24,20 @@ def series(rows: list[dict], probe: str, name: str, layer: str | None = None, x:
     return xs, ys
 
 
+def finish_axes(ax, title: str, xlabel: str, ylabel: str, logy: bool = False, legend: bool = True, fontsize: int = 8):
+    """Title, axis labels, optional log scale, grid and legend: the common finish of every time-series plot."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize, ncol=2 if fontsize < 8 else 1)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
 def curves(runs: dict[str, list[dict]], specs: list[tuple[str, str, str]], title: str, ylabel: str, x: str = "epoch",
            logy: bool = False, events: dict[str, list[dict]] | None = None):
     """One axis with a line per (run, spec); ``specs`` are (probe, name, label). Teleport events are marked."""
@@ -36,15 +50,7 @@ def curves(runs: dict[str, list[dict]], specs: list[tuple[str, str, str]], title
                 ax.plot([v + (1 if x == "epoch" else 0) for v in xs], ys, marker="o" if len(xs) < 30 else None,
                         ms=3, label=f"{label} ({run_label})" if len(runs) > 1 else label)
     mark_events(ax, events, x)
-    ax.set_title(title)
-    ax.set_xlabel("epoch" if x == "epoch" else "optimizer step")
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return finish_axes(ax, title, "epoch" if x == "epoch" else "optimizer step", ylabel, logy)
 
 
 def mark_events(ax, events: dict[str, list[dict]] | None, x: str = "epoch", kind: str = "teleport") -> None:
@@ -82,13 +88,4 @@ def per_layer(rows: list[dict], probe: str, name: str, title: str, ylabel: str, 
         xs, ys = by_layer[layer]
         ax.plot(xs, ys, color=cmap(i / max(1, len(layers) - 1)), label=layer, lw=1.2)
     mark_events(ax, events, x)
-    ax.set_title(title)
-    ax.set_xlabel("optimizer step" if x == "step" else "epoch")
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if layers:
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    return fig
+    return finish_axes(ax, title, "optimizer step" if x == "step" else "epoch", ylabel, logy, fontsize=6)
