@@ -248,3 +248,112 @@ def test_untraceable_leaf_fallback():
         analyze(Net(), torch.randn(2, 3))
     s = analyze(Net(), torch.randn(2, 3), leaf_modules=(Branchy,))
     assert s.num_free == 0 and any("br" in f.node for f in s.frozen)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.export fallback (issue 9: "fall back to or offer torch.export where fx fails")
+class _ShapeBranchy(nn.Module):
+    """fx cannot trace it (Python control flow on shapes); non-strict torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn2 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc1, self.bn, self.act = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Tanh()
+        self.gelu, self.mid = nn.GELU(), nn.Linear(16, 16)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.pos = nn.Parameter(torch.randn(16))
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.dim() == 4:  # shape-dependent control flow
+            x = F.avg_pool2d(F.relu(self.bn2(self.conv(x))), 2).flatten(1)
+        h = self.gelu(self.bn(self.fc1(x))) + self.pos
+        for _ in range(x.shape[1] // 8):  # loop over a shape: `mid` is called twice (a shared residual branch)
+            h = h + self.mid(h)
+        a, _ = self.mha(h[:, None], h[:, None], h[:, None])
+        h = torch.cat([h[:, :8] + a[:, 0, :8], self.act(self.act(a[:, 0, 8:]))], 1)
+        return self.fc2(F.relu(h))
+
+
+def test_export_fallback_shape_control_flow():
+    torch.manual_seed(0)
+    m = _ShapeBranchy().double()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"torch.fx symbolic tracing.*x.dim\(\) == 4.*tracer='auto'"):
+        analyze(m, x[:2], tracer="fx")
+    before = _sd(m.train())
+    s = _exact(m, x)  # float64, sigma 0.95, intra + inter, train + eval: rel < 1e-12
+    assert _same(before, _sd(m)) and m.training  # no BN statistics touched, modes restored
+    assert s.tracer.startswith("torch.export") and "x.dim() == 4" in s.tracer
+    assert "traced with torch.export (non-strict) fallback" in str(s) and s.to_dict()["tracer"] == s.tracer
+    # the leaf calls were collapsed back into modules (mid and act twice each: mid, mid@1, act, act@1): BN affine
+    # outputs, the learned position `pos` (a bias), the shared residual Linear, MHA, cat and fc2 are teleported;
+    # conv's output feeds a BatchNorm (pinned); the GELU is rewritten; the Tanh called twice is pinned instead
+    assert {"bn2.weight", "bn2.bias", "fc1.weight", "bn.weight", "bn.bias", "pos", "mid.weight", "mid.bias",
+            "mha.in_proj_weight", "mha.out_proj.weight", "fc2.weight"} <= set(s.rules)
+    assert "conv.weight" not in s.rules and not s.frozen
+    assert [x.module_path for x in s.sites if x.kind == "scale"] == ["gelu"]
+    assert sum("exported (torch.export) graph" in p.reason for p in s.pins) == 2
+    # the teleported model is the user's class (GELU wrapped in place), with the same function, also in place
+    cob = random_cob(s, 0.9, "inter", torch.Generator().manual_seed(3))
+    tp = teleport(m, cob)
+    assert type(tp) is _ShapeBranchy and type(tp.gelu).__name__ == "TeleportedActivation"
+    m2 = copy.deepcopy(m).eval()
+    y = m2(x)
+    teleport(m2, cob, inplace=True)
+    assert _rel(y, m2(x)) < 1e-12
+
+
+@pytest.mark.parametrize("name,kw", [("vgg", dict(batch_norm=True)), ("densenet", dict()),
+                                     ("transformer", dict(attention="mha")), ("mlp", dict(act="crelu", norm="lo"))])
+def test_export_structure_matches_fx(name, kw):
+    """On traceable models, tracer="export" finds the same symmetry as fx: same groups, same teleported params."""
+    torch.manual_seed(0)
+    m = zoo.build(name, **kw).double()
+    x = torch.randn(4, 8, 8) if name == "transformer" else (
+        torch.randn(4, 64) if name == "mlp" else torch.randn(4, 1, 8, 8))
+    s_fx = analyze(m, x[:2].double())
+    s_ex = analyze(m, x[:2].double(), tracer="export")
+    stats = lambda s: [(g.size, g.free, g.tied, g.pinned) for g in s.groups]  # noqa: E731
+    assert s_ex.num_free == s_fx.num_free and set(s_ex.rules) == set(s_fx.rules) and stats(s_ex) == stats(s_fx)
+    assert s_ex.tracer == "torch.export (non-strict), as requested" and not s_ex.frozen
+    if kw.get("act") == "crelu":
+        # CReLU's F.relu calls are functions: fx rewrites them in a GraphModule when tau < 0; an exported structure
+        # is never rewritten, so it keeps those taus positive instead (documented decision)
+        assert int(s_fx.positive.sum()) == 0 and int(s_ex.positive.sum()) == s_ex.num_free
+    else:
+        assert torch.equal(s_ex.positive.sort().values, s_fx.positive.sort().values)
+    cob = random_cob(s_ex, 0.9, "inter", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(m(x.double()), teleport(m, cob)(x.double())) < 1e-12
+
+
+def test_untraceable_by_both_names_construct_and_fallback():
+    class ValueBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: neither fx nor export can follow it
+                return self.fc(x)
+            return x
+
+    m = ValueBranch()
+    before = _sd(m)
+    with pytest.raises(ValueError, match=r"could not trace ValueBranch with torch.fx symbolic tracing at .*"
+                                         r"x.sum\(\) > 0.*torch.export fallback .* failed too: \w+.*leaf_modules"):
+        analyze(m, torch.randn(2, 3))
+    assert _same(before, _sd(m))
+    with pytest.raises(ValueError, match="could not export ValueBranch with torch.export"):
+        analyze(m, torch.randn(2, 3), tracer="export")
+    with pytest.raises(ValueError, match="tracer must be 'auto', 'fx' or 'export'"):
+        analyze(m, torch.randn(2, 3), tracer="jit")
+
+
+def _sd(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

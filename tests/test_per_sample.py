@@ -310,3 +310,71 @@ def test_fast_path_falls_back_for_root_parameters_and_bad_backend():
         assert torch.allclose(e.per_sample_matrix(), ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="backend must be"):
         Engine(model, F.cross_entropy, x, y, backend="opacus")
+
+
+def _dot(o, t):
+    from gradcond.train.losses import dot_error
+    return dot_error(o, t)
+
+
+@pytest.mark.parametrize("name", ["F.cross_entropy", "CrossEntropyLoss(label_smoothing)", "ce_probabilities",
+                                  "F.mse_loss", "MSELoss", "train.mse", "train.dot", "ce_weighted",
+                                  "ce_ignore_index_present", "ce_sum", "lambda"])
+def test_batch_mean_loss_shortcut_matches_loop(name):
+    """Known batch-mean losses use Σ_i ℓ_i = b·loss_fn(out, y) in the engine's batched pass; everything else is
+    evaluated per sample. Both must equal the explicit per-sample loop (float64, rel. 1e-10)."""
+    from gradcond.probes.per_sample import _is_batch_mean_loss
+    from gradcond.train import losses as L
+
+    model = mlp(torch.float64)
+    x, yc = data(model)
+    g = torch.Generator().manual_seed(5)
+    yf = torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64)
+    probs = torch.softmax(yf, 1)
+    yi = yc.clone()
+    yi[2] = 1  # ignore_index=1 below drops sample 2 from the batch mean: not a plain mean
+    cases = {
+        "F.cross_entropy": (F.cross_entropy, yc, True),
+        "CrossEntropyLoss(label_smoothing)": (nn.CrossEntropyLoss(label_smoothing=0.1), yc, True),
+        "ce_probabilities": (F.cross_entropy, probs, True),
+        "F.mse_loss": (F.mse_loss, yf, True),
+        "MSELoss": (nn.MSELoss(), yf, True),
+        "train.mse": (L.mse, yf, True),
+        "train.dot": (L.dot_error, yf, True),
+        "ce_weighted": (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), yc, False),
+        "ce_ignore_index_present": (nn.CrossEntropyLoss(ignore_index=1), yi, False),
+        "ce_sum": (nn.CrossEntropyLoss(reduction="sum"), yc, False),
+        "lambda": (lambda o, t: F.cross_entropy(o, t), yc, False),
+    }
+    loss_fn, y, shortcut = cases[name]
+    with torch.no_grad():
+        assert _is_batch_mean_loss(loss_fn, model(x), y) is shortcut
+    if name == "ce_ignore_index_present":
+        return  # the per-sample loss of an ignored sample is 0/0 (NaN): nothing to compare
+    ref = naive_per_sample(model, loss_fn, x, y)
+    for backend in ("auto", "func"):
+        with Engine(model, loss_fn, x, y, backend=backend) as e:
+            G = e.per_sample_matrix()
+            gx = e.per_sample_matrix(wrt="input")
+        assert torch.allclose(G, ref, rtol=1e-10, atol=1e-10 * ref.abs().max()), backend
+    xr = x.clone().requires_grad_(True)
+    rows = [torch.autograd.grad(loss_fn(model(xr[i:i + 1]), y[i:i + 1]), xr)[0][i] for i in range(x.shape[0])]
+    ref_x = torch.stack(rows)
+    assert torch.allclose(gx, ref_x, rtol=1e-10, atol=1e-10 * ref_x.abs().max())
+
+
+def test_wide_conv_written_in_place_matches_loop():
+    """A conv whose per-sample weight block (O·C = 48·18·9) exceeds the in-place threshold takes
+    the direct-bmm branch; the narrow first conv takes the batched-bmm-plus-copy branch. Both equal the loop."""
+    from gradcond.probes import per_sample as PS
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 18, 3, padding=1), nn.ReLU(), nn.Conv2d(18, 48, 3, padding=1), nn.Flatten(),
+                          nn.Linear(48 * 9, 3)).double()
+    assert 48 * 18 * 9 > PS._BMM_DIRECT_MIN >= 18 * 2 * 9
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    ref = naive_per_sample(model, F.cross_entropy, x, y)
+    with Engine(model, F.cross_entropy, x, y) as e:
+        G = e.per_sample_matrix()
+    assert torch.allclose(G, ref, rtol=1e-10, atol=1e-10 * ref.abs().max())

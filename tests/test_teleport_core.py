@@ -477,3 +477,98 @@ def test_micro_teleport_100_per_config(name, kw):
         dev_rnd = sum(abs(a - 90) for a in rnd) / 100
         print(f"\n{name} batch {batch}: mean |angle-90| micro {dev_micro:.4f} deg, random {dev_rnd:.4f} deg")
         assert dev_micro < 0.1 and dev_rnd > 5 * dev_micro
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fast in-place path (cached plans, parameter walk, batched factors) -- issue 9 benchmark target
+def test_param_walk_matches_parameters_order():
+    from gradcond.teleport.core import _walk_params
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Sequential(self.a, nn.ReLU(), nn.Linear(3, 2))
+            self.c = self.b  # same module under two names
+
+    for m in [Shared()] + [zoo.build(n, **kw) for n, kw in ZOO_FAST]:
+        assert [id(p) for p in _walk_params(m)] == [id(p) for p in m.parameters()]
+
+
+def test_fast_wrapper_equals_constructor():
+    g = nn.GELU().eval()
+    tau = torch.rand(5) + 0.5
+    a, b = TeleportedActivation(g, tau, "scale"), TeleportedActivation._make(g, tau.clone(), "scale")
+    assert a.__dict__.keys() == b.__dict__.keys() and a.training == b.training == g.training
+    assert a.state_dict().keys() == b.state_dict().keys() and a._buffers is not b._buffers
+    x = torch.randn(4, 5)
+    assert torch.equal(a(x), b(x))
+    c = TeleportedActivation._make(nn.ReLU(), torch.ones(5), "sign")
+    assert b._modules["inner"] is g and c.kind == "sign" and torch.equal(c.tau, torch.ones(5))
+    assert list(b.state_dict()) == ["tau"] and b.tau.data_ptr() != a.tau.data_ptr()
+
+
+def test_fast_path_rechecks_tau_and_model():
+    torch.manual_seed(0)
+    model = zoo.build("mlp", width=8)
+    x = torch.randn(4, 64)
+    s = analyze(model, x[:2])
+    cob = random_cob(s, 0.5, "inter", torch.Generator().manual_seed(0))
+    teleport(model, cob, inplace=True)  # caches the plan and this model's parameter layout
+    before = _sd(model)
+    for bad in (0.0, float("nan"), float("inf")):
+        c = random_cob(s, 0.5)
+        c.tau[3] = bad  # edited after construction: caught by teleport's vectorised re-check
+        with pytest.raises(ValueError, match="finite and non-zero"):
+            teleport(model, c, inplace=True)
+        with pytest.raises(ValueError, match="finite and non-zero"):
+            teleport(model, c)
+        assert _same(before, _sd(model))
+    # a tau valid in float64 whose reciprocal overflows float32
+    tiny = torch.ones(s.num_free, dtype=torch.float64)
+    tiny[0] = 1e-40
+    with pytest.raises(ValueError, match="float32"):
+        teleport(model, CoB(s, tiny), inplace=True)
+    assert _same(before, _sd(model))
+    # the model changed since the cached check: a layer replaced by one of another shape
+    model[2] = nn.Linear(8, 9)
+    before = _sd(model)
+    with pytest.raises(ValueError, match="does not match this model"):
+        teleport(model, cob, inplace=True)
+    assert _same(before, _sd(model))
+
+
+def test_fast_path_equals_factor_definition_and_inverse_unwraps():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        model = zoo.build("transformer").to(dtype)
+        x = torch.randn(3, 8, 8, dtype=dtype)
+        s = analyze(model, x[:2])
+        cob = random_cob(s, 0.9, "inter", torch.Generator().manual_seed(1))
+        fac = weight_scale_factors(s, cob)
+        ref = {n: p.detach() * fac[n].to(dtype) for n, p in model.named_parameters()}
+        m2 = copy.deepcopy(model)
+        with torch.no_grad():
+            y = model(x)
+        teleport(m2, cob, inplace=True)
+        got = dict(m2.named_parameters())
+        got = {n.replace(".inner.", "."): p for n, p in got.items()}
+        # float64: bit-identical to the definition; float32: factors are multiplied in float32 (a few ulps)
+        err = max(float(((got[n].detach() - ref[n]).abs() / ref[n].abs().clamp_min(1e-30)).max()) for n in ref)
+        assert err == 0.0 if dtype == torch.float64 else err < 1e-6, (dtype, err)
+        assert isinstance(m2.blocks[0].act, TeleportedActivation) and _rel(y, m2(x).detach()) < TOL[dtype]
+        teleport(m2, cob.inverse(), inplace=True)  # taus compose back to 1: the user's GELU modules return
+        assert type(m2.blocks[0].act) is nn.GELU and type(m2.blocks[1].act) is nn.GELU
+        assert _rel(y, m2(x).detach()) < TOL[dtype]
+
+
+def test_mixed_dtype_parameters_use_general_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    s = analyze(model, torch.randn(2, 4, dtype=torch.float64))
+    model[2].float()
+    cob = random_cob(s, 0.9, "intra", torch.Generator().manual_seed(0))
+    fac = weight_scale_factors(s, cob)
+    ref = {n: p.detach() * fac[n].to(p.dtype) for n, p in model.named_parameters()}
+    teleport(model, cob, inplace=True)
+    assert all(torch.equal(p.detach(), ref[n]) for n, p in model.named_parameters())

@@ -370,6 +370,17 @@ def looks_linear(quick: bool, out_dir: Path) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------------- masks
+_KX_VARIANTS = ("kappa_X (finite difference, m=8)", "kappa_X (jvp, m=64)")
+
+
+def _kappa_x_variants(model, batch, mask=None) -> dict[str, float]:
+    """The two comparison estimators of κ≈_X reported next to the main one (m = 64, finite differences)."""
+    return {
+        _KX_VARIANTS[0]: C.batch_dissonance(model, LOSS, batch, n=2, m=8, mask=mask).value,
+        _KX_VARIANTS[1]: C.batch_dissonance(model, LOSS, batch, n=2, m=64, mode="jvp", mask=mask).value,
+    }
+
+
 @register(
     "conditioning-mask-accuracy",
     claim="A fixed 5% layer-wise random mask keeps each masked metric within 10% of its unmasked value.",
@@ -392,13 +403,17 @@ def mask_accuracy(quick: bool, out_dir: Path) -> list[Row]:
     for cp in checkpoints:
         _train(model, X, Y, cp - done, lr=0.02, seed=cp)
         done = cp
-        full = all_metrics(model, batch, loader, n_dir=2, m=8)
+        # κ≈_X over the whole batch (m = b = 64): eq. 3.16's algorithm sets b = max(m, n) and averages over the batch;
+        # n = 2 directions to keep the CPU cost down. Two comparison estimators of the same mask error:
+        full = all_metrics(model, batch, loader, n_dir=2, m=64)
+        full.update(_kappa_x_variants(model, batch))
         for mk in masks:
-            part = all_metrics(model, batch, loader, n_dir=2, m=8, mask=mk)
+            part = all_metrics(model, batch, loader, n_dir=2, m=64, mask=mk)
+            part.update(_kappa_x_variants(model, batch, mask=mk))
             # the same masked rank renormalized by a Gaussian of the *masked* shape (the previous convention)
             part["rank_weight (masked-shape baseline)"] = C.relative_gradient_rank(
                 model, LOSS, batch, wrt="weight", mask=mk).details["relative_to_masked_shape"]
-            for k in list(_METRIC_NAMES) + ["rank_weight (masked-shape baseline)"]:
+            for k in list(_METRIC_NAMES) + ["rank_weight (masked-shape baseline)"] + list(_KX_VARIANTS):
                 if k == "rank_input":
                     continue  # input gradients are not masked
                 ref = full["rank_weight" if k.startswith("rank_weight") else k]
@@ -411,8 +426,13 @@ def mask_accuracy(quick: bool, out_dir: Path) -> list[Row]:
         "rank_weight": "masked stable rank over the unmasked-shape Gaussian baseline (relative_gradient_rank decision)",
         "rank_weight (masked-shape baseline)": "for comparison only: the ~10% gap is the Gaussian baseline's own "
                                                "shape dependence (R(Y) at b×0.05m vs b×m), not the gradients",
-        "kappa_X": "ratio of two masked norms per sample, mean over m=8 samples x max over 2 directions: variance of "
-                   "the 5% subsample of sparse finite-difference gradient changes",
+        "kappa_X": "finite differences (the source's estimator), mean over all m=64 samples x max over 2 directions",
+        "kappa_X (finite difference, m=8)": "comparison only (the previous protocol): a mean over 8 samples of "
+                                            "finite-difference ratios dominated by ReLU switches (sparse gradient "
+                                            "changes; 2-70x the exact derivative on this model) is a high-variance target "
+                                            "for a 5% coordinate subsample",
+        "kappa_X (jvp, m=64)": "comparison only: exact mixed derivative (mode='jvp') instead of the finite difference; "
+                               "no switch noise, so the 5% subsample of a dense change vector is accurate",
         "confusion": "-min cosine over 6 batch pairs; a cosine near 0 makes the relative error large, see abs_errors",
     }
     for k, v in errs.items():
@@ -422,5 +442,6 @@ def mask_accuracy(quick: bool, out_dir: Path) -> list[Row]:
                         ours=f"mean {mean:.3f}, max {worst:.3f} (max abs. {max(abs_errs[k]):.3g}) over {len(v)} "
                              f"(checkpoint, mask) pairs; zoo ResNet-10 width 16 ({params} parameters), digits, batch 64"
                              + (f"; {notes[k]}" if k in notes else ""),
-                        holds=worst <= 0.10, data={"errors": v, "abs_errors": abs_errs[k]}))
+                        holds=None if k in _KX_VARIANTS else worst <= 0.10,
+                        data={"errors": v, "abs_errors": abs_errs[k]}))
     return rows

@@ -23,9 +23,28 @@ class TeleportedActivation(nn.Module):
         super().__init__()
         if kind not in ("scale", "sign"):
             raise ValueError(f"kind must be 'scale' or 'sign', got {kind!r}.")
+        self.training = inner.training
         self.inner = inner
         self.kind = kind
         self.register_buffer("tau", tau.detach().clone())
+
+    @classmethod
+    def _make(cls, inner: nn.Module, tau: torch.Tensor, kind: str) -> "TeleportedActivation":
+        """Same result as ``cls(inner, tau, kind)`` (``tau`` is used as is, not copied; ``training`` follows
+        ``inner``) without ``nn.Module.__init__``: the instance dict is a copy of a template's, with fresh
+        containers.  Used on the teleport hot path (a few microseconds instead of ~15)."""
+        tmpl = cls.__dict__.get("_template_state")
+        if tmpl is None:
+            tmpl = cls(nn.Identity(), torch.ones(1), "scale").__dict__
+            type.__setattr__(cls, "_template_state", tmpl)
+        obj = cls.__new__(cls)
+        state = {k: (v.copy() if isinstance(v, (dict, set, list)) else v) for k, v in tmpl.items()}
+        state["_modules"]["inner"] = inner
+        state["_buffers"]["tau"] = tau.detach()
+        state["kind"] = kind
+        state["training"] = inner.training
+        obj.__dict__.update(state)
+        return obj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "scale":

@@ -1,6 +1,8 @@
 """Change-of-basis (CoB) analysis of an unmodified ``nn.Module`` (seed 000, Sec. 3 and appendix).
 
-:func:`analyze` traces the model with ``torch.fx`` (standard layers are leaves), runs the traced graph once on the
+:func:`analyze` traces the model with ``torch.fx`` (standard layers are leaves; where fx fails, e.g. on Python control
+flow over tensor shapes, it falls back to ``torch.export`` and rebuilds a module-level graph, see
+:mod:`gradcond.graph._export`), runs the traced graph once on the
 example input, and propagates, next to every tensor, a tensor of the same shape holding *atom ids*: the tau that
 multiplies that entry in the teleported network (z_V = z_W * tau, seed 000 eq. 12).  Each operation either
 creates fresh atoms (the outputs of Linear / Conv / norm affine parameters / embeddings / attention dims), moves
@@ -61,6 +63,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import _export
 from ._modules import TeleportedActivation
 from ._unionfind import CONST, WILD, UnionFind
 from .structure import ActSite, CoBStructure, Group, Note, ParamRule
@@ -164,6 +167,8 @@ def _op_name(node: fx.Node, modules: dict) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return str(t)
     mod = getattr(t, "__module__", None) or ""
     name = getattr(t, "__name__", str(t))
     if mod.startswith("torch.nn.functional"):
@@ -188,7 +193,12 @@ def _full(shape, value: int) -> torch.Tensor:
     return torch.full((), value, dtype=torch.int64).expand(shape)
 
 
-def _trace_error(model: nn.Module, exc: Exception) -> ValueError:
+class _ExportRequested(Exception):
+    """Internal: analyze(..., tracer="export") skips fx."""
+
+
+def _fx_failure(exc: Exception) -> str:
+    """Where and why torch.fx symbolic tracing failed: the first frame outside torch, and the message."""
     where = ""
     tb = traceback.extract_tb(exc.__traceback__)
     for fr in reversed(tb):
@@ -196,19 +206,27 @@ def _trace_error(model: nn.Module, exc: Exception) -> ValueError:
             where = f" at {fr.filename}:{fr.lineno} ({(fr.line or '').strip()})"
             break
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{where}: {msg}"
+
+
+def _trace_error(model: nn.Module, fx_why: str, export_exc: Exception) -> ValueError:
+    emsg = str(export_exc).strip().splitlines()[0] if str(export_exc).strip() else ""
     return ValueError(
-        f"analyze could not trace {type(model).__name__} with torch.fx symbolic tracing{where}: {msg}; "
-        "pass the offending submodule classes as analyze(..., leaf_modules=(...,)) to keep them as frozen leaves "
+        f"analyze could not trace {type(model).__name__} with torch.fx symbolic tracing{fx_why}; the torch.export "
+        f"fallback (non-strict export on example_input) failed too: {type(export_exc).__name__}: {emsg}. "
+        "Pass the offending submodule classes as analyze(..., leaf_modules=(...,)) to keep them as frozen leaves "
         "(their inputs and outputs are then pinned to tau = 1), or make their control flow independent of tensor "
         "values."
     )
 
 
 class _Analyzer:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, rewrite: bool):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, rewrite: bool, exported: bool = False):
         self.model = model
         self.gm = gm
         self.rewrite = rewrite
+        self.exported = exported
+        self.tracer = "torch.fx symbolic tracing"
         self.modules = dict(gm.named_modules())
         self.uf = UnionFind()
         self.val: dict = {}
@@ -317,6 +335,15 @@ class _Analyzer:
             return
         path = node.target if node.op == "call_module" else None
         unique = path is not None and self.module_calls.get(id(self.modules[path]), 0) == 1
+        if self.exported and not unique:
+            # an exported graph is never rewritten (teleport must keep running the user's forward): pin instead
+            if kind == "scale":
+                self.uf.pin_tensor(ids)
+                self.pin_note(node, op, "activation is a function call or a module called several times in an "
+                                        "exported (torch.export) graph: tau = 1")
+            else:
+                self.uf.positive_tensor(ids)
+            return
         self.sites_raw.append((node.name, kind, op, path, unique, ids, in_ndim))
 
     # ---- execution --------------------------------------------------------------------------------
@@ -527,10 +554,10 @@ class _Analyzer:
             xv = self.V(args[0])
             k = _AVGPOOL_FUNCS.get(t, xv.dim() - 2)
             return self.pooled(node, x, xv, v, k, site=None, op=op)
-        if t in _COMMUTE_FUNCS:
+        if t in _COMMUTE_FUNCS or t in _export.COMMUTE_FUNCS:
             self.idx[node] = self.I(args[0])
             return
-        if t in _MOVE_FUNCS:
+        if t in _MOVE_FUNCS or t in _export.MOVE_FUNCS:
             return self.move(node, v, t)
         if t is F.pad:
             x = self.I(args[0])
@@ -1000,6 +1027,7 @@ class _Analyzer:
             model_class=type(self.model).__name__, num_free=n, positive=positive, rules=rules, sites=sites,
             groups=self.groups, frozen=self.frozen, pins=self.pins, param_shapes=param_shapes,
             graph_module=self.gm, rewrite=self.rewrite, tau_dtype=tau_dtype, free_group=free_group,
+            tracer=self.tracer,
         )
 
 
@@ -1013,13 +1041,19 @@ def _compact(g: torch.Tensor) -> torch.Tensor:
     return g.contiguous()
 
 
-def analyze(model: nn.Module, example_input, *, rewrite: bool = True, leaf_modules: tuple = ()) -> CoBStructure:
+def analyze(model: nn.Module, example_input, *, rewrite: bool = True, leaf_modules: tuple = (),
+            tracer: str = "auto") -> CoBStructure:
     """Derive the change-of-basis structure of ``model`` (see the module docstring for the rules).
 
     ``example_input``: a tensor or a tuple of positional inputs (a batch of 2 is enough; only shapes matter).
     ``rewrite=False``: never plan activation rewrites (pin the taus of non-homogeneous activations, keep the taus
     of ReLU-like ones and max-pools positive), so :func:`gradcond.teleport.core.teleport` always returns an
     instance of the user's class.  ``leaf_modules``: extra module classes to keep as opaque (frozen) leaves.
+    ``tracer``: ``"auto"`` (torch.fx symbolic tracing, falling back to ``torch.export`` when fx fails, e.g. on
+    Python control flow over tensor shapes), ``"fx"`` (no fallback) or ``"export"`` (export only; see
+    :mod:`gradcond.graph._export`: the structure then holds for inputs of the example's shapes, and activations
+    that are function calls or modules called several times are pinned instead of rewritten).
+    ``structure.tracer`` (and the summary) say which was used, and why fx failed.
 
     The model is run once on ``example_input`` in eval mode under ``torch.no_grad()`` (its modes are restored;
     no buffer changes).  Raises ``ValueError`` when the model cannot be traced, naming the construct.
@@ -1027,18 +1061,51 @@ def analyze(model: nn.Module, example_input, *, rewrite: bool = True, leaf_modul
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze expects an nn.Module, got {type(model).__name__}.")
+    if tracer not in ("auto", "fx", "export"):
+        raise ValueError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}.")
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    which = tracer
     tracer = _Tracer(tuple(leaf_modules))
+    modes = {m: m.training for m in model.modules()}
+    exported, how = False, "torch.fx symbolic tracing"
     try:
+        if which == "export":
+            raise _ExportRequested()
         graph = tracer.trace(model)
-    except Exception as exc:  # noqa: BLE001 -- re-raised as a ValueError naming the construct
-        raise _trace_error(model, exc) from None
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # noqa: BLE001 -- fall back to torch.export, else a ValueError naming the construct
+        if which == "fx":
+            raise ValueError(
+                f"analyze could not trace {type(model).__name__} with torch.fx symbolic tracing{_fx_failure(exc)}; "
+                "tracer='auto' falls back to torch.export, or pass the offending submodule classes as "
+                "analyze(..., leaf_modules=(...,)) to keep them as frozen leaves."
+            ) from None
+        fx_why = "" if isinstance(exc, _ExportRequested) else _fx_failure(exc)
+        state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+        try:
+            model.eval()  # no batch statistics or running-stat updates while exporting
+            gm = _export.module_graph(model, tuple(inputs), tracer.is_leaf_module)
+        except Exception as exc2:  # noqa: BLE001
+            if which == "export":
+                first = str(exc2).strip().splitlines()[0] if str(exc2).strip() else ""
+                raise ValueError(f"analyze could not export {type(model).__name__} with torch.export (non-strict): "
+                                 f"{type(exc2).__name__}: {first}") from None
+            raise _trace_error(model, fx_why, exc2) from None
+        finally:
+            for m, t in modes.items():
+                m.training = t
+            with torch.no_grad():  # export runs on fake tensors; make sure no buffer changed anyway
+                for k, v in model.state_dict(keep_vars=True).items():
+                    if k in state and not torch.equal(v, state[k]):
+                        v.copy_(state[k])
+        exported = True
+        how = ("torch.export (non-strict), as requested" if which == "export"
+               else f"torch.export (non-strict) fallback; torch.fx failed{fx_why}")
     param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     fp = [p for p in model.parameters() if p.is_floating_point()]
     tau_dtype = fp[0].dtype if fp else torch.float32
-    modes = {m: m.training for m in model.modules()}
-    an = _Analyzer(model, gm, rewrite)
+    an = _Analyzer(model, gm, rewrite, exported=exported)
+    an.tracer = how
     try:
         model.eval()
         with torch.no_grad():

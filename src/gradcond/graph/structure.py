@@ -80,7 +80,9 @@ class CoBStructure:
     * ``rules``: parameter name -> :class:`ParamRule`; parameters without a rule are never changed;
     * ``sites``: activations that are rewritten when their tau requires it (see :class:`ActSite`);
     * ``groups``: per-layer summary; ``frozen``: unsupported operations whose inputs/outputs were pinned (with
-      the reason); ``pins``: supported operations that require tau = 1 on some tensor (norm inputs, softmax...).
+      the reason); ``pins``: supported operations that require tau = 1 on some tensor (norm inputs, softmax...);
+    * ``tracer``: how the graph was obtained (``"torch.fx symbolic tracing"``, or the ``torch.export`` fallback
+      with the reason fx failed).
 
     The tau of free variable ``i`` acts through the lookup table ``ext = [1, tau_1..tau_n, 1, 1/tau_1..1/tau_n]``
     (:meth:`ext_table`): every factor is a product of gathers from it, so teleporting is a few vectorised
@@ -100,6 +102,7 @@ class CoBStructure:
     rewrite: bool = True
     tau_dtype: torch.dtype = torch.float32
     free_group: torch.Tensor | None = None
+    tracer: str = "torch.fx symbolic tracing"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _flat(self, device) -> dict:
@@ -162,6 +165,7 @@ class CoBStructure:
             frozen=[f.to_dict() for f in self.frozen],
             pins=[p.to_dict() for p in self.pins],
             params_changed=sorted(self.rules),
+            tracer=self.tracer,
         )
 
     def __str__(self) -> str:
@@ -170,6 +174,7 @@ class CoBStructure:
             f"({int(self.positive.sum())} sign-constrained to tau > 0), "
             f"{len(self.rules)}/{len(self.param_shapes)} parameters teleported"
             + ("" if self.rewrite else ", activation rewriting disabled"),
+            f"  traced with {self.tracer}",
             f"  {'group':<44} {'size':>6} {'free':>6} {'tied':>6} {'pinned':>6} {'tau>0':>6}",
         ]
         for g in self.groups:

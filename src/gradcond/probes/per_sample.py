@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 __all__ = [
@@ -129,6 +130,7 @@ class _Unsupported(Exception):
 
 _UNSUPPORTED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _VALIDATED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_BMM_DIRECT_MIN = 4096  # O·C above which per-sample Linear/Conv weight gradients are written in place by bmm
 _VALIDATION_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -200,6 +202,42 @@ def _as_lin(mod, args, e):
         U = torch.nn.functional.unfold(a, k, dilation=dil, padding=pad, stride=st)  # (c, C·kk, T)
         return U.transpose(1, 2), e.reshape(c, e.shape[1], -1).transpose(1, 2)
     return None
+
+
+def _is_batch_mean_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> bool:
+    """True when ``loss_fn(out, y)`` is *known* to be the plain mean of the per-sample losses
+    ``ℓ_i = loss_fn(out[i:i+1], y[i:i+1])``, so that Σ_i ℓ_i = b · loss_fn(out, y):
+
+    * ``F.cross_entropy``, ``gradcond.train`` ``cross_entropy`` and ``nn.CrossEntropyLoss`` (mean reduction, no class
+      weights): with class-index targets none may equal ``ignore_index`` (those are dropped from the batch mean);
+    * ``F.mse_loss`` / ``nn.MSELoss`` (mean reduction) with ``y`` shaped like ``out``; ``gradcond.train`` ``mse`` (which
+      reshapes ``y``) with as many entries as ``out``; ``gradcond.train`` ``dot`` with ``y`` shaped like ``out``.
+
+    Anything else (user losses, weighted or summed reductions) returns False and is evaluated per sample."""
+    from gradcond.train import losses as _L  # local: the probes do not otherwise depend on training code
+
+    f = loss_fn
+    if isinstance(f, nn.CrossEntropyLoss):
+        if f.reduction != "mean" or f.weight is not None:
+            return False
+        ignore = f.ignore_index
+    elif f is F.cross_entropy or f is _L.cross_entropy:
+        ignore = -100
+    elif isinstance(f, nn.MSELoss):
+        return f.reduction == "mean" and y.shape == out.shape
+    elif f is F.mse_loss:
+        return y.shape == out.shape
+    elif f is _L.mse:
+        return y.numel() == out.numel() and y.is_floating_point()
+    elif f is _L.dot_error:
+        return y.shape == out.shape
+    else:
+        return False
+    if out.ndim < 2 or y.shape[0] != out.shape[0]:
+        return False
+    if y.is_floating_point():  # class probabilities: every sample counts with weight 1
+        return y.shape == out.shape
+    return not bool((y == ignore).any())
 
 
 def _is_validated(model: nn.Module, names: list[str]) -> bool:
@@ -372,8 +410,14 @@ class Engine:
         return per.mean()
 
     def _loss_sum(self, w, x, y):
-        """Σ_i ℓ_i over a batch from one batched forward (per-sample losses as in the module docstring)."""
+        """Σ_i ℓ_i over a batch from one batched forward (per-sample losses as in the module docstring).
+
+        For the known batch-mean losses (:func:`_is_batch_mean_loss`) this is ``b · loss_fn(out, y)``, which equals
+        Σ_i ℓ_i exactly in real arithmetic and skips the vmapped per-sample loss (about 0.4 ms of a 2 ms capture on
+        the zoo CNN); any other loss is evaluated per sample with ``vmap``."""
         out = functional_call(self.model, (self._all(w), self.buffers), (x,))
+        if _is_batch_mean_loss(self.loss_fn, out, y):
+            return self.loss_fn(out, y) * out.shape[0]
         return vmap(lambda o, t: self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y).sum()
 
     # ------------------------------------------------------------------ layer fast path
@@ -501,6 +545,10 @@ class Engine:
                     d = None if dest is None or full not in dest else dest[full].view(c, O, C)
                     if A.shape[1] == 1:
                         g = torch.mul(E[:, 0, :, None], A[:, 0, None, :], **({} if d is None else {"out": d}))
+                    elif d is not None and O * C <= _BMM_DIRECT_MIN:
+                        # bmm into a strided slice of the output runs one GEMM per sample (measured: 3-4x slower than
+                        # a batched GEMM plus a copy for small O·C); large blocks are written in place
+                        d.copy_(torch.bmm(E.transpose(1, 2), A))
                     else:
                         g = torch.bmm(E.transpose(1, 2), A, **({} if d is None else {"out": d}))
                     out[full] = None if d is not None else g.reshape(c, -1)

@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import weakref
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -334,11 +336,12 @@ def _buf_name(site) -> str:
     return f"cob_tau_{site.node}"
 
 
-def _plan(model: nn.Module, structure: CoBStructure, taus: list, force_all: bool = False):
-    """Decide how each active site is realised: 'compose_buffer', 'compose_wrapper', 'wrap' or 'graph'."""
+def _plan(model: nn.Module, structure: CoBStructure, taus: list, force_all: bool = False, active=None):
+    """Decide how each active site is realised: 'compose_buffer', 'compose_wrapper', 'wrap' or 'graph'.
+    ``active`` (optional): precomputed per-site activity flags (else computed from ``taus``)."""
     plan = []
-    for site, tau in zip(structure.sites, taus):
-        if not force_all and not _site_active(site, tau):
+    for i, (site, tau) in enumerate(zip(structure.sites, taus)):
+        if not force_all and not (active[i] if active is not None else _site_active(site, tau)):
             continue
         if _buf_name(site) in model._buffers:
             plan.append(("compose_buffer", site, tau))
@@ -358,26 +361,36 @@ def _site_value(site, tau: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype) -> nn.Module:
-    """Apply a plan to ``model`` (mutated; may return a new GraphModule wrapping it)."""
+def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype, final: bool = False) -> nn.Module:
+    """Apply a plan to ``model`` (mutated; may return a new GraphModule wrapping it).  ``final``: the plan's
+    values are already the buffer values (sign or tau, in ``dtype``, owned), as made by :meth:`_FastPlan.sites`."""
     graph_sites = []
+    composed, factors = [], []
     for how, site, tau in plan:
-        val = _site_value(site, tau.detach(), dtype)
+        val = tau if final else _site_value(site, tau.detach(), dtype)
         if how == "compose_buffer":
-            buf = getattr(model, _buf_name(site))
+            buf = model._buffers[_buf_name(site)]
             buf.mul_(val.to(buf.dtype))
         elif how == "compose_wrapper":
             w = _get_module(model, site.module_path)
-            w.tau.mul_(val.to(w.tau.dtype))
-            eps = torch.finfo(w.tau.dtype).eps if w.tau.is_floating_point() else 0
-            done = bool((w.tau > 0).all()) if w.kind == "sign" else bool(((w.tau - 1).abs() <= 4 * eps).all())
-            if done:  # composed back to the identity: restore the user's module
-                _set_module(model, site.module_path, w.inner)
+            composed.append((site, w))
+            factors.append(val.to(w.tau.dtype))
         elif how == "wrap":
             inner = _get_module(model, site.module_path)
-            _set_module(model, site.module_path, TeleportedActivation(inner, val, site.kind))
+            _set_module(model, site.module_path, TeleportedActivation._make(inner, val if final else val.clone(),
+                                                                            site.kind))
         else:
             graph_sites.append((site, val))
+    if composed:
+        taus = [w.tau for _, w in composed]
+        torch._foreach_mul_(taus, factors)
+        # composed back to the identity (all |tau - 1| <= 4 eps; sign taus are +-1, so exactly 1): restore the
+        # user's module.  One batched max-norm for all wrappers.
+        dev = torch.stack(torch._foreach_norm(torch._foreach_sub(taus, 1), float("inf"))).tolist()
+        for (site, w), d in zip(composed, dev):
+            eps = torch.finfo(w.tau.dtype).eps if w.tau.is_floating_point() else 0
+            if d <= 4 * eps:
+                _set_module(model, site.module_path, w.inner)
     if not graph_sites:
         return model
     graph = copy.deepcopy(structure.graph_module.graph)
@@ -420,16 +433,25 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False) -> nn.Module:
     tau = cob.tau.detach()
     ruled, same = _ruled_params(model, structure, _rule_order(structure))
     fplan = _fast_plan(structure, ruled[0].device, ruled[0].dtype) if (ruled and same) else None
-    plan = []
-    if structure.sites and _sites_active(structure, fplan, cob, tau):
-        plan = _plan(model, structure, _site_taus(structure, cob.ext().detach()))
+    plan, final = [], False
+    if structure.sites:
+        if fplan is not None:
+            # sign sites matter only when some tau < 0; sites() decides per site in one vectorised pass
+            if fplan.scale_vars is not None or (cob._any_negative and fplan.sign_vars is not None):
+                active, vals = fplan.sites(structure, tau)
+                if any(active):
+                    plan, final = _plan(model, structure, vals, active=active), True
+        elif _quick_active(structure, cob, cob.ext().detach()):
+            plan = _plan(model, structure, _site_taus(structure, cob.ext().detach()))
     if inplace and any(how == "graph" for how, _, _ in plan):
         names = ", ".join(s.node for how, s, _ in plan if how == "graph")
         raise ValueError(
             f"teleport(inplace=True) cannot rewrite activations that are function calls or shared modules ({names}); "
             "use inplace=False (returns a torch.fx.GraphModule) or analyze(..., rewrite=False)."
         )
-    with torch.no_grad():
+    grad_was = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # = torch.no_grad(), without the context-manager overhead
+    try:
         if fplan is not None:
             facs = fplan.factors(tau)
             if inplace:
@@ -449,19 +471,10 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False) -> nn.Module:
         if plan:
             tau_dtype = ruled[0].dtype if ruled else next(
                 (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            out = _realise(out, structure, plan, tau_dtype)
+            out = _realise(out, structure, plan, tau_dtype, final=final)
+    finally:
+        torch._C._set_grad_enabled(grad_was)
     return out
-
-
-def _sites_active(structure: CoBStructure, fplan, cob: CoB, tau: torch.Tensor) -> bool:
-    """Whether any activation site needs rewriting: tau != 1 at a scale site, or (only when some tau < 0) tau < 0
-    at a sign site.  One gather + compare per kind."""
-    if fplan is None:
-        return _quick_active(structure, cob, cob.ext().detach())
-    sv, gv = fplan.scale_vars, fplan.sign_vars
-    if sv is not None and bool((tau.take(sv.to(tau.device)) != 1).any()):
-        return True
-    return cob._any_negative and gv is not None and bool((tau.take(gv.to(tau.device)) < 0).any())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -473,8 +486,8 @@ def _sites_active(structure: CoBStructure, fplan, cob: CoB, tau: torch.Tensor) -
 #   params *= facs                                   (1 _foreach_mul_ / _foreach_mul)
 # T_k are views into G made once (parameters sorted by their number of terms, so each level is a list prefix).
 class _FastPlan:
-    __slots__ = ("names", "ext", "ext_tau", "ext_inv", "idx", "G", "first", "levels", "n_multi", "singles",
-                 "scale_vars", "sign_vars")
+    __slots__ = ("names", "ext", "ext_tau", "ext_inv", "zeros", "idx", "G", "first", "levels", "n_multi", "singles",
+                 "scale_vars", "sign_vars", "_site_data")
 
     def __init__(self, structure: CoBStructure, device, dtype):
         n = structure.num_free
@@ -483,6 +496,7 @@ class _FastPlan:
         self.ext = torch.ones(2 * n + 2, dtype=dtype, device=device)
         self.ext_tau = self.ext[1:n + 1]
         self.ext_inv = self.ext[n + 2:]
+        self.zeros = torch.zeros_like(self.ext)
         terms = [g for r in rules for g in r.gidx]
         self.idx = (torch.cat([g.reshape(-1) for g in terms]) if terms
                     else torch.zeros(0, dtype=torch.int64)).to(device)
@@ -510,19 +524,62 @@ class _FastPlan:
             v = torch.where(g <= n, g - 1, g - n - 2)
             return torch.unique(v) if v.numel() else None  # indices into tau (CPU, like CoB taus)
 
+        self._site_data = None
         self.scale_vars = vars_of([s for s in structure.sites if s.kind == "scale"])
         self.sign_vars = vars_of([s for s in structure.sites if s.kind == "sign"])
 
+    def sites(self, structure: CoBStructure, tau: torch.Tensor):
+        """``(active, values)`` for every activation site: activity decided in tau's precision (float64: tau != 1
+        at scale sites, tau < 0 at sign sites), values (tau or sign(tau), in the parameters' dtype, each its own
+        tensor) for the active ones.  A fixed number of vectorised calls plus one small copy per active site."""
+        d = self._site_data
+        if d is None or d[0] != tau.device:
+            n = structure.num_free
+            idx = torch.cat([s.gidx.reshape(-1) for s in structure.sites]).to(tau.device)
+            sizes = [s.gidx.numel() for s in structure.sites]
+            starts = [0]
+            for k in sizes[:-1]:
+                starts.append(starts[-1] + k)
+            scale = torch.cat([torch.full((k,), s.kind == "scale") for s, k in zip(structure.sites, sizes)])
+            e64 = torch.ones(2 * n + 2, dtype=tau.dtype, device=tau.device)
+            kinds = {s.kind for s in structure.sites}
+            d = self._site_data = (tau.device, idx, sizes, starts, scale.to(tau.device), e64, e64[1:n + 1],
+                                   e64[n + 2:], kinds, [tuple(s.gidx.shape) for s in structure.sites])
+        _, idx, sizes, starts, scale, e64, e64_tau, e64_inv, kinds, shapes = d
+        e64_tau.copy_(tau)
+        torch.reciprocal(tau, out=e64_inv)
+        v = e64.take(idx)
+        if kinds == {"scale"}:
+            flag = v != 1
+        elif kinds == {"sign"}:
+            flag = v < 0
+        else:
+            flag = torch.where(scale, v != 1, v < 0)
+        active = np.logical_or.reduceat(flag.cpu().numpy(), starts).tolist()
+        if not any(active):
+            return active, []
+        vals = []
+        sv = torch.sign(v) if "sign" in kinds else None
+        for i, s in enumerate(structure.sites):
+            if active[i]:
+                src = v if s.kind == "scale" else sv
+                vals.append(src[starts[i]:starts[i] + sizes[i]].to(self.ext.dtype, copy=True).view(shapes[i]))
+            else:
+                vals.append(None)
+        return active, vals
+
     def factors(self, tau: torch.Tensor) -> list:
-        """Per-parameter factors (order of ``self.names``); views into cached buffers, valid until the next call."""
+        """Per-parameter factors (order of ``self.names``); views into cached buffers, valid until the next call.
+        ``ValueError`` (nothing touched) when some tau or 1/tau is not finite in the buffers' dtype."""
         self.ext_tau.copy_(tau)
-        if tau.dtype == self.ext.dtype and tau.device == self.ext.device:
-            torch.reciprocal(tau, out=self.ext_inv)
-        else:  # 1/tau in the CoB's precision (float64), then rounded once
+        if tau.device == self.ext.device:
+            torch.reciprocal(tau, out=self.ext_inv)  # computed in tau's dtype (float64), rounded once
+        else:
             self.ext_inv.copy_(torch.reciprocal(tau))
-        # taus are validated when the CoB is made; this re-check (tau and 1/tau finite in the parameters' dtype,
-        # one vectorised test) also catches a tau tensor edited since, before any parameter is touched
-        if not bool(torch.isfinite(self.ext).all()):
+        # taus are validated when the CoB is made; this re-check also catches a tau tensor edited since, before any
+        # parameter is touched: dot(ext, 0) is NaN iff some entry of ext = [1, tau, 1, 1/tau] is inf or NaN (one
+        # call, vs three for isfinite(ext).all())
+        if not float(torch.dot(self.ext, self.zeros)) == 0.0:
             raise ValueError("CoB tau must be finite and non-zero everywhere, with 1/tau finite in the parameters' "
                              f"dtype {self.ext.dtype} (found 0, NaN, inf or an overflowing reciprocal).")
         torch.index_select(self.ext, 0, self.idx, out=self.G)
@@ -531,7 +588,7 @@ class _FastPlan:
         prods = torch._foreach_mul(self.first[:self.n_multi], self.levels[0])
         for lv in self.levels[1:]:
             torch._foreach_mul_(prods[:len(lv)], lv)
-        return prods + self.singles
+        return [*prods, *self.singles]
 
 
 def _fast_plan(structure: CoBStructure, device, dtype) -> _FastPlan:
@@ -551,25 +608,51 @@ def _rule_order(structure: CoBStructure) -> list:
     return names
 
 
+_SHAPE = operator.attrgetter("shape")
+
+
+def _walk_params(model: nn.Module) -> list:
+    """``list(model.parameters())`` without the generator machinery (same order: modules pre-order, each module's
+    ``_parameters`` in order, modules and parameters de-duplicated by identity).  Used only to *recognise* a model
+    already checked against the structure; any mismatch falls back to the full ``named_parameters`` check."""
+    out, seen = [], {id(model)}
+
+    def visit(m):
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        for c in m._modules.values():
+            if c is not None and id(c) not in seen:
+                seen.add(id(c))
+                visit(c)
+
+    visit(model)
+    return out
+
+
 def _ruled_params(model: nn.Module, structure: CoBStructure, names: list):
-    """The parameters of ``model`` named ``names`` (checked against the structure).  The full name/shape check
-    runs once per model; later calls compare the parameters' identities and shapes with the last model seen."""
+    """``([parameters of model named names], same_dtype_and_device)`` after checking the model against the structure.
+
+    The full name/shape check (:func:`_params_checked`) runs once per model; later calls only compare the identities
+    and shapes of the model's parameters with those seen at that check (last model only, held by weak reference).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
-    plist = list(model.parameters())
+    plist = _walk_params(model)
     last = structure._cache.get("last_model")
     if last is not None and last[0]() is model:
         _, ids, shapes, where, same = last
-        if ids == tuple(map(id, plist)) and shapes == [p.shape for p in plist]:
+        if ids == tuple(map(id, plist)) and shapes == list(map(_SHAPE, plist)):
             return [plist[i] for i in where], same
     params = _params_checked(model, structure)
+    ruled = [params[n] for n in names]
     pos = {id(p): i for i, p in enumerate(plist)}
-    where = [pos[id(params[n])] for n in names]
-    p0 = plist[where[0]] if where else None
-    same = all(p.dtype == p0.dtype and p.device == p0.device for p in (plist[i] for i in where))
-    structure._cache["last_model"] = (weakref.ref(model), tuple(map(id, plist)), [p.shape for p in plist],
-                                      tuple(where), same)
-    return [plist[i] for i in where], same
+    same = all(p.dtype == ruled[0].dtype and p.device == ruled[0].device for p in ruled)
+    if all(id(p) in pos for p in ruled):
+        structure._cache["last_model"] = (weakref.ref(model), tuple(map(id, plist)), list(map(_SHAPE, plist)),
+                                          tuple(pos[id(p)] for p in ruled), same)
+    return ruled, same
 
 
 def _scaled(structure: CoBStructure, cob: CoB, params: dict, inplace: bool) -> dict:
