@@ -34,7 +34,7 @@ DEFAULTS: dict = {
     "optim": {"name": "momentum", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
     "schedule": {"name": "constant", "step_size": 10, "gamma": 0.1, "patience": 2, "factor": 0.5},
     "train": {"epochs": 8, "loss": "auto"},
-    "monitor": {"enabled": False, "schedule": "default", "budget": 0.1, "probe_batch_size": 64, "probes": {}},
+    "monitor": {"enabled": False, "schedule": "default", "budget": 0.05, "probe_batch_size": 64, "probes": {}},
     "callbacks": [],
 }
 

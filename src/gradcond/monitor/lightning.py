@@ -32,7 +32,7 @@ _Base = pl.Callback if pl is not None else object
 
 
 class LightningMonitor(_Base):
-    def __init__(self, monitor: Monitor | str | dict = "default", loss_fn="cross_entropy", run_dir=None, budget: float = 0.1):
+    def __init__(self, monitor: Monitor | str | dict = "default", loss_fn="cross_entropy", run_dir=None, budget: float = 0.05):
         _require()
         from ..train import get_loss
 

@@ -2,7 +2,8 @@
 
 Use as a trainer callback (``fit(..., callbacks=[Monitor()])``, or ``[monitor]`` in a run config) or from a plain
 loop with :meth:`Monitor.step`. Each probe has a schedule (``every:N`` steps, ``epoch``, ``log``). The monitor keeps
-its own measuring time under ``budget`` (a fraction of the training time so far): a due measurement that would
+its own time (probes and bookkeeping) under ``budget``, a fraction of the training time so far (excluding the
+monitor's own time, so the slowdown stays near ``1 + budget``): a due measurement that would
 exceed it is skipped, and the number of skips per probe is logged (``probe=monitor, name=skipped``). A probe that
 raises is disabled, the failure is logged as a ``probe_failed`` event (and shown in the report), and training goes on.
 Probes run on a fixed probe batch (the first ``probe_batch_size`` training samples) so curves are comparable over time.
@@ -25,7 +26,7 @@ PRIOR_COST_IN_STEPS = {"grad_norm": 0.05, "weight_norm": 0.05, "gsc": 2.0, "doma
 
 
 class Monitor(Callback):
-    def __init__(self, probes: str | dict = "default", budget: float = 0.1, probe_batch_size: int = 64,
+    def __init__(self, probes: str | dict = "default", budget: float = 0.05, probe_batch_size: int = 64,
                  tensorboard_dir: str | None = None):
         if isinstance(probes, str):
             if probes not in PRESETS:
@@ -80,7 +81,8 @@ class Monitor(Callback):
         # has run once, its cost is guessed from the mean training-step time and PRIOR_COST_IN_STEPS
         step_time = max(elapsed - self.spent, 0.0) / max(state.step, 1)
         est = self.cost.get(name, PRIOR_COST_IN_STEPS.get(name, 1.0) * step_time)
-        if self.budget < 1 and self.spent + est > self.budget * max(elapsed, 1e-9):
+        # the budget is relative to the training time proper (elapsed minus the monitor's own time)
+        if self.budget < 1 and self.spent + est > self.budget * max(elapsed - self.spent, 1e-9):
             self.skipped[name] += 1
             return
         t = time.perf_counter()
@@ -91,7 +93,6 @@ class Monitor(Callback):
             state.log_event("probe_failed", probe=name, error=self.failed[name])
             return
         dt = time.perf_counter() - t
-        self.spent += dt
         self.cost[name] = dt if name not in self.cost else 0.5 * (self.cost[name] + dt)
         state.log_metrics([(name, layer, metric, value) for layer, metric, value in rows])
         if self._tb is not None:
@@ -99,11 +100,14 @@ class Monitor(Callback):
                 self._tb.add_scalar(f"{name}/{metric}/{layer}" if layer else f"{name}/{metric}", value, state.step)
 
     def on_step_end(self, state: TrainState) -> None:
+        t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
         for name, sch in self.schedules.items():
             if sch.due_at_step(state.step):
                 self._run(name, state)
+        self.spent += time.perf_counter() - t
 
     def on_epoch_end(self, state: TrainState) -> None:
+        t = time.perf_counter()
         for name, sch in self.schedules.items():
             if sch.kind == "epoch":
                 self._run(name, state)
@@ -112,6 +116,7 @@ class Monitor(Callback):
         rows.append(("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9)))
         state.log_metrics(rows)
         self.skipped.clear()
+        self.spent += time.perf_counter() - t
 
     def on_train_end(self, state: TrainState) -> None:
         if self._tb is not None:
