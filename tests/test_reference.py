@@ -1,6 +1,5 @@
 """Reference condition numbers (seed 004 §1.4, Defs 1.5-1.7, Def 2.4) and the estimators checked against them."""
 
-import math
 
 import pytest
 import torch

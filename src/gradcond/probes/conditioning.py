@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import math
 from typing import Callable
 
 import torch

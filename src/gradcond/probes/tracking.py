@@ -220,7 +220,7 @@ class EffectiveDepth(Callback):
         blocks = {n: m for n, m in named.items() if n and hasattr(m, "skip") and hasattr(m, "branch")}
         skip_prefixes = tuple(f"{n}.skip" for n in blocks)
         leaves = {n: m for n, m in H.default_layers(model).items() if not (n.startswith(skip_prefixes))}
-        events, keep = [], []  # events in forward order
+        events = []  # events in forward order
 
         def leaf_hook(name):
             def hook(mod, inp, out):

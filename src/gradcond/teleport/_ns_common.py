@@ -11,7 +11,9 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+import time
 from typing import Any, Callable, Iterable, Sequence
+
 
 import torch
 from torch import nn
@@ -290,3 +292,26 @@ def eval_loss(model: nn.Module, loss_fn: Callable, batch: Sequence[torch.Tensor]
         return None
     with torch.no_grad():
         return float(loss_fn(model(batch[0]), batch[1]))
+
+
+def run_teleport(method: str, model: nn.Module, loss_fn: Callable, batches, held_out, optimizer, optimizer_state: str,
+                 moved, one_batch: Callable) -> "TeleportResult":
+    """The frame both teleport algorithms share: snapshot, per-batch ``one_batch(x, y) -> BatchRecord`` in teleport
+    mode, held-out loss before/after, exact restore of model and optimizer on any exception, then the optimizer-state
+    policy for the moved parameters."""
+    snap = Snapshot(model, optimizer)
+    t0 = time.perf_counter()
+    records: list[BatchRecord] = []
+    try:
+        with teleport_mode(model):
+            held_before = eval_loss(model, loss_fn, held_out)
+            for x, y in batches:
+                records.append(one_batch(x, y))
+            held_after = eval_loss(model, loss_fn, held_out)
+            if held_before is not None and not finite(held_after):
+                raise TeleportError("the held-out loss became non-finite during the teleport")
+    except BaseException:
+        snap.restore()
+        raise
+    apply_optimizer_state(optimizer, moved, optimizer_state)
+    return TeleportResult(method, records, held_before, held_after, time.perf_counter() - t0, optimizer_state)

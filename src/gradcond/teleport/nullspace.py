@@ -51,10 +51,9 @@ sharing between two selected modules is not supported.
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +63,13 @@ from torch.func import functional_call
 from ._ns_callback import TeleportCallback
 from ._ns_common import (
     BatchRecord,
-    Snapshot,
     TeleportError,
     TeleportResult,
     apply_optimizer_state,
     as_batches,
-    eval_loss,
     finite,
     resolve_loss,
-    teleport_mode,
+    run_teleport,
 )
 
 __all__ = [
@@ -400,26 +397,8 @@ class NullSpaceTeleport:
         blocks = [b for n, m in layers for b in _blocks_for(n, m)]
         all_params = [p for p in model.parameters() if p.requires_grad]
         moved = list({id(p): p for b in blocks for p in (b.weight, b.bias) if p is not None}.values())
-        snap = Snapshot(model, optimizer)
-        t0 = time.perf_counter()
-        records: list[BatchRecord] = []
-        try:
-            with teleport_mode(model):
-                held_before = eval_loss(model, loss_fn, held_out)
-                for x, y in batches:
-                    records.append(self._one_batch(model, loss_fn, x, y, layers, blocks, all_params, moved))
-                held_after = eval_loss(model, loss_fn, held_out)
-                if held_before is not None and not finite(held_after):
-                    raise TeleportError("the held-out loss became non-finite during the teleport")
-        except TeleportError:
-            snap.restore()
-            raise
-        except BaseException:
-            snap.restore()
-            raise
-        apply_optimizer_state(optimizer, moved, optimizer_state)
-        return TeleportResult(self.method, records, held_before, held_after,
-                              time.perf_counter() - t0, optimizer_state)
+        return run_teleport(self.method, model, loss_fn, batches, held_out, optimizer, optimizer_state, moved,
+                            lambda x, y: self._one_batch(model, loss_fn, x, y, layers, blocks, all_params, moved))
 
     # ---------------------------------------------------------------------------------------
     def _primary(self, model, loss_fn, x, y, params, create_graph):

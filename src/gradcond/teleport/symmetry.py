@@ -52,7 +52,6 @@ is not linear in W_{m-1}.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -64,15 +63,13 @@ from torch.func import functional_call
 from ._ns_callback import TeleportCallback
 from ._ns_common import (
     BatchRecord,
-    Snapshot,
     TeleportError,
     TeleportResult,
     apply_optimizer_state,
     as_batches,
-    eval_loss,
     finite,
     resolve_loss,
-    teleport_mode,
+    run_teleport,
 )
 
 __all__ = ["SymmetryTeleport", "SymmetryTeleportCallback", "ACTIONS", "parse_mlp"]
@@ -174,23 +171,8 @@ class SymmetryTeleport:
         if others:  # pragma: no cover - parse_mlp admits only Linear parameters
             raise ValueError(f"{_NEEDS}; unexpected parameters {others}")
         moved = [p for _, lin in mlp.linears for p in (lin.weight, lin.bias) if p is not None]
-        snap = Snapshot(model, optimizer)
-        t0 = time.perf_counter()
-        records = []
-        try:
-            with teleport_mode(model):
-                held_before = eval_loss(model, loss_fn, held_out)
-                for x, y in batches:
-                    records.append(self._one_batch(model, mlp, loss_fn, x, y))
-                held_after = eval_loss(model, loss_fn, held_out)
-                if held_before is not None and not finite(held_after):
-                    raise TeleportError("the held-out loss became non-finite during the teleport")
-        except BaseException:
-            snap.restore()
-            raise
-        apply_optimizer_state(optimizer, moved, optimizer_state)
-        return TeleportResult(self.method, records, held_before, held_after,
-                              time.perf_counter() - t0, optimizer_state)
+        return run_teleport(self.method, model, loss_fn, batches, held_out, optimizer, optimizer_state, moved,
+                            lambda x, y: self._one_batch(model, mlp, loss_fn, x, y))
 
     # ---------------------------------------------------------------------------------------
     def _weights(self, mlp: _MLP) -> list[torch.Tensor]:
