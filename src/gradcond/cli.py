@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = rp.add_subparsers(dest="repro_cmd", metavar="ACTION", required=True)
     rl = rsub.add_parser("list", help="list the registered reproductions", description="List the reproductions.")
     rl.set_defaults(func=_cmd_repro)
-    rr = rsub.add_parser("run", help="run one reproduction", description="Run one reproduction into OUT/NAME/.")
+    rr = rsub.add_parser("run", help="run one reproduction",
+                         description="Run one reproduction into OUT/NAME/ (result.json, result.md, figures). "
+                                     "Exit code 0 when every checked claim holds, 1 when one does not, 2 on bad input.")
     rr.add_argument("name", help="reproduction name (see `gradcond repro list`)")
     rr.add_argument("--quick", action="store_true", help="a smaller version that finishes in minutes")
     rr.add_argument("--out", default="repro_out", help="output directory (default: repro_out)")
