@@ -378,3 +378,22 @@ def test_wide_conv_written_in_place_matches_loop():
     with Engine(model, F.cross_entropy, x, y) as e:
         G = e.per_sample_matrix()
     assert torch.allclose(G, ref, rtol=1e-10, atol=1e-10 * ref.abs().max())
+
+
+def test_direct_path_leaves_grads_and_matches_functional_path():
+    """The base-weight capture calls the model directly (no functional_call): same gradients, no .grad written."""
+    import torch.nn.functional as F
+
+    from gradcond import zoo
+    from gradcond.probes.per_sample import Engine
+
+    torch.manual_seed(0)
+    m = zoo.simple_cnn().double()
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+    with Engine(m, F.cross_entropy, x, y) as e:
+        assert e._direct(e.w)
+        direct = e.per_sample_matrix()
+        zero = torch.zeros(e.m, dtype=torch.float64)
+        functional = e.per_sample_matrix(omega=zero)  # a perturbed (here: by zero) weight goes through functional_call
+    assert all(p.grad is None for p in m.parameters())
+    torch.testing.assert_close(direct, functional, rtol=1e-12, atol=1e-14)
