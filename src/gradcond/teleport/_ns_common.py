@@ -315,3 +315,15 @@ def run_teleport(method: str, model: nn.Module, loss_fn: Callable, batches, held
         raise
     apply_optimizer_state(optimizer, moved, optimizer_state)
     return TeleportResult(method, records, held_before, held_after, time.perf_counter() - t0, optimizer_state)
+
+
+def check_ascent_options(steps, eta, cap, cap_ratio) -> None:
+    """Validation shared by the teleport algorithms' constructors (one sentence per bad value)."""
+    if int(steps) < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not float(eta) > 0:
+        raise ValueError(f"eta must be > 0, got {eta}")
+    if cap is not None and not float(cap) > 0:
+        raise ValueError(f"cap must be > 0 or None, got {cap}")
+    if cap_ratio is not None and not float(cap_ratio) > 1:
+        raise ValueError(f"cap_ratio must be > 1 or None, got {cap_ratio}")

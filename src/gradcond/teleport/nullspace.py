@@ -67,6 +67,7 @@ from ._ns_common import (
     TeleportResult,
     apply_optimizer_state,
     as_batches,
+    check_ascent_options,
     finite,
     resolve_loss,
     run_teleport,
@@ -361,14 +362,7 @@ class NullSpaceTeleport:
                  cap_ratio: float | None = None, max_loss_change: float | None = None):
         if not (0.0 <= float(tau) <= 1.0):
             raise ValueError(f"tau must be in [0, 1], got {tau}")
-        if int(steps) < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        if not float(eta) > 0:
-            raise ValueError(f"eta must be > 0, got {eta}")
-        if cap is not None and not float(cap) > 0:
-            raise ValueError(f"cap must be > 0 or None, got {cap}")
-        if cap_ratio is not None and not float(cap_ratio) > 1:
-            raise ValueError(f"cap_ratio must be > 1 or None, got {cap_ratio}")
+        check_ascent_options(steps, eta, cap, cap_ratio)
         self.loss = resolve_loss(loss) if loss is not None else None
         self.layers = layers
         self.eta, self.tau, self.steps, self.cap = float(eta), float(tau), int(steps), cap

@@ -67,6 +67,7 @@ from ._ns_common import (
     TeleportResult,
     apply_optimizer_state,
     as_batches,
+    check_ascent_options,
     finite,
     resolve_loss,
     run_teleport,
@@ -143,14 +144,7 @@ class SymmetryTeleport:
                  action: str = "inverse", cap: float | None = None, cap_ratio: float | None = None):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
-        if int(steps) < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        if not float(eta) > 0:
-            raise ValueError(f"eta must be > 0, got {eta}")
-        if cap is not None and not float(cap) > 0:
-            raise ValueError(f"cap must be > 0 or None, got {cap}")
-        if cap_ratio is not None and not float(cap_ratio) > 1:
-            raise ValueError(f"cap_ratio must be > 1 or None, got {cap_ratio}")
+        check_ascent_options(steps, eta, cap, cap_ratio)
         self.loss = resolve_loss(loss) if loss is not None else None
         self.eta, self.steps, self.action, self.cap, self.cap_ratio = float(eta), int(steps), action, cap, cap_ratio
         if action != "inverse":
