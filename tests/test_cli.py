@@ -52,6 +52,7 @@ def test_cli_resume_matches_uninterrupted(run_cli, tmp_path):
     rc, out, err = run_cli("run", "--out", str(cut), *common, "--set", 'callbacks=[{name="stop_after", epochs=2}]')
     assert rc == 0, err
     assert not (cut / "r").exists() and (cut / ".r.partial" / "checkpoints" / "last.pt").exists()
+    assert "continue with --resume" in err and out.strip().endswith(".r.partial")
     rc, out, err = run_cli("run", "--out", str(cut), *common, "--resume")
     assert rc == 0, err
     assert (cut / "r" / "metrics.csv").read_text() == (tmp_path / "a" / "r" / "metrics.csv").read_text()

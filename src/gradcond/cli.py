@@ -20,6 +20,11 @@ def _cmd_run(args) -> int:
     if args.config is None and not user and not any(s.split("=")[0].strip() == "name" for s in args.set or []):
         cfg = config.resolve(config.DEMO, args.set)
     report = runner.run(cfg, out=args.out, resume=args.resume)
+    if not report.exists():  # stopped early (e.g. a stop_after callback): the run stays partial and resumable
+        print(f"gradcond: run stopped before its last epoch; it is kept in {report.parent} - continue with --resume",
+              file=sys.stderr)
+        print(report.parent)
+        return 0
     print(report)
     return 0
 
