@@ -60,26 +60,29 @@ def _table(rows, probe):
     return out
 
 
+def _per_run_layer_figures(rows, events, probe, name, stem, title, ylabel, caption, logy=True) -> list[Figure]:
+    """One per-layer time-series figure per run that has rows of ``probe``/``name``."""
+    return [Figure(f"{stem}_{label}", figures.per_layer(rr, probe, name, f"{title} ({label})", ylabel, logy=logy,
+                                                        events={label: events.get(label, [])}), caption)
+            for label, rr in rows.items() if any(r["probe"] == probe and r["name"] == name for r in rr)]
+
+
 def monitor_sections(rows: dict, events: dict) -> list[Section]:
     sections = []
     if _has(rows, "grad_norm"):
         sec = Section("Gradient norms per layer", "<p>Frobenius norm of each layer's weight gradient at the "
                       "training step (no extra computation). Layers are listed input side first.</p>")
-        for label, rr in rows.items():
-            if any(r["probe"] == "grad_norm" for r in rr):
-                sec.figures.append(Figure(f"grad_norm_{label}", figures.per_layer(
-                    rr, "grad_norm", "grad_norm", f"Per-layer gradient norm ({label})", "||dL/dW||_F",
-                    events={label: events.get(label, [])}), f"Per-layer gradient norm over training, run '{label}'."))
+        sec.figures += _per_run_layer_figures(rows, events, "grad_norm", "grad_norm", "grad_norm",
+                                              "Per-layer gradient norm", "||dL/dW||_F",
+                                              "Per-layer gradient norm over training.")
         sec.tables.append(("gradient norms (all rows)", _table(rows, "grad_norm")))
         sections.append(sec)
     if _has(rows, "weight_norm"):
         sec = Section("Weight norms and relative gradient size")
-        for label, rr in rows.items():
-            if any(r["probe"] == "weight_norm" for r in rr):
-                sec.figures.append(Figure(f"grad_to_weight_{label}", figures.per_layer(
-                    rr, "weight_norm", "grad_to_weight", f"||dW|| / ||W|| per layer ({label})", "relative gradient size",
-                    events={label: events.get(label, [])}), "Relative gradient size per layer (teleportation changes it "
-                    "layer by layer while keeping the function)."))
+        sec.figures += _per_run_layer_figures(rows, events, "weight_norm", "grad_to_weight", "grad_to_weight",
+                                              "||dW|| / ||W|| per layer", "relative gradient size",
+                                              "Relative gradient size per layer (teleportation changes it layer by "
+                                              "layer while keeping the function).")
         sec.tables.append(("weight norms", _table(rows, "weight_norm")))
         sections.append(sec)
     if _has(rows, "gsc"):
@@ -101,11 +104,9 @@ def monitor_sections(rows: dict, events: dict) -> list[Section]:
     if _has(rows, "domain"):
         sec = Section("Domain statistics", "<p>Pre-activation standard deviation and sign diversity per nonlinearity "
                       "(seed 003 §I.2): a collapsing domain shows as a falling sign diversity.</p>")
-        for label, rr in rows.items():
-            if any(r["probe"] == "domain" for r in rr):
-                sec.figures.append(Figure(f"sign_diversity_{label}", figures.per_layer(
-                    rr, "domain", "sign_diversity", f"Sign diversity per nonlinearity ({label})", "sign diversity",
-                    logy=False, events={label: events.get(label, [])}), "0.5 = balanced signs; 0 = collapsed domain."))
+        sec.figures += _per_run_layer_figures(rows, events, "domain", "sign_diversity", "sign_diversity",
+                                              "Sign diversity per nonlinearity", "sign diversity",
+                                              "0.5 = balanced signs; 0 = collapsed domain.", logy=False)
         sec.tables.append(("domain rows", _table(rows, "domain")))
         sections.append(sec)
     if _has(rows, "conditioning"):
