@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean bench
+.PHONY: demo test test-all install clean bench docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "slow or not slow"
 
+# The documentation site (MkDocs + mkdocstrings, API reference from the docstrings) into site/; warnings are errors.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
 bench: $(STAMP)
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

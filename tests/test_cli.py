@@ -24,7 +24,7 @@ def test_run_default(run_cli, tmp_path):
     report = Path(out.strip().splitlines()[-1])
     assert report.name == "report.html" and report.is_file()
     run = report.parent
-    for f in ("config.toml", "metrics.csv", "events.jsonl", "checkpoints/last.pt", "report.html"):
+    for f in ("config.toml", "metrics.csv", "timings.csv", "events.jsonl", "checkpoints/last.pt", "report.html"):
         assert (run / f).exists(), f
     html = report.read_text()
     assert html.count("data:image/png;base64,") >= 2 and "Training curves" in html
@@ -125,3 +125,51 @@ def test_run_with_progress_bar(run_cli, tmp_path):
     rc, out, err = run_cli("run", "--out", str(tmp_path), "--set", "train.epochs=1", "--set", "compare_teleport=false")
     assert rc == 0, err
     assert out.strip().endswith("report.html")
+
+
+# ---- seeds, devices, the teleport comparison's monitor plan (issue 12 §3) -----------------------------------------
+def test_run_seed_option_is_set_seed(run_cli, tmp_path):
+    common = ["--quiet", "--set", "train.epochs=1", "--set", "name=s", "--set", "monitor.enabled=false"]
+    runs = {"seed": ["--seed", "5"], "set": ["--set", "seed=5"], "both": ["--set", "seed=9", "--seed", "5"],
+            "default": []}
+    for key, extra in runs.items():
+        rc, _, err = run_cli("run", "--out", str(tmp_path / key), *common, *extra)
+        assert rc == 0, err
+    metrics = {k: (tmp_path / k / "s" / "metrics.csv").read_text() for k in runs}
+    seeds = {k: tomllib.loads((tmp_path / k / "s" / "config.toml").read_text())["seed"] for k in runs}
+    assert seeds == {"seed": 5, "set": 5, "both": 5, "default": 0}  # --seed wins over an earlier --set seed=
+    assert metrics["seed"] == metrics["set"] == metrics["both"]
+    assert metrics["seed"] != metrics["default"]  # the seed reaches the run (other initial weights, other order)
+
+
+def test_run_device_cpu_and_auto_give_the_same_run_on_a_cpu_machine(run_cli, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto is cuda on this machine")
+    common = ["--quiet", "--set", "train.epochs=1", "--set", "name=d", "--set", "monitor.enabled=false"]
+    for dev in ("cpu", "auto"):
+        rc, _, err = run_cli("run", "--out", str(tmp_path / dev), *common, "--device", dev)
+        assert rc == 0, err
+    assert (tmp_path / "cpu" / "d" / "metrics.csv").read_text() == (tmp_path / "auto" / "d" / "metrics.csv").read_text()
+
+
+def test_teleport_copy_measures_at_the_plain_runs_steps(run_cli, tmp_path):
+    """The demo's teleport comparison run reuses the plain run's monitor plan: same probes at the same steps."""
+    import csv
+    import json
+
+    from gradcond.monitor import PROBES, SCHEDULE_FILE
+
+    rc, _, err = run_cli("run", "--out", str(tmp_path), "--quiet", "--set", "train.epochs=2",
+                         "--set", "monitor.budget=0.05")
+    assert rc == 0, err
+    plain, copy = tmp_path / "demo", tmp_path / "demo" / "teleport"
+    assert json.loads((copy / SCHEDULE_FILE).read_text()) == json.loads((plain / SCHEDULE_FILE).read_text())
+
+    def measured(run):
+        with open(run / "metrics.csv") as fh:
+            return {(r["step"], r["probe"]) for r in csv.DictReader(fh) if r["probe"] in PROBES}
+
+    a, b = measured(plain), measured(copy)
+    assert a and a == b

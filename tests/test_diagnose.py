@@ -3,7 +3,7 @@ import json
 import pytest
 
 from gradcond import zoo
-from gradcond.monitor.diagnose import REPORT_KEYS
+from gradcond.diagnose import REPORT_KEYS
 
 ZOO_DATA = {
     "mlp": "digits", "resnet_mlp": "digits", "looks_linear_crelu_mlp": "digits", "vgg": "digits", "resnet": "digits",
@@ -24,7 +24,9 @@ def test_diagnose_every_zoo_model(run_cli, tmp_path, name):
     assert rep["cob"] is not None and rep["cob"]["num_free"] >= 0
     assert 1 <= len(rep["findings"])
     printed = out.strip().splitlines()
-    assert printed[-1].endswith("report.html") and sum(l.startswith("  - ") for l in printed) == min(3, len(rep["findings"]))
+    # every finding is printed (a healthy model's GSC verdict ranks low and used to be cut off)
+    assert printed[-1].endswith("report.html") and [l[4:] for l in printed if l.startswith("  - ")] == rep["findings"]
+    assert any("GSC" in f or "gradient scale" in f or "gradients" in f for f in rep["findings"])
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") >= 1
     assert set(rep["errors"]) <= {"cob_optimization"} or not rep["errors"], rep["errors"]
 
@@ -68,17 +70,73 @@ def test_diagnose_unknown_model_and_data(run_cli, tmp_path):
 
 
 def test_findings_name_explosion_in_plain_words():
-    from gradcond.monitor.diagnose import findings
+    from gradcond.diagnose import findings
 
-    f = findings({"gsc": {"explosion_rate": 1.19, "layers": ["a"] * 20, "lowest": 1e3}, "errors": {}})
-    assert f[0].startswith("gradients explode at rate 1.19 per linear layer")
+    f = findings({"gsc": {"explosion_rate": 1.19, "fit_layers": 10, "layers": ["a"] * 20, "lowest": 1e3}, "errors": {}})
+    assert f[0].startswith("gradients explode at rate 1.19 per linear layer towards the input (fit through 10 layers")
+
+
+@pytest.mark.parametrize("k", [2, None])
+def test_explosion_rate_through_fewer_than_three_layers_is_no_finding(k):
+    from gradcond.diagnose import findings
+
+    f = findings({"gsc": {"explosion_rate": 1.19, "fit_layers": k, "layers": ["a", "b"], "lowest": 1e3}, "errors": {}})
+    assert not any(x.startswith("gradients explode") for x in f)
+    assert len(f) == 1 and "not enough for a verdict on exploding or vanishing gradients" in f[0]
+
+
+def test_plain_mlp_shows_its_gsc_verdict_among_all_findings(run_cli, tmp_path):
+    rc, out, err = run_cli("diagnose", "mlp", "--data", "digits", "--batches", "1", "--batch-size", "32",
+                           "--out", str(tmp_path))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    k = rep["gsc"]["fit_layers"]
+    assert k == sum(kind == "linear" for kind in rep["gsc"]["kinds"]) >= 3  # every linear layer enters the fit
+    verdict = [f for f in rep["findings"] if f"fit through {k} layers" in f]
+    assert len(verdict) == 1 and f"  - {verdict[0]}" in out.splitlines()
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<li>") >= len(rep["findings"]) > 3
+
+
+def test_nothing_teleportable_has_no_teleport_caption(run_cli, tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    rc, out, err = run_cli("diagnose", f"{f}:make", "--data", "digits", "--batches", "1", "--batch-size", "16",
+                           "--out", str(tmp_path / "o"))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["cob"]["num_free"] == 0
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "Same function, larger gradient" not in html and "cob_optimization.png" not in html
+    assert not any("teleportable" in x or "optimised teleport raises" in x for x in rep["findings"])
+    assert any(x.startswith("nothing can be teleported") for x in rep["findings"])
+
+
+def test_gsc_figure_is_titled_and_not_clipped():
+    import torch
+
+    from gradcond.diagnose import _figures, diagnose
+
+    torch.manual_seed(0)
+    m = zoo.mlp(in_features=8, out_features=3, depth=4, width=16)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    result = diagnose(m, "cross_entropy", [(x, y)], cob_steps=2)
+    figs = {f.name: f for f in _figures(result)}
+    fig = figs["gsc_profile"].fig
+    ax = fig.axes[0]
+    assert "GSC(l, 0) per measured layer" in ax.get_title() and "fit through 4 layers" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["Linear 1", "ReLU 1", "Linear 2"]
+    fig.canvas.draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches: everything drawn, labels and title included
+    w, h = fig.get_size_inches()
+    assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= w + 1e-6 and box.y1 <= h + 1e-6, (box, w, h)
 
 
 def test_diagnose_does_not_change_the_model():
     import torch
 
     from gradcond.data import load_dataset
-    from gradcond.monitor.diagnose import diagnose
+    from gradcond.diagnose import diagnose
 
     m = zoo.vgg()
     before = {k: v.clone() for k, v in m.state_dict().items()}

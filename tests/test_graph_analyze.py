@@ -12,7 +12,7 @@ from torch import nn
 
 from gradcond import zoo
 from gradcond.graph import analyze
-from gradcond.teleport.core import random_cob, teleport
+from gradcond.teleport import random_cob, teleport
 
 
 def _rel(y, y2):
@@ -77,7 +77,7 @@ def test_attention_ties_q_and_k():
     s2 = analyze(m2, torch.randn(2, 8, 8))
     assert s.num_free == s2.num_free
     # in_proj rows of k scale by 1/tau_q: check on the factors (input = LayerNorm output tau)
-    from gradcond.teleport.core import weight_scale_factors
+    from gradcond.teleport import weight_scale_factors
     c = random_cob(s2, 0.9, "inter", torch.Generator().manual_seed(0))
     f = weight_scale_factors(s2, c)["blocks.0.attn.attn.in_proj_weight"].expand(24, 8)
     # q row r scales by tau_q[r] / tau_in[c], k row r by (1 / tau_q[r]) / tau_in[c]: the product depends on the

@@ -74,7 +74,7 @@ def test_budget_skips_and_logs():
 
 
 def test_failing_probe_is_logged_and_training_continues(monkeypatch):
-    from gradcond.monitor import probes
+    from gradcond.monitor import schedule as probes
 
     def broken(*a, **k):
         raise RuntimeError("probe exploded")
@@ -132,7 +132,7 @@ def test_monitored_resume_appends_without_duplicates(tmp_path):
 
 
 def test_probe_failure_shows_in_the_run_report(run_cli, tmp_path, monkeypatch):
-    from gradcond.monitor import probes
+    from gradcond.monitor import schedule as probes
 
     def broken(*a, **k):
         raise RuntimeError("probe exploded")
@@ -156,3 +156,215 @@ def test_tensorboard_scalars_or_clear_error(tmp_path):
     else:
         fit(model, *d.loaders(64), optimizer="sgd", lr=0.1, epochs=1, callbacks=[mon])
         assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+# ---- the deterministic plan (issue 20 §4) -------------------------------------------------------------------
+import json
+import re
+
+from gradcond.monitor import SCHEDULE_FILE, coverage_sentences, plan_schedule
+from gradcond.monitor.schedule import PROBES
+
+CONTRACT_KEYS = {"name", "enabled", "every_steps", "planned_measurements", "cost_s", "skipped", "reason"}
+
+
+def _simulated_counts(configured: dict, plan: dict) -> dict:
+    """Measurements per probe by walking every step / epoch end with the plan's rule (independent of the planner's
+    closed-form counting)."""
+    spe, epochs, calib = plan["steps_per_epoch"], plan["epochs"], plan["calibration_steps"]
+    out = {}
+    for p in plan["probes"]:
+        if not p["enabled"]:
+            continue
+        sch = Schedule.parse(configured[p["name"]])
+        n = 0
+        if not p["skipped"]:
+            if sch.kind == "epoch":
+                n = sum(1 for e in range(epochs) if (e + 1) % p["every_epochs"] == 0 or e == epochs - 1)
+            else:
+                for s in range(1, spe * epochs + 1):
+                    if sch.due_at_step(s) and (s <= calib or sch.kind == "log" or s % p["every_steps"] == 0):
+                        n += 1
+        out[p["name"]] = n
+    return out
+
+
+def _suggested_budget(reason: str):
+    m = re.search(r"set monitor\.budget = ([0-9.]+)", reason)
+    return float(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.2])
+def test_plan_keeps_the_budget_guarantees_the_minimum_and_names_the_setting(budget):
+    configured = {"grad_norm": "every:1", "weight_norm": "every:2", "gsc": "every:5", "domain": "epoch",
+                  "conditioning": "epoch", "representation": "epoch"}
+    # costs in seconds; a training step takes 1 ms; 10 epochs of 40 steps
+    costs = {"grad_norm": 2e-5, "weight_norm": 1e-4, "gsc": 2e-3, "domain": 1e-3, "conditioning": 0.04,
+             "representation": 5e-3}
+    plan = plan_schedule(configured, costs, 1e-3, budget, 40, 10, min_measurements=3, calibration_steps=3)
+    assert {"budget", "steps_per_epoch", "probes"} <= set(plan) and plan["budget"] == budget
+    assert [p["name"] for p in plan["probes"]] == list(PROBES)
+    assert all(CONTRACT_KEYS <= set(p) for p in plan["probes"])
+    sim = _simulated_counts(configured, plan)
+    configured_counts = _simulated_counts(configured, plan_schedule(configured, costs, 1e-3, 1.0, 40, 10, 3, 3))
+    total_time = 400 * 1e-3
+    capped = False
+    for p in plan["probes"]:
+        assert p["planned_measurements"] == sim[p["name"]]  # the closed form agrees with walking the steps
+        assert p["fraction"] == pytest.approx(costs[p["name"]] * sim[p["name"]] / total_time)
+        assert not p["skipped"] and p["planned_measurements"] >= 3  # the guaranteed minimum
+        assert p["reason"] and "." not in p["reason"][-1:]
+        if p["planned_measurements"] < configured_counts[p["name"]]:  # thinned: the reason names the budget to use
+            b = _suggested_budget(p["reason"])
+            assert b is not None and b > budget
+            again = {q["name"]: q for q in plan_schedule(configured, costs, 1e-3, b, 40, 10, 3, 3)["probes"]}
+            assert again[p["name"]]["planned_measurements"] == configured_counts[p["name"]]
+        capped |= "guaranteed minimum" in p["reason"]
+    if not capped:
+        assert sum(p["fraction"] for p in plan["probes"]) <= budget + 1e-12
+    else:
+        assert "over the budget" in coverage_sentences(plan)[0]
+
+
+def test_plan_leaves_out_a_probe_only_when_its_minimum_outlasts_the_training_and_says_why():
+    configured = {"grad_norm": "every:1", "conditioning": "epoch"}
+    # 3 conditioning measurements take 3 s; the whole training 200 steps x 1 ms = 0.2 s
+    plan = plan_schedule(configured, {"grad_norm": 1e-5, "conditioning": 1.0}, 1e-3, 0.05, 20, 10, 3, 3)
+    cond = next(p for p in plan["probes"] if p["name"] == "conditioning")
+    assert cond["skipped"] and cond["planned_measurements"] == 0 and cond["every_steps"] is None
+    assert cond["reason"].startswith("not run: one measurement costs 1 s") and "monitor.budget = 1" in cond["reason"]
+    no_budget = plan_schedule(configured, {"grad_norm": 1e-5, "conditioning": 1.0}, 1e-3, 1.0, 20, 10, 3, 3)
+    assert next(p for p in no_budget["probes"] if p["name"] == "conditioning")["planned_measurements"] == 10
+    sentences = coverage_sentences(plan)
+    assert len(sentences) == 1 + len(PROBES)
+    assert any(s.startswith("conditioning: not run") for s in sentences)
+    assert any(s.startswith("gsc: not enabled") for s in sentences)
+
+
+def test_plan_is_a_pure_function_and_thinning_is_robust_to_small_timing_noise():
+    configured = {"grad_norm": "every:1", "gsc": "every:2", "conditioning": "epoch"}
+    costs = {"grad_norm": 3e-5, "gsc": 3e-3, "conditioning": 0.02}
+    a = plan_schedule(configured, costs, 1e-3, 0.05, 50, 20, 3, 3)
+    assert a == plan_schedule(configured, dict(costs), 1e-3, 0.05, 50, 20, 3, 3)
+    # thinning factors are powers of two: a few percent of timing noise does not move these (mid-interval) costs
+    noisy = plan_schedule(configured, {k: v * 1.04 for k, v in costs.items()}, 1e-3 * 0.97, 0.05, 50, 20, 3, 3)
+    assert [p["every_steps"] for p in a["probes"]] == [p["every_steps"] for p in noisy["probes"]]
+
+
+def _mlp_run(run=None, monitor=None, epochs=3, crash_at=None, resume=False):
+    class Crash(Callback):
+        def on_epoch_end(self, s):
+            if crash_at is not None and s.epoch == crash_at:
+                raise KeyboardInterrupt
+
+    d, model = _setup()
+    return fit(model, *d.loaders(64), optimizer="sgd", lr=0.1, epochs=epochs, run=run, resume=resume,
+               callbacks=[monitor, Crash()])
+
+
+def _keys(rows):
+    return sorted((r["step"], r["probe"], r["layer"], r["name"]) for r in rows if r["name"] != "time_fraction")
+
+
+def test_measurements_match_the_written_plan_and_every_probe_gets_its_minimum(tmp_path):
+    configured = {"grad_norm": "every:1", "weight_norm": "every:2", "gsc": "every:3", "domain": "epoch",
+                  "conditioning": "epoch"}
+    h = _mlp_run(RunLogger(tmp_path / "a"), Monitor(configured, budget=0.02), epochs=4)
+    plan = json.loads((tmp_path / "a" / SCHEDULE_FILE).read_text())
+    assert plan["budget"] == 0.02 and plan["calibration_steps"] == 3 and plan["epochs"] == 4
+    for p in plan["probes"]:
+        steps = {(r["step"], r["epoch"]) for r in h.metrics if r["probe"] == p["name"]}
+        assert len(steps) == p["planned_measurements"], p
+        if p["enabled"] and not p["skipped"]:
+            assert p["planned_measurements"] >= 3
+        elif p["enabled"]:
+            assert p["reason"].startswith("not run")
+    # the configured-but-thinned measurements are counted, deterministically given the plan
+    n = len(load_dataset("digits").loaders(64)[0])
+    gn_skipped = sum(r["value"] for r in h.metrics if r["probe"] == "monitor" and r["layer"] == "grad_norm")
+    gn_planned = next(p for p in plan["probes"] if p["name"] == "grad_norm")["planned_measurements"]
+    assert gn_skipped + gn_planned == 4 * n
+    assert not any(r["name"] == "time_fraction" for r in h.metrics)  # timings never go to the metric rows
+
+
+def test_given_a_plan_the_rows_do_not_depend_on_the_clock(tmp_path, monkeypatch):
+    """Two runs with the same plan write the same rows, even when the second run's clock is erratic."""
+    import random
+
+    from gradcond.monitor import monitor as monitor_module
+
+    configured = {"grad_norm": "every:1", "gsc": "every:2", "domain": "epoch"}
+    a = _mlp_run(RunLogger(tmp_path / "a"), Monitor(configured, budget=0.01))
+    plan_path = tmp_path / "a" / SCHEDULE_FILE
+    rng = random.Random(0)
+    real = monitor_module.time.perf_counter
+
+    class ErraticTime:
+        @staticmethod
+        def perf_counter():
+            return real() * rng.uniform(0.1, 10.0)
+
+    monkeypatch.setattr(monitor_module, "time", ErraticTime)
+    b = _mlp_run(RunLogger(tmp_path / "b"), Monitor(configured, budget=0.01, plan=plan_path))
+    assert _keys(a.metrics) == _keys(b.metrics)
+    assert json.loads((tmp_path / "b" / SCHEDULE_FILE).read_text()) == json.loads(plan_path.read_text())
+
+
+def test_resume_reuses_the_written_plan(tmp_path):
+    configured = {"grad_norm": "every:1", "gsc": "every:2", "domain": "epoch"}
+    with pytest.raises(KeyboardInterrupt):
+        _mlp_run(RunLogger(tmp_path / "r"), Monitor(configured, budget=0.01), crash_at=1)
+    written = (tmp_path / "r" / SCHEDULE_FILE).read_text()
+    h = _mlp_run(RunLogger(tmp_path / "r"), Monitor(configured, budget=0.01), resume=True)
+    assert (tmp_path / "r" / SCHEDULE_FILE).read_text() == written  # not re-planned
+    # the resumed run measured exactly what an uninterrupted run with that plan measures
+    from gradcond.train import read_metrics
+
+    full = _mlp_run(None, Monitor(configured, budget=0.01, plan=json.loads(written)))
+    assert _keys(read_metrics(tmp_path / "r" / "metrics.csv")) == _keys(full.metrics)
+    assert h is not None
+
+
+def test_monitor_bad_input_messages(tmp_path):
+    with pytest.raises(ValueError, match=r"min_measurements must be an integer >= 1, got 0\."):
+        Monitor(min_measurements=0)
+    with pytest.raises(ValueError, match=r"monitor budget must be a fraction in \(0, 1\], got 2"):
+        Monitor(budget=2)
+    plan = plan_schedule({"gsc": "epoch"}, {}, None, 1.0, 10, 2)
+    with pytest.raises(ValueError, match=r"the monitor plan covers probes \['gsc'\] but this monitor measures "
+                                         r"\['grad_norm'\]; pass a plan written for the same probes\."):
+        Monitor({"grad_norm": "every:1"}, plan=plan)
+    with pytest.raises(ValueError, match=r"the monitor plan schedules gsc as 'epoch' but this monitor configures "
+                                         r"'every:2'; pass a matching plan\."):
+        Monitor({"gsc": "every:2"}, plan=plan)
+    with pytest.raises(ValueError, match=r"cannot be read"):
+        Monitor({"gsc": "epoch"}, plan=tmp_path / "missing.json")
+
+
+def test_plain_loop_keeps_the_plan_in_memory():
+    d, model = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor({"grad_norm": "every:1", "gsc": "every:1"}, budget=0.05)
+    loss_fn = get_loss("cross_entropy")
+    for i, (x, y) in enumerate(d.loaders(64)[0]):
+        if i == 12:
+            break
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        mon.step(model, "cross_entropy", (x, y), opt)
+    assert mon.plan is not None and mon.plan["steps_per_epoch"] is None and mon.plan["calibration_steps"] == 4
+    gsc = next(p for p in mon.plan["probes"] if p["name"] == "gsc")
+    got = sorted({r["step"] for r in mon.rows if r["probe"] == "gsc"})
+    assert got == [s for s in range(1, 13) if s <= 4 or s % gsc["every_steps"] == 0]
+
+
+def test_use_plan_pins_a_comparison_run_to_the_same_steps(tmp_path):
+    configured = {"grad_norm": "every:1", "gsc": "every:2"}
+    a = _mlp_run(RunLogger(tmp_path / "a"), Monitor(configured, budget=0.01), epochs=2)
+    mon = Monitor(configured, budget=0.01)
+    mon.use_plan(tmp_path / "a" / SCHEDULE_FILE)
+    b = _mlp_run(None, mon, epochs=2)
+    assert _keys(a.metrics) == _keys(b.metrics)
+    with pytest.raises(ValueError, match="pass a plan written for the same probes"):
+        Monitor({"gsc": "every:2"}, budget=0.01).use_plan(tmp_path / "a" / SCHEDULE_FILE)

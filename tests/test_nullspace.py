@@ -16,6 +16,7 @@ from gradcond.teleport.nullspace import (
     NullSpaceTeleport,
     NullSpaceTeleportCallback,
     TeleportError,
+    TeleportRejected,
     null_space_basis,
     supported_layers,
 )
@@ -343,7 +344,177 @@ def test_max_loss_change_guard_undoes_the_violating_step():
     x, y = torch.randn(3, 1, 6, 6), torch.randint(0, 4, (3,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the 10-dim first conv input has an empty null space
-        free = NullSpaceTeleport("cross_entropy", eta=0.5, steps=8).teleport(copy.deepcopy(model), (x, y)).batches[0]
+        # the default guards (issue 20) would refuse this runaway as a whole; switched off here to
+        # look at the per-step max_loss_change option alone
+        off = dict(batch_loss_tol=None, held_out_tol=None, max_weight_growth=None)
+        free = NullSpaceTeleport("cross_entropy", eta=0.5, steps=8, **off).teleport(copy.deepcopy(model), (x, y)).batches[0]
         assert free.rel_loss_change > 1e-6  # runaway ascent: float32 rounding of huge weights moves the loss
-        r = NullSpaceTeleport("cross_entropy", eta=0.5, steps=8, max_loss_change=1e-6).teleport(model, (x, y)).batches[0]
+        r = NullSpaceTeleport("cross_entropy", eta=0.5, steps=8, max_loss_change=1e-6, **off).teleport(
+            model, (x, y)).batches[0]
     assert r.reverted and r.steps < 8 and r.rel_loss_change <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# issue 20: default guards (batch loss, held-out loss, weight growth, non-finite)
+# --------------------------------------------------------------------------------------------
+
+from gradcond.teleport.level_set import GUARD_REASONS  # noqa: E402
+
+GUARDS_OFF = dict(batch_loss_tol=None, held_out_tol=None, max_weight_growth=None)
+RUNAWAY_ETA = 5.0  # oversized for the zoo MLP on digits: the ascent runs away within one batch
+
+
+def _runaway_case(digits, n_batches=2, dtype=torch.float32):
+    from gradcond.teleport.level_set import sample_batches, split_held_out  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(0)
+    held, pool = split_held_out(digits["flat"].train, 256, gen)
+    batches = sample_batches(digits["flat"].train, n_batches, 32, gen, pool)
+    held = (held[0].to(dtype), held[1])
+    batches = [(x.to(dtype), y) for x, y in batches]
+    torch.manual_seed(0)
+    model = zoo.mlp(in_features=64, width=64, depth=3).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for x, y in batches:  # give the optimizer some state to protect
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt, batches, held
+
+
+def _max_growth(before, model):
+    return max(float(p.detach().norm()) / float(before[n].norm()) for n, p in model.named_parameters())
+
+
+def test_oversized_eta_runs_away_without_guards(digits):
+    """The failure the guards exist for: weights blow up, the held-out loss is destroyed, and the
+    teleport reports success."""
+    model, _, batches, held = _runaway_case(digits)
+    w0 = _sd(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = NullSpaceTeleport("cross_entropy", eta=RUNAWAY_ETA, **GUARDS_OFF).teleport(model, batches[:1], held_out=held)
+    assert res.stopped_by is None and len(res.batches) == 1
+    assert _max_growth(w0, model) > 100
+    assert res.held_out_rel_change > 1.0  # more than doubled
+
+
+@pytest.mark.parametrize("reason, opts", [
+    ("batch_loss_change", {}),  # the defaults
+    ("weight_growth", {"batch_loss_tol": None}),
+    ("held_out_loss", {"batch_loss_tol": None, "max_weight_growth": None}),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_guard_rolls_back_runaway_bit_identically(digits, reason, opts, dtype):
+    model, opt, batches, held = _runaway_case(digits, dtype=dtype)
+    sd, osd = _sd(model), copy.deepcopy(opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TeleportRejected) as info:
+            NullSpaceTeleport("cross_entropy", eta=RUNAWAY_ETA, **opts).teleport(
+                model, batches, held_out=held, optimizer=opt, optimizer_state="reset")
+    exc = info.value
+    assert exc.reason == reason and isinstance(exc, TeleportError)
+    limit = {"batch_loss_change": "batch_loss_tol = 0.001", "weight_growth": "max_weight_growth = 4",
+             "held_out_loss": "held_out_tol = 0.05"}[reason]
+    assert str(exc).startswith("teleport rolled back: teleport batch 0: ") and limit in str(exc)
+    assert str(exc).endswith("model and optimizer were restored to their pre-teleport state")
+    assert exc.result is not None and exc.result.stopped_by == reason and exc.result.batches == []
+    assert _same_sd(sd, _sd(model)) and _same_opt(osd, opt.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sane_eta_passes_the_default_guards(digits, dtype):
+    model, _, batches, held = _runaway_case(digits, dtype=dtype)
+    res = NullSpaceTeleport("cross_entropy", eta=0.05).teleport(model, batches, held_out=held)
+    assert res.stopped_by is None and res.stop_message is None and len(res.batches) == 2
+    assert res.max_rel_loss_change < 1e-3
+    assert all(b.grad_norm_after > b.grad_norm_before for b in res.batches)
+    assert abs(res.held_out_rel_change) < 0.05
+
+
+def test_guard_trip_on_a_later_batch_keeps_the_earlier_ones(digits):
+    """Batch 0 passes, batch 1 exceeds max_weight_growth: the result is exactly batch 0 alone."""
+    model, _, batches, held = _runaway_case(digits)
+    start = _sd(model)
+    kw = dict(eta=0.3, steps=8, batch_loss_tol=None, held_out_tol=None)
+    one = copy.deepcopy(model)
+    NullSpaceTeleport("cross_entropy", max_weight_growth=None, **kw).teleport(one, batches[:1])
+    two = copy.deepcopy(model)
+    NullSpaceTeleport("cross_entropy", max_weight_growth=None, **kw).teleport(two, batches)
+    g1, g2 = _max_growth(start, one), _max_growth(start, two)
+    assert 1 < g1 < g2  # the second batch grows the weights further
+    res = NullSpaceTeleport("cross_entropy", max_weight_growth=(g1 + g2) / 2, **kw).teleport(model, batches)
+    assert res.stopped_by == "weight_growth" and len(res.batches) == 1
+    assert res.stop_message.startswith("teleport batch 1: the parameter norm of layer ")
+    assert _same_sd(_sd(one), _sd(model))
+
+
+def test_guard_options_are_validated():
+    with pytest.raises(ValueError, match=r"batch_loss_tol must be a positive finite number or None \(guard off\), got -1"):
+        NullSpaceTeleport(batch_loss_tol=-1)
+    with pytest.raises(ValueError, match=r"held_out_tol must be a positive finite number or None"):
+        NullSpaceTeleport(held_out_tol=float("nan"))
+    with pytest.raises(ValueError, match=r"max_weight_growth must be a finite number > 1 or None \(guard off\), got 0.5"):
+        NullSpaceTeleportCallback(max_weight_growth=0.5)
+
+
+def test_callback_logs_rollback_with_reason_and_warns_once(digits):
+    d = digits["flat"]
+    tr, te = d.loaders(64, seed=0)
+    torch.manual_seed(0)
+    model = zoo.mlp(in_features=64, width=64, depth=3)
+    seen = []
+
+    from gradcond.train import Callback
+
+    class Rec(Callback):  # listed before and after the teleport callback: weights just before/after it
+        def on_epoch_start(self, state):
+            seen.append(_sd(state.model))
+
+    cb = NullSpaceTeleportCallback(eta=RUNAWAY_ETA, schedule=2, num_batches=2, batch_size=32)
+    with pytest.warns(RuntimeWarning) as rec:
+        warnings.simplefilter("ignore", UserWarning)
+        h = fit(model, tr, te, optimizer="sgd", lr=0.01, epochs=2, callbacks=[Rec(), cb, Rec()])
+    ours = [w for w in rec if "teleport" in str(w.message)]
+    assert len(ours) == 1 and "teleport rolled back" in str(ours[0].message)  # warned once for two refusals
+    ev = [e for e in h.events if e["kind"].startswith("teleport")]
+    assert [e["kind"] for e in ev] == ["teleport_failed", "teleport_failed"]
+    # epoch 0: a guard, not an overflow, caught the finite runaway; epoch 1: whichever trips first
+    assert ev[0]["reason"] == "batch_loss_change"
+    assert ev[0]["error"].startswith("teleport rolled back: teleport batch 0: the teleport-batch loss changed")
+    assert ev[1]["reason"] in GUARD_REASONS
+    for e in ev:
+        assert e["error"].endswith("model and optimizer were restored to their pre-teleport state")
+    assert _same_sd(seen[0], seen[1]) and _same_sd(seen[2], seen[3])  # bit-identical around each refusal
+
+
+def test_held_out_batch_is_set_aside_from_the_teleport_batches():
+    """The callback's held-out batch (training samples) never appears in a teleport batch."""
+    from torch.utils.data import TensorDataset
+
+    from gradcond.teleport.level_set import sample_batches, split_held_out
+
+    ds = TensorDataset(torch.arange(100).float()[:, None], torch.arange(100))
+    gen = torch.Generator().manual_seed(3)
+    held, pool = split_held_out(ds, 30, gen)
+    batches = sample_batches(ds, 20, 16, gen, pool)
+    kept = set(held[1].tolist())
+    assert len(kept) == 30 and set(pool.tolist()) == set(range(100)) - kept
+    for x, y in batches:
+        assert len(set(y.tolist())) == 16 and not kept & set(y.tolist())
+        assert torch.equal(x[:, 0].long(), y)
+    assert split_held_out(ds, 500, gen)[0][1].numel() == 50  # at most half the data set
+
+
+def test_guards_switch_off_from_a_config():
+    """TOML has no null: ``false`` turns a guard off in a ``[[callbacks]]`` table."""
+    from gradcond.train.callbacks import build_callback
+
+    cb = build_callback({"name": "nullspace_teleport", "batch_loss_tol": False, "held_out_tol": 0.2,
+                         "max_weight_growth": False})
+    g = cb.teleporter.guards
+    assert (g.batch_loss_tol, g.held_out_tol, g.max_weight_growth) == (None, 0.2, None)
+    sym = build_callback({"name": "symmetry_teleport", "max_step_change": False, "held_out_tol": False})
+    assert sym.teleporter.max_step_change is None and sym.teleporter.guards.held_out_tol is None
+    assert sym.batch_size is None  # chosen from the model at the first teleport

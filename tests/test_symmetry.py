@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradcond import zoo
 from gradcond.data import load_dataset
 from gradcond.teleport.symmetry import SymmetryTeleport, SymmetryTeleportCallback, TeleportError, parse_mlp
 from gradcond.train import fit
@@ -45,8 +46,10 @@ def test_exact_action_keeps_loss_first_order_does_not(dtype, action, bias):
     assert r.rel_loss_change < EXACT_TOL[dtype]
     assert r.grad_norm_after > r.grad_norm_before * 1.01
     # the authors' W(I - T) with stale activations: same ascent, the loss moves at first order
+    # (so the batch-loss guard, on by default, is switched off to see it)
     fo = copy.deepcopy(model)
-    r1 = SymmetryTeleport("mse", eta=0.5, steps=4, action="first_order").teleport(fo, (x, y)).batches[0]
+    r1 = SymmetryTeleport("mse", eta=0.5, steps=4, action="first_order", batch_loss_tol=None).teleport(
+        fo, (x, y)).batches[0]
     assert r1.rel_loss_change > max(1e-5, 100 * r.rel_loss_change)
 
 
@@ -157,3 +160,55 @@ def test_callback_with_trainer():
     assert len(ev) == 1 and ev[0]["method"] == "symmetry" and ev[0]["optimizer_state"] == "reset"
     assert ev[0]["max_rel_loss_change"] < 1e-4
     assert all(a > b for a, b in zip(ev[0]["grad_norm_after"], ev[0]["grad_norm_before"]))
+
+
+def test_default_callback_in_a_configured_run_teleports(run_cli, tmp_path):
+    """Issue 20: ``[[callbacks]] name = "symmetry_teleport"`` with every option at its default, on the
+    zoo MLP (LeakyReLU) in a ``gradcond run`` (float32), teleports successfully at least once."""
+    import json
+
+    rc, _, err = run_cli("run", "--out", str(tmp_path), "--quiet", "--set", "train.epochs=1",
+                         "--set", "model.act=leaky_relu", "--set", 'callbacks=[{name="symmetry_teleport"}]',
+                         "--set", "name=sym")
+    assert rc == 0, err
+    events = [json.loads(line) for line in (tmp_path / "sym" / "events.jsonl").read_text().splitlines()]
+    ok = [e for e in events if e["kind"] == "teleport"]
+    assert [e["kind"] for e in events if e["kind"].startswith("teleport")] == ["teleport"]  # no refusal
+    ev = ok[0]
+    assert ev["method"] == "symmetry" and ev["batches"] >= 1 and ev["steps"] >= 1
+    assert ev["max_rel_loss_change"] < 1e-3  # float32, exact action
+    assert all(a > b for a, b in zip(ev["grad_norm_after"], ev["grad_norm_before"]))
+    assert ev["stopped_by"] in (None, "batch_loss_change", "held_out_loss", "weight_growth", "non_finite")
+
+
+def test_step_size_control_keeps_every_step_within_the_limit():
+    """max_step_change: each applied step moves every layer by at most that fraction of its norm;
+    without it the same ascent overflows (the failure of the default callback in issue 20)."""
+    d = load_dataset("digits", form="flat")
+    X, Y = d.train.tensors
+    torch.manual_seed(0)
+    model = zoo.mlp(in_features=64, out_features=10, depth=4, width=32, act="leaky_relu")  # LeakyReLU(0.01)
+    x, y = X[:16], Y[:16]
+    tp = SymmetryTeleport("cross_entropy", eta=0.01, steps=8, batch_loss_tol=None, max_weight_growth=None)
+    applied = []
+    orig = tp._apply
+
+    def spy(mlp_, X_, Ws, Ts, biases, dims):
+        out = orig(mlp_, X_, Ws, Ts, biases, dims)
+        applied.append((Ws, out))
+        return out
+
+    tp._apply = spy
+    r = tp.teleport(copy.deepcopy(model), (x, y)).batches[0]
+    assert r.steps >= 1 and r.rel_loss_change < 1e-3 and r.grad_norm_after > r.grad_norm_before
+    # the accepted steps are the last try of each step; check all tries that were accepted
+    accepted = [(a, b) for a, b in applied
+                if all(torch.isfinite(w).all() for w in b)
+                and all(float((w1 - w0).norm()) <= 0.05 * float(w0.norm()) for w0, w1 in zip(a, b))]
+    assert len(accepted) == r.steps
+    assert r.backtracks == len(applied) - r.steps
+    with pytest.raises(TeleportError):
+        SymmetryTeleport("cross_entropy", eta=0.01, steps=8, max_step_change=None, batch_loss_tol=None,
+                         max_weight_growth=None).teleport(copy.deepcopy(model), (x, y))
+    with pytest.raises(ValueError, match="max_step_change must be > 0 or None, got 0"):
+        SymmetryTeleport(max_step_change=0)

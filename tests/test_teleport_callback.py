@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradcond.data import load_dataset
-from gradcond.teleport.callback import TeleportCallback
+from gradcond.teleport.cob_callback import TeleportCallback
 from gradcond.train import Callback, TrainState, fit
 from gradcond.train.callbacks import build_callback
 from gradcond.train.run import RunLogger
@@ -69,7 +69,7 @@ def test_demo_spec_teleports_once_at_start_of_epoch_1_and_transports_momentum(di
     assert e["max_output_change"] < 1e-5
     assert e["objective_after"] > 1.5 * e["objective_before"]
     assert {"objective_before", "objective_after", "loss_before", "loss_after", "seconds"} <= {
-        m["name"] for m in hist.metrics if m["probe"] == "teleport"}
+        m["name"] for m in hist.metrics + hist.timings if m["probe"] == "teleport"}  # wall seconds: timings
     # independent check of the in-place teleport and the transport: the snapshots taken just before and just
     # after the teleport callback at the start of epoch 1 satisfy V = f * W and buf_V = buf_W / f, entrywise
     b = [s for s in before.snaps if s[0] == "epoch" and s[1] == 1][0]
@@ -177,9 +177,15 @@ def test_tanh_intra_default_pins_rewritten_sites_keeps_plain_state_dict(digits):
     keys = list(model.state_dict())
     loader = _loaders(digits, n=64)
     cb = TeleportCallback(at_epoch=0, kind="optimized")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="no free change-of-basis factor"):
+        cb.teleport_now(TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                   loss_fn=nn.CrossEntropyLoss(), train_loader=loader, run=RunLogger(None)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     fit(model, loader, epochs=1, callbacks=[cb])
     assert list(model.state_dict()) == keys  # no activation rewritten: a plain instance of the user's class
-    assert cb.events[0]["num_free"] == 0  # tanh neurons pinned with rewrite=False
+    # tanh neurons pinned with rewrite=False: nothing to teleport, logged as skipped (issue 20 §2)
+    assert cb.events[0]["num_free"] == 0 and cb.events[0]["kind"] == "teleport_skipped"
     cb = TeleportCallback(at_epoch=0, kind="optimized", rewrite=True)
     model2 = mlp(64, 10, act="tanh")
     fit(model2, loader, epochs=1, callbacks=[cb])

@@ -1,6 +1,8 @@
 """Property-based tests: teleportation preserves the function of randomly generated architectures (depths,
-widths, activations, norms, residual skips, concatenations, conv stacks), for any CoB (intra and inter,
-sigma up to 0.99), in train and eval mode (float64, max|f - f_tp| / max|f| < 1e-12)."""
+widths, activations, norms, residual skips, concatenations, nested transformer encoder layers, conv stacks), for
+any CoB (intra and inter, sigma in [0.1, 0.95]), in train and eval mode (float64, max|f - f_tp| / max|f| <
+1e-12), and it really moves the weights: some parameter entry changes by a relative amount of the order of the
+CoB's largest |tau - 1|."""
 
 from __future__ import annotations
 
@@ -12,18 +14,22 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradcond.graph import analyze
-from gradcond.teleport.core import CoB, random_cob, teleport
+from gradcond.teleport import CoB, random_cob, teleport
 
 ACTS = [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.GELU, nn.SELU, nn.ELU, nn.SiLU, nn.Sigmoid, nn.PReLU, nn.Softplus]
 NORMS = ["none", "batch", "layer", "group"]
 
 
 class _Block(nn.Module):
-    """One random block: Linear -> [norm] -> act, optionally with a residual skip or a concatenated branch."""
+    """One random block: Linear -> [norm] -> act, optionally with a residual skip, a concatenated branch or a
+    nested ``nn.TransformerEncoderLayer`` (2 heads, the block's activation class, the rows of the batch as one
+    sequence; in eval mode without grad it runs torch's fused fast path)."""
 
     def __init__(self, width, out, act, norm, kind):
         super().__init__()
         self.kind = kind
+        if kind == "encoder":
+            out = 2 * ((out + 1) // 2)  # even: 2 heads
         self.lin = nn.Linear(width, out if kind != "residual" else width)
         w = out if kind != "residual" else width
         self.norm = {"none": nn.Identity(), "batch": nn.BatchNorm1d(w), "layer": nn.LayerNorm(w),
@@ -31,6 +37,9 @@ class _Block(nn.Module):
         self.act = act()
         if kind == "concat":
             self.side = nn.Linear(width, 3)
+        if kind == "encoder":
+            self.enc = nn.TransformerEncoderLayer(w, 2, dim_feedforward=w + 1, dropout=0.0, activation=act(),
+                                                  batch_first=True)
 
     def forward(self, x):
         h = self.act(self.norm(self.lin(x)))
@@ -38,10 +47,12 @@ class _Block(nn.Module):
             return x + h
         if self.kind == "concat":
             return torch.cat([h, torch.relu(self.side(x))], dim=-1)
+        if self.kind == "encoder":
+            return self.enc(h.unsqueeze(0)).squeeze(0)
         return h
 
     def out_width(self, width, out):
-        return {"residual": width, "concat": out + 3, "plain": out}[self.kind]
+        return {"residual": width, "concat": out + 3, "plain": out, "encoder": 2 * ((out + 1) // 2)}[self.kind]
 
 
 class _RandomNet(nn.Module):
@@ -59,13 +70,34 @@ class _RandomNet(nn.Module):
         return self.head(self.blocks(x))
 
 
+def _assert_moved(m: nn.Module, tp: nn.Module, cob, sigma: float) -> None:
+    """Teleport is not a no-op: the largest elementwise relative change of a parameter is at least
+    max|tau - 1| / (1 + sigma) / 2.  Why: every free tau class contains the output of a layer with a bias (Linear,
+    Conv, the attention in-projection) or an affine norm -- the only places atoms are created here -- whose bias
+    entry is multiplied by tau or, through an inverted tie (attention q = 1/k), 1 / tau, and
+    |1/tau - 1| >= |tau - 1| / (1 + sigma)."""
+    if cob.structure.num_free == 0:
+        return
+    dev = float((cob.tau.double() - 1).abs().max())
+    new = dict(tp.named_parameters())
+    moved = 0.0
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            q = new[name] if name in new else new[f"{owner}.inner.{leaf}"]  # a wrapped PReLU's slope
+            nz = p != 0
+            if bool(nz.any()):
+                moved = max(moved, float((q[nz] / p[nz] - 1).abs().max()))
+    assert moved >= 0.5 * dev / (1 + sigma) - 1e-12, (moved, dev)
+
+
 block_spec = st.tuples(st.integers(2, 9), st.sampled_from(ACTS), st.sampled_from(NORMS),
-                       st.sampled_from(["plain", "residual", "concat"]))
+                       st.sampled_from(["plain", "residual", "concat", "encoder"]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=st.lists(block_spec, min_size=1, max_size=5), d_in=st.integers(1, 6), d_out=st.integers(1, 4),
-       sigma=st.floats(0.0, 0.99), mode=st.sampled_from(["intra", "inter"]), seed=st.integers(0, 2**16),
+       sigma=st.floats(0.1, 0.95), mode=st.sampled_from(["intra", "inter"]), seed=st.integers(0, 2**16),
        train=st.booleans())
 def test_random_mlps_function_preserved(spec, d_in, d_out, sigma, mode, seed, train):
     torch.manual_seed(seed)
@@ -78,6 +110,7 @@ def test_random_mlps_function_preserved(spec, d_in, d_out, sigma, mode, seed, tr
     with torch.no_grad():
         ya, yb = a(x), b(x)
     assert float((ya - yb).abs().max()) <= 1e-12 * float(ya.abs().max()) + 1e-300
+    _assert_moved(m, tp, cob, sigma)
     # the analysis never leaves a hidden Linear/BN output unaccounted: free + tied + pinned = size
     assert all(g.free + g.tied + g.pinned == g.size for g in s.groups)
 
@@ -105,8 +138,8 @@ class _RandomCNN(nn.Module):
         return self.net(x)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3), data=st.data(), sigma=st.floats(0.0, 0.99), mode=st.sampled_from(["intra", "inter"]),
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), data=st.data(), sigma=st.floats(0.1, 0.95), mode=st.sampled_from(["intra", "inter"]),
        seed=st.integers(0, 2**16), train=st.booleans())
 def test_random_cnns_function_preserved(n, data, sigma, mode, seed, train):
     chans = data.draw(st.lists(st.sampled_from([2, 4, 6]), min_size=n, max_size=n))
@@ -118,11 +151,13 @@ def test_random_cnns_function_preserved(n, data, sigma, mode, seed, train):
     m = _RandomCNN(chans, pools, acts, bns, groups).double()
     x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
     s = analyze(m, x[:2])
-    tp = teleport(m, random_cob(s, sigma, mode, torch.Generator().manual_seed(seed)))
+    cob = random_cob(s, sigma, mode, torch.Generator().manual_seed(seed))
+    tp = teleport(m, cob)
     a, b = copy.deepcopy(m).train(train), copy.deepcopy(tp).train(train)
     with torch.no_grad():
         ya, yb = a(x), b(x)
     assert float((ya - yb).abs().max()) <= 1e-12 * float(ya.abs().max()) + 1e-300
+    _assert_moved(m, tp, cob, sigma)
 
 
 @settings(max_examples=20, deadline=None)

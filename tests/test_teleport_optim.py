@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gradcond.graph import analyze
-from gradcond.teleport.core import random_cob, teleport, weight_scale_factors
+from gradcond.teleport import random_cob, teleport, weight_scale_factors
 from gradcond.teleport.optim_state import TransportReport, check_optimizer_supported, transport_optimizer_state
 from gradcond.zoo import mlp
 

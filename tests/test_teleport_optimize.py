@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gradcond.graph import analyze
-from gradcond.teleport.core import CoB, teleport
+from gradcond.teleport import CoB, teleport
 from gradcond.teleport.optimize import best_of_random, gradient_at, optimize_cob
 from gradcond.zoo import mlp, simple_cnn
 

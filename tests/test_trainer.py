@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -121,8 +123,112 @@ def test_resume_reproduces_uninterrupted_metrics_exactly(tmp_path, opt):
     rows_cut = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
     assert len(rows_cut) > len((tmp_path / "full" / "metrics.csv").read_text().splitlines()) * 0.5
     go(tmp_path / "cut", resume=True)
-    full = (tmp_path / "full" / "metrics.csv").read_text()
-    assert (tmp_path / "cut" / "metrics.csv").read_text() == full  # no lost, no duplicated row, same values
+    full = (tmp_path / "full" / "metrics.csv").read_bytes()
+    assert (tmp_path / "cut" / "metrics.csv").read_bytes() == full  # no lost, no duplicated row, same bytes
     assert (tmp_path / "cut" / "events.jsonl").read_text().count('"seen"') == 4
     rows = read_metrics(tmp_path / "full" / "metrics.csv")
     assert {r["epoch"] for r in rows} == {0, 1, 2, 3}
+
+
+# ---- timings, safe checkpoints, schedules that cannot fire, bad optimizer values (issue 20) ----------------------
+class Timed(Callback):
+    """Logs one deterministic metric and one wall-clock timing per epoch; crashes once at ``crash_at``."""
+
+    def __init__(self, crash_at=-1):
+        self.crash_at = crash_at
+
+    def on_epoch_end(self, s):
+        s.log_metric("probe", "weight_sum", sum(float(p.detach().sum()) for p in s.model.parameters()))
+        s.log_timings([("probe", "", "wall", time.perf_counter())])
+        s.log_metric("probe", "seconds", time.perf_counter())  # a timing name: routed to timings.csv as well
+        if s.epoch == self.crash_at:
+            raise KeyboardInterrupt
+
+
+def test_timings_in_their_own_file_and_truncated_on_resume(tmp_path):
+    def go(path, crash_at=-1, resume=False):
+        d, model = _digits_setup(seed=2)
+        return fit(model, *d.loaders(64, seed=2), optimizer="momentum", lr=0.02, epochs=3, run=RunLogger(path),
+                   resume=resume, callbacks=[Timed(crash_at)], seed=2)
+
+    h = go(tmp_path / "full")
+    assert [r["name"] for r in h.timings] == ["wall", "seconds"] * 3
+    assert "seconds" not in {r["name"] for r in h.metrics} and "weight_sum" in {r["name"] for r in h.metrics}
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "cut", crash_at=1)  # epoch 1's rows and timings are written, its checkpoint is not
+    assert len(read_metrics(tmp_path / "cut" / "timings.csv")) == 4
+    go(tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "metrics.csv").read_bytes() == (tmp_path / "full" / "metrics.csv").read_bytes()
+    cut, full = read_metrics(tmp_path / "cut" / "timings.csv"), read_metrics(tmp_path / "full" / "timings.csv")
+    assert [(r["epoch"], r["name"]) for r in cut] == [(r["epoch"], r["name"]) for r in full]  # no loss, no duplicate
+    assert [r["value"] for r in cut] != [r["value"] for r in full]  # wall times of different executions
+    go(tmp_path / "full")  # a fresh run into a used directory starts all files afresh
+    assert len(read_metrics(tmp_path / "full" / "timings.csv")) == 6
+    assert (tmp_path / "full" / "metrics.csv").read_bytes() == (tmp_path / "cut" / "metrics.csv").read_bytes()
+
+
+def test_callback_states_follow_their_class_when_the_list_changes(tmp_path):
+    """A stop_after dropped on resume must not hand its state to the next callback (positions shift)."""
+    from gradcond.train.callbacks import StopAfterEpochs
+
+    class Counter(Callback):
+        def __init__(self):
+            self.n = 0
+
+        def on_epoch_end(self, s):
+            self.n += 1
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, st):
+            self.n = st["n"]
+
+    d, model = _digits_setup()
+    fit(model, *d.loaders(64), epochs=3, run=RunLogger(tmp_path), callbacks=[StopAfterEpochs(2), Counter()])
+    d, model = _digits_setup()
+    c = Counter()
+    fit(model, *d.loaders(64), epochs=3, run=RunLogger(tmp_path), callbacks=[c], resume=True)
+    assert c.n == 3
+
+
+def test_fit_warns_about_callbacks_scheduled_after_the_end():
+    from gradcond.train.trainer import UnreachableCallbackWarning, unreachable_schedules
+
+    class Sched(Callback):
+        def __init__(self, at_epoch=(), at_step=()):
+            self.at_epoch, self.at_step = set(at_epoch), set(at_step)
+
+    d, model = _digits_setup()
+    tr, te = d.loaders(256)  # 6 steps per epoch
+    assert len(tr) == 6
+    with pytest.warns(UnreachableCallbackWarning) as rec:
+        fit(model, tr, epochs=2, callbacks=[Sched(at_epoch=[0, 2, 7]), Sched(at_step=[11, 12])])
+    assert [str(w.message) for w in rec] == [
+        "callback Sched is scheduled at epoch(s) 2, 7 (0-based) but training runs 2 epoch(s), 0-1; it will not fire there.",
+        "callback Sched is scheduled at step(s) 12 but training makes 12 optimizer steps (2 epochs x 6); "
+        "it will not fire there."]
+    assert unreachable_schedules([Sched(at_epoch=[1], at_step=[11])], 2, 6) == []
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"lr": "abc"}, "learning rate must be a positive finite number, got 'abc'."),
+    ({"weight_decay": -1}, "weight_decay must be a finite number >= 0, got -1."),
+    ({"momentum": 1.0}, "momentum must be a number in [0, 1), got 1.0."),
+])
+def test_make_optimizer_rejects_bad_values(kw, message):
+    from gradcond.train import make_optimizer
+
+    with pytest.raises(ValueError) as info:
+        make_optimizer("momentum", [torch.nn.Parameter(torch.zeros(1))], **{"lr": 0.1, **kw})
+    assert str(info.value) == message
+
+
+def test_make_schedule_rejects_bad_values():
+    from gradcond.train import make_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"step_size a positive integer \(epochs\), got 0"):
+        make_schedule("step", opt, step_size=0)
+    with pytest.raises(ValueError, match=r"factor a number in \(0, 1\), got 1.5"):
+        make_schedule("plateau", opt, factor=1.5)

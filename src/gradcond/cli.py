@@ -1,25 +1,40 @@
 """The ``gradcond`` command line: ``run``, ``repro list|run``, ``diagnose``.
 
-Bad input prints one line ``gradcond: error: ...`` (what was wrong, what is accepted) and exits with code 2.
+Exit codes: 0 success; 1 ``repro run``: a checked claim does not hold; 2 bad input or an unusable run directory
+(one line ``gradcond: error: ...`` saying what was wrong and what is accepted; nothing half-written is left);
+3 training diverged (the loss became NaN or infinite); 130 interrupted (resumable with ``--resume``).
+Warnings are printed as one line ``gradcond: warning: ...``.
+
+``--device cpu|cuda|cuda:N|auto`` (``run``, ``diagnose``, ``repro run``; default cpu) is checked before any work:
+CUDA on a machine without it is exit 2. Progress bars go to stderr only when it is a terminal (``--quiet``: none).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 
 from . import __version__
-from .utils import UserError, set_quiet
+from .utils import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, UserError, resolve_device, set_quiet
+
+EXIT_CODES_HELP = ("exit codes: 0 done; 2 bad input, a run directory in use by another process, or a failed write "
+                   "(one line 'gradcond: error: ...'); 3 training diverged (loss NaN/inf: lower the learning rate); "
+                   "130 interrupted (continue with --resume).")
 
 
 def _cmd_run(args) -> int:
     from . import config, runner
 
     user = config.load_toml(args.config) if args.config else {}
-    cfg = config.resolve(user, args.set)
-    if args.config is None and not user and not any(s.split("=")[0].strip() == "name" for s in args.set or []):
-        cfg = config.resolve(config.DEMO, args.set)
-    report = runner.run(cfg, out=args.out, resume=args.resume)
+    sets = list(args.set or [])
+    if args.seed is not None:  # exactly --set seed=N, applied after every --set
+        sets.append(f"seed={args.seed}")
+    cfg = config.resolve(user, sets)
+    if args.config is None and not user and not any(s.split("=")[0].strip() == "name" for s in sets):
+        cfg = config.resolve(config.DEMO, sets)
+    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device)
     if not report.exists():  # stopped early (e.g. a stop_after callback): the run stays partial and resumable
         print(f"gradcond: run stopped before its last epoch; it is kept in {report.parent} - continue with --resume",
               file=sys.stderr)
@@ -40,16 +55,25 @@ def _cmd_repro(args) -> int:
         return 0
     if args.name not in exps:
         raise UserError(f"unknown reproduction {args.name!r}; accepted: {', '.join(exps)}.")
-    rows, out = run_experiment(args.name, args.out, quick=args.quick)
+    rows, out = run_experiment(args.name, args.out, quick=args.quick, device=args.device)
     print(markdown_table(rows), end="")
     print(out / "result.md")
     return 0 if all(r.holds is not False for r in rows) else 1
 
 
 def _cmd_diagnose(args) -> int:
-    from .monitor.diagnose import diagnose_cli
+    from .diagnose import diagnose_cli
 
     return diagnose_cli(args)
+
+
+QUIET_HELP = "no progress bars (they are drawn only on a terminal, for steps that last over a second)"
+
+
+def _device_option(parser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where to compute: cpu (default), cuda, cuda:N, or auto (cuda when available, else cpu); "
+                             "cuda on a machine without CUDA is an error (exit 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,13 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train a model from a TOML config into a run directory with a report",
                        description="Train a model described by a TOML config (built-in default: the demo) into "
-                                   "OUT/<name>/ with config.toml, metrics.csv, events.jsonl, checkpoints/, report.html.")
+                                   "OUT/<name>/ with config.toml, metrics.csv, timings.csv, events.jsonl, checkpoints/, "
+                                   "report.html. One process at a time writes a run; --resume accepts a changed "
+                                   "train.epochs only.",
+                       epilog=EXIT_CODES_HELP)
     r.add_argument("config", nargs="?", help="TOML config file (default: the built-in demo config)")
     r.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
-    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint of the run (same config; only train.epochs may change)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seed of the run (overrides the config's seed; the same as --set seed=N)")
+    _device_option(r)
+    r.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     r.set_defaults(func=_cmd_run)
 
     rp = sub.add_parser("repro", help="list or run reproductions of the sources' claims",
@@ -75,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_cmd_repro)
     rr = rsub.add_parser("run", help="run one reproduction",
                          description="Run one reproduction into OUT/NAME/ (result.json, result.md, figures). "
-                                     "Exit code 0 when every checked claim holds, 1 when one does not, 2 on bad input.")
+                                     "Exit code 0 when every checked claim holds, 1 when one does not, 2 on bad input "
+                                     "(including an unwritable --out).")
     rr.add_argument("name", help="reproduction name (see `gradcond repro list`)")
     rr.add_argument("--quick", action="store_true", help="a smaller version that finishes in minutes")
     rr.add_argument("--out", default="repro_out", help="output directory (default: repro_out)")
-    rr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_option(rr)
+    rr.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     rr.set_defaults(func=_cmd_repro)
 
     d = sub.add_parser("diagnose", help="one-shot gradient-health analysis of a model at its current weights",
@@ -93,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="diagnose_out", help="output directory (default: diagnose_out)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="zoo model option, e.g. --set depth=8")
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    _device_option(d)
+    d.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     d.set_defaults(func=_cmd_diagnose)
     return p
 
@@ -107,14 +141,43 @@ def main(argv: list[str] | None = None) -> int:
     set_quiet(getattr(args, "quiet", False))
     from .data.files import DataFileError
 
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
+        if getattr(args, "device", None) is not None:
+            resolve_device(args.device)  # before any work: a missing CUDA is one line and exit 2
         return args.func(args)
     except (UserError, DataFileError) as exc:
-        print(f"gradcond: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"gradcond: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingDiverged as exc:
+        print(f"gradcond: error: training diverged: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # not the disk or its permissions: a bug, keep the traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"gradcond: error: cannot write output: {exc.strerror}{where}; free space or pass a writable --out.",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("gradcond: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+# a full or read-only disk, missing permissions: the environment, not gradcond (runs handle these themselves, with
+# resume advice; this catches the other commands' figure and result writes)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"gradcond: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,13 +14,21 @@ Sections and their keys (defaults in :data:`DEFAULTS`)::
                probe_batch_size, probes = {probe = "every:N"|"epoch"|"log", ...} (overrides the preset)
     [[callbacks]]  name = "...", plus that callback's keywords
     compare_teleport = false   # also train a copy with one optimised teleport and compare (the demo does)
+
+Every fixed value is checked for type and range before anything is built or written (e.g. ``optim.lr`` a positive
+number, ``optim.weight_decay`` >= 0, ``schedule.step_size`` a positive integer; see ``_VALUE_RULES``); a bad one is a
+one-line :class:`~gradcond.utils.UserError`. ``--resume`` accepts a config that differs from the run's only in
+``train.epochs`` and ``stop_after`` callbacks (``gradcond.runner.RESUMABLE_KEYS``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
+
+import tomli_w
 
 from .utils import UserError
 
@@ -55,7 +63,9 @@ def load_toml(path: str | Path) -> dict:
         raise UserError(f"config file {path} is not valid TOML ({exc}).") from None
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
+    """A ``--set``/``--model-arg`` value: parsed as a TOML literal (``0.1``, ``true``, ``[1, 2]``, ``"x"``), else
+    taken as the bare string (``tanh``)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -77,7 +87,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set key {key!r} goes through a non-table value.")
-        node[parts[-1]] = _parse_value(value.strip())
+        node[parts[-1]] = parse_value(value.strip())
     return cfg
 
 
@@ -109,43 +119,68 @@ def resolve(user: dict | None, overrides: list[str] | None = None) -> dict:
             cfg[key] = value
     if cfg["dtype"] not in ("float32", "float64"):
         raise UserError(f"dtype must be 'float32' or 'float64', got {cfg['dtype']!r}.")
-    for key, kind in (("seed", int), ("name", str)):
-        if not isinstance(cfg[key], kind):
-            raise UserError(f"config key {key!r} must be {kind.__name__}, got {cfg[key]!r}.")
+    if not isinstance(cfg["name"], str):
+        raise UserError(f"config key 'name' must be str, got {cfg['name']!r}.")
     if "/" in cfg["name"] or cfg["name"].startswith("."):
         raise UserError(f"run name {cfg['name']!r} must be a plain directory name (no '/' and no leading '.').")
-    epochs = cfg["train"]["epochs"]
-    if not isinstance(epochs, int) or epochs < 1:
-        raise UserError(f"train.epochs must be a positive integer, got {epochs!r}.")
-    bs = cfg["data"]["batch_size"]
-    if not isinstance(bs, int) or bs < 1:
-        raise UserError(f"data.batch_size must be a positive integer, got {bs!r}.")
+    _check_values(cfg)
     return cfg
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (dotted key, test, what is accepted): the values every run uses, checked before anything is built or written
+_VALUE_RULES = (
+    ("seed", _is_int, "an integer"),
+    ("compare_teleport", lambda v: isinstance(v, bool), "true or false"),
+    ("data.name", lambda v: isinstance(v, str), "a dataset name (string)"),
+    ("data.form", lambda v: isinstance(v, str), "a string (auto, flat, image or sequence)"),
+    ("data.batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    ("data.options", lambda v: isinstance(v, dict), "a table of dataset options"),
+    ("optim.name", lambda v: isinstance(v, str), "an optimizer name (string)"),
+    ("optim.lr", lambda v: _is_num(v) and v > 0, "a positive number"),
+    ("optim.momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    ("schedule.name", lambda v: isinstance(v, str), "a schedule name (string)"),
+    ("schedule.step_size", lambda v: _is_int(v) and v >= 1, "a positive integer (epochs between decays)"),
+    ("schedule.gamma", lambda v: _is_num(v) and v > 0, "a positive number"),
+    ("schedule.patience", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("schedule.factor", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("train.epochs", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    ("train.loss", lambda v: isinstance(v, str), "a loss name (string) or \"auto\""),
+    ("monitor.enabled", lambda v: isinstance(v, bool), "true or false"),
+    ("monitor.schedule", lambda v: isinstance(v, str), "a preset name (string)"),
+    ("monitor.budget", lambda v: _is_num(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    ("monitor.probe_batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    ("monitor.probes", lambda v: isinstance(v, dict), "a table probe = \"every:N\"|\"epoch\"|\"log\""),
+)
+
+
+def _check_values(cfg: dict) -> None:
+    """Check the type and range of every fixed config value; the first bad one raises a one-line UserError."""
+    if not isinstance(cfg["model"].get("name", ""), str):
+        raise UserError(f"model.name must be a zoo model name (string), got {cfg['model']['name']!r}.")
+    for key, ok, accepted in _VALUE_RULES:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if not ok(node):
+            raise UserError(f"{key} must be {accepted}, got {node!r}.")
 
 
 def dumps(cfg: dict) -> str:
-    """Serialize a resolved config (scalars, tables, inline tables, arrays of tables) to TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.items() if not isinstance(v, (dict, list)) or (isinstance(v, list) and k != "callbacks")]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
-    for cb in cfg.get("callbacks", []):
-        lines += ["", "[[callbacks]]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in cb.items()]
-    return "\n".join(lines) + "\n"
+    """Serialize a resolved config to TOML with ``tomli_w`` (keys that need it are quoted, strings escaped).
+
+    Round trip: ``tomllib.loads(dumps(cfg)) == cfg`` for any config of TOML-able values (tuples come back as lists;
+    ``None`` has no TOML form and is a TypeError).  ``runner`` writes it as a run's ``config.toml``.
+    """
+    return tomli_w.dumps(cfg)
 
 
 # The built-in job of `gradcond run` with no config (what `make demo` runs): the default MLP on digits, trained

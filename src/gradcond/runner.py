@@ -17,32 +17,9 @@ from pathlib import Path
 import torch
 
 from . import config as cfgmod
-from .utils import UserError, is_quiet
-
-CNN_MODELS = {"vgg", "resnet", "densenet", "simple_cnn"}
-
-
-def _auto_form(model_name: str) -> str:
-    if model_name in CNN_MODELS:
-        return "image"
-    if model_name == "transformer":
-        return "sequence"
-    return "flat"
-
-
-def model_kwargs_for(model_name: str, bundle) -> dict:
-    """The size keywords of zoo model ``model_name`` that follow from the data (user values take precedence)."""
-    shape, k = bundle.input_shape, bundle.num_outputs
-    if model_name in ("mlp", "looks_linear_crelu_mlp", "resnet_mlp"):
-        return {"in_features": int(math.prod(shape)), "out_features": k}
-    if model_name in CNN_MODELS:
-        kw = {"in_channels": shape[0], "num_classes": k}
-        if model_name == "simple_cnn":
-            kw["image_size"] = shape[-1]
-        return kw
-    if model_name == "transformer":
-        return {"in_features": shape[-1], "seq_len": shape[0], "num_classes": k}
-    return {}
+from .utils import TrainingDiverged, UserError, atomic_write_text, is_quiet, resolve_device
+# which data form and size keywords a zoo model takes live with the zoo (gradcond.diagnose uses them too)
+from .zoo import CNN_MODELS, input_form, model_kwargs_for  # noqa: F401  (CNN_MODELS re-exported)
 
 
 @dataclass
@@ -54,33 +31,53 @@ class Job:
     model: torch.nn.Module
     loss: str
     callbacks: list
+    device: torch.device = torch.device("cpu")  # where the model is and where fit() moves the batches
 
 
-def build_job(cfg: dict, model_state: dict | None = None) -> Job:
+def build_job(cfg: dict, model_state: dict | None = None, device="cpu") -> Job:
+    """Build and check everything a run needs (data, model on ``device``, loss, optimizer/schedule options,
+    callbacks) without writing anything; bad input raises :class:`UserError`. The data stay on the CPU (the
+    trainer moves each batch); ``device`` is checked first (:func:`~gradcond.utils.resolve_device`)."""
     from . import data, zoo
     from .train import get_loss, make_optimizer, make_schedule
     from .train.callbacks import build_callback
 
+    device = resolve_device(device)
     dtype = torch.float64 if cfg["dtype"] == "float64" else torch.float32
     mcfg = dict(cfg["model"])
     mname = mcfg.pop("name", None)
     if mname is None:
         raise UserError(f"[model] needs a name; accepted: {', '.join(zoo.names())}.")
+    # init = "platonic": build with the default init, then fit the weights in closed form (gradcond.closedform);
+    # model.platonic = {alpha = ..., ...} are fit_platonic options
+    platonic = None
+    if mcfg.get("init") == "platonic":
+        mcfg.pop("init")
+        platonic = mcfg.pop("platonic", {})
+        if not isinstance(platonic, dict):
+            raise UserError("model.platonic must be a table of fit_platonic options, e.g. {alpha = 0.1, beta = 10.0}.")
     dcfg = cfg["data"]
-    form = _auto_form(mname) if dcfg["form"] == "auto" else dcfg["form"]
+    form = input_form(mname) if dcfg["form"] == "auto" else dcfg["form"]
     try:
         bundle = data.load_dataset(dcfg["name"], form=form, seed=cfg["seed"], dtype=dtype, **dcfg.get("options", {}))
         kw = {**model_kwargs_for(mname, bundle), **mcfg}
         torch.manual_seed(cfg["seed"])
         model = zoo.build(mname, **kw).to(dtype)
+        if platonic is not None and model_state is None:  # a resumed run loads its saved weights instead
+            from .closedform import platonic_init_
+
+            platonic = {"generator": torch.Generator().manual_seed(cfg["seed"]), **platonic}
+            platonic_init_(model, *bundle.train.tensors, **platonic)
         if model_state is not None:
             model.load_state_dict(model_state)
         loss = bundle.loss if cfg["train"]["loss"] == "auto" else cfg["train"]["loss"]
         loss_fn = get_loss(loss)
         ocfg = cfg["optim"]
-        make_optimizer(ocfg["name"], [torch.nn.Parameter(torch.zeros(1))], lr=ocfg["lr"], momentum=ocfg["momentum"])
+        make_optimizer(ocfg["name"], [torch.nn.Parameter(torch.zeros(1))], lr=ocfg["lr"], momentum=ocfg["momentum"],
+                       weight_decay=ocfg["weight_decay"])
         scfg = cfg["schedule"]
-        make_schedule(scfg["name"], torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+        make_schedule(scfg["name"], torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+                      **_schedule_kwargs(scfg))
         callbacks = [build_callback(c) for c in cfg["callbacks"]]
         if cfg["monitor"]["enabled"]:
             callbacks.append(make_monitor(cfg["monitor"]))
@@ -99,7 +96,14 @@ def build_job(cfg: dict, model_state: dict | None = None) -> Job:
             f"model {mname!r} does not fit dataset {dcfg['name']!r} (input shape {tuple(bundle.input_shape)}, "
             f"{bundle.num_outputs} outputs, loss {loss!r}): {str(exc).splitlines()[0]}"
         ) from None
-    return Job(cfg, bundle, model, loss, callbacks)
+    model.to(device)  # after the CPU shape check: the same error text wherever the run goes
+    return Job(cfg, bundle, model, loss, callbacks, device)
+
+
+def _schedule_kwargs(scfg: dict) -> dict:
+    """The keywords of ``make_schedule`` that the ``[schedule]`` table's named schedule uses."""
+    used = {"step": ("step_size", "gamma"), "plateau": ("patience", "factor")}.get(scfg["name"], ())
+    return {k: scfg[k] for k in used if k in scfg}
 
 
 def make_monitor(mcfg: dict):
@@ -131,48 +135,254 @@ def train_into(job: Job, run_path: Path, resume: bool, extra_callbacks=(), desc:
     return fit(
         job.model, train_loader, test_loader, loss=job.loss, optimizer=cfg["optim"]["name"], lr=cfg["optim"]["lr"],
         momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"], epochs=cfg["train"]["epochs"],
-        schedule=cfg["schedule"]["name"],
-        schedule_kwargs={k: v for k, v in cfg["schedule"].items() if k != "name" and (
-            (cfg["schedule"]["name"] == "step" and k in ("step_size", "gamma"))
-            or (cfg["schedule"]["name"] == "plateau" and k in ("patience", "factor")))},
+        schedule=cfg["schedule"]["name"], schedule_kwargs=_schedule_kwargs(cfg["schedule"]),
         callbacks=list(job.callbacks) + list(extra_callbacks), seed=cfg["seed"], progress=not is_quiet(), run=run,
-        resume=resume, task=job.bundle.task, config=cfg,
+        resume=resume, task=job.bundle.task, config=cfg, device=job.device,
     )
 
 
-def run(cfg: dict, out: str | Path = "runs", resume: bool = False) -> Path:
-    """Run a resolved config into ``out/<name>/`` and return the path of its ``report.html``."""
-    from .report.run_report import write_run_report
+# Keys that may differ between a run and its --resume: more (or fewer) epochs extend (or end) the same run
+# identically. `stop_after` callbacks only slice a run in time and are ignored when comparing callback lists.
+# The device is not a config key (`run(..., device=)`, `--device`): a run may be resumed on another device.
+RESUMABLE_KEYS = frozenset({"train.epochs"})
 
+
+def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu") -> Path:
+    """Run a resolved config into ``out/<name>/`` and return the path of its ``report.html``.
+
+    One writer per run: an exclusive lock on ``out/.<name>.lock`` is held from before the partial directory is
+    touched until the run is published; a second ``run`` of the same name into the same ``out`` raises
+    :class:`UserError` naming the holder. ``resume=True`` refuses a config that differs from the checkpoint's in
+    any key but :data:`RESUMABLE_KEYS` (and ``stop_after`` callbacks). A training loss that becomes NaN/inf raises
+    :class:`~gradcond.utils.TrainingDiverged` (a fresh run's partial directory is removed); a write that fails
+    (full disk, ...) raises :class:`UserError` and keeps the partial directory only when it holds a complete
+    checkpoint to resume from (checkpoints are written to a temporary file and renamed, so the last one is intact).
+
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``): where the model trains (both runs of a
+    ``compare_teleport``); CUDA on a machine without it raises :class:`UserError` before anything is written. It is
+    not part of the config, so ``resume=True`` may continue on another device (results then differ in the last
+    bits, as between any two devices).
+    """
     out = Path(out)
-    job = build_job(cfg)  # validates everything before the disk is touched
+    job = build_job(cfg, device=device)  # validates everything before the disk is touched
     _check_writable(out)
     name = cfg["name"]
     final, partial = out / name, out / f".{name}.partial"
-    if resume:
-        if not partial.exists() and final.exists():
-            done = _epochs_done(final)
-            if done >= cfg["train"]["epochs"] and _compare_done(final, cfg):
-                return final / "report.html"
-            shutil.copytree(final, partial)  # continue a finished run for more epochs; the old one stays until done
-        if not (partial / "checkpoints" / "last.pt").exists():
-            raise UserError(f"nothing to resume in {out}: no checkpoint for run {name!r}; run without --resume first.")
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
+    with RunLock(out, name):
+        if resume:
+            source = partial if partial.exists() else final
+            if not (source / "checkpoints" / "last.pt").exists():
+                raise UserError(f"nothing to resume in {out}: no checkpoint for run {name!r}; run without --resume first.")
+            check_resume_config(saved_config(source), cfg, source)
+            if source == final:
+                done = _epochs_done(final)
+                if done >= cfg["train"]["epochs"] and _compare_done(final, cfg):
+                    return final / "report.html"
+                shutil.copytree(final, partial)  # continue a finished run for more epochs; the old one stays until done
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            return _run_locked(job, cfg, partial, final, resume)
+        except TrainingDiverged:
+            if not resume:
+                shutil.rmtree(partial, ignore_errors=True)  # a diverged fresh run leaves nothing behind
+            raise
+        except OSError as exc:
+            raise UserError(_write_failure(exc, partial, name, out, fresh=not resume)) from None
+
+
+def _run_locked(job: Job, cfg: dict, partial: Path, final: Path, resume: bool) -> Path:
+    import warnings
+
+    from .report.run_report import write_run_report
+    from .train.callbacks import build_callback
+    from .train.trainer import UnreachableCallbackWarning, unreachable_schedules
+
+    # warn once, before any training, about callbacks that would silently never fire (the teleport copy included)
+    steps = math.ceil(len(job.bundle.train) / cfg["data"]["batch_size"])
+    msgs = unreachable_schedules(job.callbacks, cfg["train"]["epochs"], steps)
+    if cfg.get("compare_teleport"):
+        msgs += [f"compare_teleport: {m}" for m in
+                 unreachable_schedules([build_callback(_TELEPORT_COPY)], cfg["train"]["epochs"], steps)]
+    for msg in msgs:
+        warnings.warn(msg, UnreachableCallbackWarning, stacklevel=2)
     partial.mkdir(parents=True, exist_ok=True)
-    (partial / "config.toml").write_text(cfgmod.dumps(cfg))
+    atomic_write_text(partial / "config.toml", cfgmod.dumps(cfg))
     t0 = time.perf_counter()
     runs = {"plain": partial}
-    hist = train_into(job, partial, resume)
-    if len(hist.rows) < cfg["train"]["epochs"]:
-        return partial / "report.html"  # stopped early (stop_after): stays partial and resumable
-    if cfg.get("compare_teleport"):
-        runs["teleport"] = _train_teleport_copy(cfg, partial, resume)
-        if runs["teleport"] is None:
-            return partial / "report.html"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreachableCallbackWarning)  # already reported above
+        hist = train_into(job, partial, resume)
+        if len(hist.rows) < cfg["train"]["epochs"]:
+            return partial / "report.html"  # stopped early (stop_after): stays partial and resumable
+        if cfg.get("compare_teleport"):
+            runs["teleport"] = _train_teleport_copy(cfg, partial, resume, job.device)
+            if runs["teleport"] is None:
+                return partial / "report.html"
     report = write_run_report(partial, cfg, runs, seconds=time.perf_counter() - t0)
     _publish(partial, final)
     return final / report.name
+
+
+def _write_failure(exc: OSError, partial: Path, name: str, out: Path, fresh: bool) -> str:
+    """The one-line message of a failed write (disk full, permissions, ...); removes a partial run that holds no
+    complete checkpoint (nothing to resume from), keeps one that does."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if (partial / "checkpoints" / "last.pt").exists():
+        done = _epochs_done(partial)
+        return (f"cannot write run {name!r} ({what}{where}); the last complete checkpoint (after {done} epoch(s)) is "
+                f"kept in {partial}: free space and continue with --resume.")
+    if fresh:
+        shutil.rmtree(partial, ignore_errors=True)
+    return f"cannot write run {name!r} into {out} ({what}{where}); nothing was kept - free space and run again."
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``; lists (callbacks) stay whole values."""
+    flat = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(flatten_config(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, minus :data:`RESUMABLE_KEYS`; ``stop_after``
+    callbacks are left out of the comparison of the callback lists. Numbers compare by value (1 == 1.0)."""
+    def norm(c):
+        c = dict(c)  # config.toml leaves an empty callback list out: missing and [] are the same
+        c["callbacks"] = [cb for cb in c.get("callbacks") or [] if not (isinstance(cb, dict) and cb.get("name") == "stop_after")]
+        return flatten_config(c)
+
+    a, b = norm(old), norm(new)
+    return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    """The resolved config a run was trained with: the checkpoint's copy, else the run's ``config.toml``."""
+    import tomllib
+
+    from .train import load_checkpoint
+
+    ck = run_dir / "checkpoints" / "last.pt"
+    if ck.exists():
+        stored = load_checkpoint(ck).get("config")
+        if isinstance(stored, dict):
+            return stored
+    path = run_dir / "config.toml"
+    if path.exists():
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError:
+            return None
+    return None
+
+
+def check_resume_config(old: dict | None, new: dict, run_dir: Path) -> None:
+    """Refuse (UserError) to resume ``run_dir`` with a config that differs in a non-resumable key."""
+    if old is None:
+        raise UserError(f"cannot resume {run_dir}: its config is missing or unreadable; run without --resume to start over.")
+    diff = config_differences(old, new)
+    if diff:
+        flat_old, flat_new = flatten_config(old), flatten_config(new)
+        shown = "; ".join(f"{k}: {flat_old.get(k, '(unset)')!r} -> {flat_new.get(k, '(unset)')!r}" for k in diff[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise UserError(
+            f"--resume with a changed config ({shown}{more}); only {', '.join(sorted(RESUMABLE_KEYS))} may change when "
+            f"resuming {run_dir} - use the original values, or run without --resume (or with another name) to start over."
+        )
+
+
+class RunLock:
+    """Exclusive lock on ``out/.<name>.lock``: an OS lock (``fcntl.flock``; ``filelock`` where there is no fcntl),
+    so it is released even when the holder is killed.
+
+    While held, ``out/.<name>.lock.json`` names the holder (pid, host, start time) for the error message of a
+    second writer, which fails at once (no waiting) with :class:`UserError`. Both files are removed on release;
+    the lock is only taken on a lock file that is still the one at the path (inode check), so removing it cannot
+    let two writers in.
+    """
+
+    def __init__(self, out: Path, name: str):
+        self.out, self.name = Path(out), name
+        self.path = self.out / f".{name}.lock"
+        self.info = self.out / f".{name}.lock.json"
+        self._fd = None
+        self._filelock = None
+
+    def __enter__(self) -> "RunLock":
+        import json
+        import socket
+
+        try:
+            acquired = self._acquire()
+        except OSError as exc:
+            raise UserError(f"cannot lock run {self.name!r} in {self.out} ({exc.strerror or exc}); pass a writable --out.") from None
+        if not acquired:
+            raise UserError(
+                f"run directory {self.out / self.name} is being written by another process ({self._holder()}); "
+                "wait for it or choose another --out."
+            )
+        try:
+            atomic_write_text(self.info, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                     "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        except OSError:
+            pass  # the lock holds without its description; a second writer then says less about the holder
+        return self
+
+    def _acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            from filelock import FileLock, Timeout
+
+            self._filelock = FileLock(str(self.path), timeout=0)
+            try:
+                self._filelock.acquire()
+            except Timeout:
+                return False
+            return True
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # the holder released and removed this file between our open and flock: try the new one
+        return False
+
+    def _holder(self) -> str:
+        import json
+
+        try:
+            h = json.loads(self.info.read_text())
+            return f"pid {h['pid']} on host {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def __exit__(self, *exc) -> None:
+        self.info.unlink(missing_ok=True)
+        if self._filelock is not None:  # pragma: no cover - not POSIX
+            self._filelock.release()
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiting writer's inode check then fails and retries
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
 
 
 def _compare_done(final: Path, cfg: dict) -> bool:
@@ -181,24 +391,38 @@ def _compare_done(final: Path, cfg: dict) -> bool:
     return _epochs_done(final / "teleport") >= cfg["train"]["epochs"]
 
 
-def _train_teleport_copy(cfg: dict, partial: Path, resume: bool):
-    """Train the same model from the same initial weights with one optimised teleport (the demo's comparison)."""
+def _train_teleport_copy(cfg: dict, partial: Path, resume: bool, device="cpu"):
+    """Train the same model from the same initial weights with one optimised teleport (the demo's comparison).
+
+    The copy's monitor repeats the plain run's schedule plan (``monitor_schedule.json``), so both runs measure the
+    same probes at the same steps and their curves compare point by point."""
+    from .monitor import SCHEDULE_FILE, Monitor
     from .train.callbacks import build_callback
 
     sub = partial / "teleport"
-    job = build_job(cfg)
-    job.callbacks.append(build_callback({"name": "teleport", "at_epoch": 1, "kind": "optimized"}))
+    job = build_job(cfg, device=device)
+    plan = partial / SCHEDULE_FILE
+    if plan.exists():
+        for cb in job.callbacks:
+            if isinstance(cb, Monitor):
+                cb.use_plan(plan)
+    job.callbacks.append(build_callback(_TELEPORT_COPY))
     hist = train_into(job, sub, resume and (sub / "checkpoints" / "last.pt").exists())
     if len(hist.rows) < cfg["train"]["epochs"]:
         return None
     return sub
 
 
+_TELEPORT_COPY = {"name": "teleport", "at_epoch": 1, "kind": "optimized"}  # the demo's comparison run
+
+
 def _epochs_done(path: Path) -> int:
+    from .train import load_checkpoint
+
     ck = path / "checkpoints" / "last.pt"
     if not ck.exists():
         return 0
-    return int(torch.load(ck, weights_only=False)["epoch"]) + 1
+    return int(load_checkpoint(ck)["epoch"]) + 1
 
 
 def _publish(partial: Path, final: Path) -> None:

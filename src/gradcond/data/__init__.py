@@ -3,7 +3,7 @@
 Built in (generated or bundled, never downloaded): ``digits`` (scikit-learn), ``mnist1d`` (generated with the
 ``mnist1d`` package's ``make_dataset``), ``gaussian`` (seed 003's exploding-gradient protocol), ``spirals``,
 ``checkerboard``, ``sine``. From local files (``root=DIR``): ``mnist``, ``fashion_mnist``, ``kmnist`` (IDX, optionally
-gzipped) and ``cifar10`` / ``cifar100`` (python pickles).
+gzipped) and ``cifar10`` / ``cifar100`` (python pickles, read without executing code).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .files import DataFileError, load_cifar_dir, load_idx_dir, read_idx, write_idx
+from .files import DataFileError, UnsafePickleError, load_cifar_dir, load_idx_dir, read_idx, write_idx
 
 FORMS = ("flat", "image", "sequence")
 
@@ -238,5 +238,5 @@ def load_dataset(name: str, form: str = "flat", seed: int = 0, dtype: torch.dtyp
         raise
 
 
-__all__ = ["load_dataset", "names", "DatasetBundle", "DataFileError", "read_idx", "write_idx", "load_idx_dir",
+__all__ = ["load_dataset", "names", "DatasetBundle", "DataFileError", "UnsafePickleError", "read_idx", "write_idx", "load_idx_dir",
            "load_cifar_dir", "gaussian_arrays", "FORMS"]

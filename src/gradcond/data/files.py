@@ -1,7 +1,8 @@
 """Readers for standard dataset files in a local directory (no download, ever).
 
 - IDX (MNIST, Fashion-MNIST, KMNIST), optionally gzipped: ``train-images-idx3-ubyte[.gz]`` etc.
-- CIFAR-10 / CIFAR-100 python pickles: ``data_batch_1..5`` + ``test_batch`` / ``train`` + ``test``.
+- CIFAR-10 / CIFAR-100 python pickles: ``data_batch_1..5`` + ``test_batch`` / ``train`` + ``test``, read with a
+  restricted unpickler (numpy array reconstruction only: a pickle that would run code is refused).
 A missing or malformed file raises :class:`DataFileError` naming the file and what was expected.
 """
 
@@ -76,12 +77,52 @@ def load_idx_dir(root: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return out[0], out[1], out[2], out[3]
 
 
+# The only globals a CIFAR batch (a dict of bytes, lists and numpy arrays, pickled by Python 2 or 3 / numpy 1 or 2)
+# refers to: numpy's array and scalar reconstruction. None of them runs code chosen by the file.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes under protocol 2; admitted for latin-1 only (see below)
+})
+
+
+class UnsafePickleError(DataFileError):
+    """A pickle refers to a global outside the allowed set (it could run code on load); nothing was executed."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler admitting only :data:`_CIFAR_GLOBALS`; anything else (``os.system``, ``builtins.eval``, a class
+    with a ``__reduce__``) raises :class:`UnsafePickleError` before it is looked up, so it can never be called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(f"refers to {module}.{name}")
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    """``_codecs.encode`` restricted to the latin-1 text -> bytes step of protocol-2 pickles written by Python 3."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"calls _codecs.encode with {encoding!r}")
+    return text.encode("latin-1")
+
+
 def _unpickle(path: Path) -> dict:
+    """Read a CIFAR python-pickle batch with :class:`_CifarUnpickler` (never a bare ``pickle.load``)."""
     if not path.is_file():
         raise DataFileError(f"missing data file {path}; expected a CIFAR python-pickle batch.")
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")
+            return _CifarUnpickler(fh, encoding="bytes").load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(
+            f"{path} is not a plain CIFAR batch: it {exc}, which could run code on load; refused (only numpy arrays, "
+            "lists, dicts, bytes and numbers are accepted)."
+        ) from None
     except Exception as exc:  # truncated pickles raise EOFError / UnpicklingError
         raise DataFileError(f"{path} is truncated or not a CIFAR pickle batch ({type(exc).__name__}).") from None
 

@@ -13,23 +13,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..probes import conditioning as C
 from ..probes.mask import LayerwiseMask
+from ._training import train_steps
 from .registry import Row, register
 
 LOSS = F.cross_entropy
 
 
 def _plt():
-    import matplotlib
+    # figures on their own Agg canvas: never switch the process-wide matplotlib backend (a user's notebook)
+    from ..report.figures import object_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return object_pyplot()
 
 
 def _digits(form: str):
@@ -45,24 +45,11 @@ def _batches(X, Y, b, k, seed=0):
     return [(X[perm[i * b:(i + 1) * b]], Y[perm[i * b:(i + 1) * b]]) for i in range(k)]
 
 
-def _train(model, X, Y, steps, lr, b=64, seed=0, on_step=None):
-    """Plain SGD+momentum loop on random batches; returns the per-step training losses."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, X.shape[0], (b,), generator=g)
-        opt.zero_grad()
-        loss = LOSS(model(X[idx]), Y[idx])
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1)
-        if not math.isfinite(losses[-1]):
-            break
-    return losses
+def _train(model, X, Y, steps, lr, b=64, seed=0):
+    """``steps`` steps of SGD+momentum 0.9 (a fresh optimizer) on batches of ``b`` rows drawn with replacement,
+    through :func:`gradcond.train.fit`; returns the per-step training losses (ending with NaN if it diverged)."""
+    return train_steps(model, X, Y, "momentum", steps, b, torch.Generator().manual_seed(seed), sampling="replacement",
+                       lr=lr, momentum=0.9)
 
 
 def _bootstrap_max(values: torch.Tensor, size: int, reps: int = 1000, seed: int = 0) -> float:
@@ -176,15 +163,16 @@ def _descent(losses, window=20):
 
 
 def _spearman(a, b) -> float:
-    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    ok = a.isfinite() & b.isfinite()
+    """Spearman rank correlation of the pairs where both values are finite (``scipy.stats.spearmanr``: tied values
+    share their average rank); NaN with fewer than 3 such pairs or when one side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
-    if a.numel() < 3:
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # constant input: spearmanr would warn and return NaN
         return float("nan")
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = ra.norm() * rb.norm()
-    return float(ra @ rb / den) if den > 0 else float("nan")
+    from scipy.stats import spearmanr  # here, not at import: `gradcond repro list` imports every experiment module
+
+    return float(spearmanr(a, b).statistic)
 
 
 @register(

@@ -29,10 +29,9 @@ def run(quick: bool, out_dir: Path) -> list[Row]:
 
     rows = []
     depths = (4, 16) if quick else (4, 16, 50)
-    import matplotlib
+    from ..report.figures import object_pyplot as _plt  # Agg-canvas figures: the process-wide matplotlib backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     errs = {}
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):

@@ -28,7 +28,11 @@ ReLU-like ones), so the teleported model is always the user's class.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
+import sys
 
 import torch
 import torch.fx as fx
@@ -125,9 +129,66 @@ def _call_key(stack_key: str, path: str) -> str:
     return path + (stack_key[stack_key.rindex("@"):] if "@" in stack_key else "")
 
 
+class _Held(logging.Filter):
+    """Holds back the log records of a handler (see :class:`_quiet`)."""
+
+    def __init__(self, records: list):
+        super().__init__()
+        self.records = records
+
+    def filter(self, record):
+        self.records.append(record)
+        return False
+
+
+class _quiet:
+    """Context: hold back what torch prints while exporting (``sys.stderr`` writes and log records reaching the
+    handlers of the ``torch.*`` and root loggers).  When export fails, e.g. on data-dependent control flow, torch
+    prints the partial graph (tens of lines) and logs warnings before raising; the caller turns the exception
+    into one clear error, so the held output is dropped.  On success it is written out as it would have been."""
+
+    def __enter__(self):
+        self.records: list = []
+        self.buf = io.StringIO()
+        self.filt = _Held(self.records)
+        loggers = [logging.getLogger()] + [lg for name, lg in list(logging.Logger.manager.loggerDict.items())
+                                           if name.split(".")[0] == "torch" and isinstance(lg, logging.Logger)]
+        self.handlers = list({id(h): h for lg in loggers for h in lg.handlers}.values())
+        for h in self.handlers:
+            h.addFilter(self.filt)
+        self.redirect = contextlib.redirect_stderr(self.buf)
+        self.redirect.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.redirect.__exit__(None, None, None)
+        for h in self.handlers:
+            h.removeFilter(self.filt)
+        if exc_type is None:
+            sys.stderr.write(self.buf.getvalue())
+            seen = set()
+            for rec in self.records:  # one record can reach several handlers: re-emit it once
+                if id(rec) not in seen:
+                    seen.add(id(rec))
+                    logging.getLogger(rec.name).handle(rec)
+        return False
+
+
 def export_program(model: nn.Module, inputs: tuple, leaf_paths: tuple):
-    """``torch.export.export`` (non-strict) with the leaves' call signatures preserved."""
-    return torch.export.export(model, tuple(inputs), strict=False, preserve_module_call_signature=leaf_paths)
+    """``torch.export.export`` (non-strict) with the leaves' call signatures preserved; torch's diagnostic output
+    is held back and dropped when export fails (see :class:`_quiet`)."""
+    with _quiet():
+        return torch.export.export(model, tuple(inputs), strict=False, preserve_module_call_signature=leaf_paths)
+
+
+def _reachable(model: nn.Module, name: str, mod: nn.Module) -> bool:
+    """Whether attribute access ``model.<name>`` reaches ``mod``.  A submodule can be shadowed by an instance
+    attribute of the same name (a deep-copied ``nn.TransformerDecoderLayer`` whose ``activation`` module is
+    shadowed by ``F.relu``); its forward then never calls it, and torch.export cannot preserve its signature."""
+    obj = model
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return obj is mod
 
 
 def module_graph(model: nn.Module, inputs: tuple, is_leaf) -> fx.GraphModule:
@@ -137,7 +198,7 @@ def module_graph(model: nn.Module, inputs: tuple, is_leaf) -> fx.GraphModule:
     for name, mod in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
             continue
-        if is_leaf(mod, name):
+        if is_leaf(mod, name) and _reachable(model, name, mod):
             leaves.append(name)
             inside.add(name)
     ep = export_program(model, inputs, tuple(leaves))

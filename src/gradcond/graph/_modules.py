@@ -1,4 +1,9 @@
-"""Modules that teleportation puts into a model when an activation must be rewritten."""
+"""What teleportation puts into a model, and the repair every model copy it makes goes through.
+
+:class:`TeleportedActivation` replaces an activation module that must be rewritten; :func:`repair_deepcopy` undoes
+a torch bug in ``copy.deepcopy`` of ``nn.TransformerDecoderLayer`` (teleport, pseudo-teleport and the functional
+teleport copy the user's model with it).
+"""
 
 from __future__ import annotations
 
@@ -53,3 +58,28 @@ class TeleportedActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, tau_shape={tuple(self.tau.shape)}"
+
+
+def repair_deepcopy(source: nn.Module, copied: nn.Module) -> nn.Module:
+    """Undo a torch bug in ``copy.deepcopy`` of ``nn.TransformerDecoderLayer`` (torch 2.x): its ``__setstate__``
+    puts ``activation = F.relu`` into the instance dict when ``activation`` is a submodule (kept in
+    ``_modules``), so the copy silently computes relu instead of the user's GELU/Tanh/....  Removes every
+    instance attribute of a module of ``copied`` that shadows a submodule, parameter or buffer of the same name,
+    unless the module of the same path in ``source`` has that instance attribute too (then the source computes
+    the same thing, e.g. the clones inside ``nn.TransformerDecoder``, which torch itself deep-copies).
+    ``copied`` is a deep copy of ``source``.  Returns ``copied`` (mutated).  Cost: one walk over the modules;
+    only classes with their own ``__setstate__`` are inspected."""
+    src = None
+    for name, b in copied.named_modules():
+        if type(b).__setstate__ is nn.Module.__setstate__:
+            continue
+        shadow = [k for k in b.__dict__ if k in b._modules or k in b._parameters or k in b._buffers]
+        if not shadow:
+            continue
+        if src is None:
+            src = dict(source.named_modules())
+        a = src.get(name)
+        for k in shadow:
+            if a is not None and k not in a.__dict__:
+                del b.__dict__[k]
+    return copied

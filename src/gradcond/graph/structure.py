@@ -82,7 +82,9 @@ class CoBStructure:
     * ``groups``: per-layer summary; ``frozen``: unsupported operations whose inputs/outputs were pinned (with
       the reason); ``pins``: supported operations that require tau = 1 on some tensor (norm inputs, softmax...);
     * ``tracer``: how the graph was obtained (``"torch.fx symbolic tracing"``, or the ``torch.export`` fallback
-      with the reason fx failed).
+      with the reason fx failed);
+    * ``example_input``: the analysis example (positional inputs, detached copies), on which every teleport
+      compares the original and teleported outputs (:func:`gradcond.teleport.teleport`).
 
     The tau of free variable ``i`` acts through the lookup table ``ext = [1, tau_1..tau_n, 1, 1/tau_1..1/tau_n]``
     (:meth:`ext_table`): every factor is a product of gathers from it, so teleporting is a few vectorised
@@ -103,6 +105,7 @@ class CoBStructure:
     tau_dtype: torch.dtype = torch.float32
     free_group: torch.Tensor | None = None
     tracer: str = "torch.fx symbolic tracing"
+    example_input: tuple | None = field(repr=False, default=None)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _flat(self, device) -> dict:

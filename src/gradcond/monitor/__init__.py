@@ -1,6 +1,6 @@
-"""Monitoring gradient health during training (:class:`Monitor`) and one-shot analysis (``gradcond diagnose``)."""
+"""Monitoring gradient health during training (:class:`Monitor`); the one-shot analysis is :mod:`gradcond.diagnose`."""
 
-from .monitor import Monitor
-from .probes import PRESETS, PROBES, Schedule
+from .monitor import SCHEDULE_FILE, Monitor, coverage_sentences, plan_schedule
+from .schedule import PRESETS, PROBES, Schedule
 
-__all__ = ["Monitor", "PRESETS", "PROBES", "Schedule"]
+__all__ = ["Monitor", "PRESETS", "PROBES", "SCHEDULE_FILE", "Schedule", "coverage_sentences", "plan_schedule"]

@@ -1,33 +1,352 @@
 """``Monitor``: probes scheduled during training under a compute budget, writing long-format rows.
 
 Use as a trainer callback (``fit(..., callbacks=[Monitor()])``, or ``[monitor]`` in a run config) or from a plain
-loop with :meth:`Monitor.step`. Each probe has a schedule (``every:N`` steps, ``epoch``, ``log``). The monitor keeps
-its own time (probes and bookkeeping) under ``budget``, a fraction of the training time so far (excluding the
-monitor's own time, so the slowdown stays near ``1 + budget``): a due measurement that would
-exceed it is skipped, and the number of skips per probe is logged (``probe=monitor, name=skipped``). A probe that
-raises is disabled, the failure is logged as a ``probe_failed`` event (and shown in the report), and training goes on.
-Probes run on a fixed probe batch (the first ``probe_batch_size`` training samples) so curves are comparable over time.
-``budget=1`` switches the budget off (every due measurement runs).
+loop with :meth:`Monitor.step`. Each probe has a configured schedule (``every:N`` steps, ``epoch``, ``log``).
+
+The schedule is decided once, deterministically
+-----------------------------------------------
+``budget`` is the share of the training time the monitor may spend measuring. With ``budget < 1`` the monitor
+*plans* once, early in training, and never consults the clock again for a decision:
+
+1. **Calibration** (the first ``CALIBRATION_STEPS`` = 3 optimizer steps, or the first epoch if it is shorter): every
+   probe runs as configured; the time of a training step is measured (the fastest of those steps after the first,
+   the monitor's own time excluded), then each enabled probe is run twice more on the probe batch (results
+   discarded; the cost is the faster of the two calls). Fastest-of estimates the undisturbed cost, which varies
+   less between runs on a busy machine than a mean; the budget is a share of that undisturbed training time.
+2. **Plan** (:func:`plan_schedule`, a pure function of those costs, the configured schedules, the budget, the steps
+   per epoch and the number of epochs): the budget is split fairly between probes (a probe cheaper than its equal
+   share keeps its schedule and leaves the rest to the others), and a probe that needs more is thinned by an
+   integer factor -- ``every:N`` becomes every ``N*m`` steps, ``epoch`` every ``m``-th epoch (plus the last one),
+   ``log`` is never thinned (it is already sparse). ``m`` is rounded up to a power of two, so that the small timing
+   noise between two runs of the same config rarely changes the plan.
+3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times after calibration
+   when the run has that many opportunities, *even when this exceeds the budget*; the plan states by how much
+   (``fraction`` of the training time per probe, and the reason sentence). A probe is left out entirely only when
+   its guaranteed measurements alone would take longer than the whole training (then ``skipped`` says so and which
+   setting would include it).
+
+The plan is the contract dict written atomically to ``<run_dir>/monitor_schedule.json`` (see :func:`plan_schedule`)
+and kept in :attr:`Monitor.plan`; it is part of the monitor's checkpoint state, so a resumed run uses the same plan
+(and :class:`Monitor` accepts ``plan=`` -- a dict or the path of an earlier ``monitor_schedule.json`` -- to repeat
+a run's schedule exactly). Given the plan, which rows are written depends only on the step and epoch counters:
+two runs with the same plan write the same (step, probe, layer, name) rows. :func:`coverage_sentences` turns a plan
+into plain-English sentences for a report. ``budget=1`` switches the budget off: no calibration, every configured
+measurement runs.
+
+Measurements due under the configured schedule but thinned out by the plan are counted per epoch
+(``probe=monitor, name=skipped``, deterministic given the plan); the monitor's share of the time goes to the
+timing file (``name=time_fraction``). A probe that raises is disabled, the failure is logged as a ``probe_failed``
+event (and shown in the report), and training goes on. Probes run on a fixed probe batch (the first
+``probe_batch_size`` training samples) so curves are comparable over time.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 from ..train.run import RunLogger
 from ..train.trainer import Callback, TrainState
-from .probes import PRESETS, PROBES, Schedule
+from ..utils import atomic_write_text
+from .schedule import PRESETS, PROBES, Schedule
 
-# a-priori cost of each probe in training steps (forward+backward+update), used until it has been measured once
-PRIOR_COST_IN_STEPS = {"grad_norm": 0.05, "weight_norm": 0.05, "gsc": 2.0, "domain": 1.0, "conditioning": 40.0}
+SCHEDULE_FILE = "monitor_schedule.json"
+CALIBRATION_STEPS = 3
+DEFAULT_MIN_MEASUREMENTS = 3
+# budgets suggested in the reasons ("set monitor.budget = X to measure it as configured")
+_SUGGESTED_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
+# ---- the plan: pure functions ------------------------------------------------------------------------------
+def _multiples(lo: int, hi: int, k: int) -> int:
+    """Number of multiples of ``k`` in the integer interval (lo, hi]."""
+    return max(0, hi // k - lo // k) if hi > lo else 0
+
+
+def _describe(sch: Schedule, m: int = 1) -> str:
+    if sch.kind == "every":
+        n = sch.n * m
+        return "at every step" if n == 1 else f"every {n} steps"
+    if sch.kind == "epoch":
+        return "at the end of every epoch" if m == 1 else f"at the end of every {_ordinal(m)} epoch and of the last one"
+    return "at log-spaced steps (1, 2, 4, 8, ...)"
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _fmt_budget(b: float) -> str:
+    return f"{b:.0%}" if b * 100 == round(b * 100) else f"{b:.1%}"
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.2g} s" if s >= 0.01 else f"{s * 1e3:.2g} ms"
+
+
+class _Counts:
+    """How many measurements a probe gets under thinning factor ``m`` (None when the run length is unknown)."""
+
+    def __init__(self, spe, epochs, calib):
+        self.spe, self.epochs, self.calib = spe, epochs, calib
+        self.total = spe * epochs if spe is not None and epochs is not None else None
+
+    def calibration(self, sch: Schedule) -> int:
+        if sch.kind == "every":
+            return _multiples(0, self.calib, sch.n)
+        if sch.kind == "log":
+            return self.calib.bit_length()  # 1, 2, 4, ... <= calib
+        return 0
+
+    def after(self, sch: Schedule, m: int):
+        """Measurements after calibration with thinning ``m``."""
+        if sch.kind == "epoch":
+            if self.epochs is None:
+                return None
+            return self.epochs // m + (1 if self.epochs % m else 0)
+        if self.total is None:
+            return None
+        if sch.kind == "every":
+            return _multiples(self.calib, self.total, sch.n * m)
+        return self.total.bit_length() - self.calib.bit_length()
+
+    def rate(self, sch: Schedule):
+        """Measurements per training step under the configured schedule (None if unknown)."""
+        if sch.kind == "every":
+            return 1.0 / sch.n
+        if sch.kind == "epoch":
+            return None if self.spe is None else 1.0 / self.spe
+        if self.total:
+            return self.after(sch, 1) / self.total
+        return 0.0  # log-spaced on an open-ended run: negligible per step
+
+
+def _largest_factor(sch: Schedule, counts: _Counts, m: int, target: int) -> int:
+    """A thinning factor <= m that still gives ``target`` measurements after calibration, found by bisection
+    (counts fall with the factor, up to the alignment of multiples: the result always meets the target, and is the
+    largest such factor up to that alignment)."""
+    lo, hi = 1, m
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if counts.after(sch, mid) >= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
+    """name -> (m, skipped, why) for the enabled probes: ``m`` the thinning factor, ``why`` one of "fits",
+    "thinned", "minimum" (thinned less than the budget asks, to keep the guaranteed minimum), "unknown" (no cost or
+    rate to budget with), "too_costly", "never_due", "failed"."""
+    out, frac = {}, {}
+    for name, sch in sched.items():
+        c, n1 = costs.get(name), counts.after(sch, 1)
+        if c is None and costs.get(f"{name}:failed"):
+            out[name] = (1, True, "failed")
+        elif n1 == 0 and counts.calibration(sch) == 0:
+            out[name] = (1, True, "never_due")
+        elif budget >= 1:
+            out[name] = (1, False, "fits")
+        elif c is None or not step_time or step_time <= 0:
+            out[name] = (1, False, "unknown")
+        elif counts.total is not None and n1 is not None and c * min(min_meas, n1) > counts.total * step_time:
+            out[name] = (1, True, "too_costly")
+        elif counts.rate(sch) is None:
+            out[name] = (1, False, "unknown")
+        else:
+            frac[name] = c * counts.rate(sch) / step_time
+    left = budget
+    for name in [n for n in frac if sched[n].kind == "log"]:  # log-spaced: never thinned, but it uses budget
+        f = frac.pop(name)
+        out[name] = (1, False, "fits" if f <= max(left, 0.0) else "log")
+        left -= f
+    # fair split ("water-filling"): cheapest first; a probe under its equal share of what is left keeps its
+    # schedule and leaves the rest to the others; a probe over it is thinned by a power of two
+    order = sorted(frac, key=lambda n: (frac[n], n))
+    for i, name in enumerate(order):
+        sch, f = sched[name], frac[name]
+        share = max(left, 0.0) / (len(order) - i)
+        if f <= share:
+            m, why = 1, "fits"
+        else:
+            m = 2 ** min(62, math.ceil(math.log2(f / share))) if share > 0 else 2 ** 62
+            why = "thinned"
+            n1 = counts.after(sch, 1)
+            if n1 is not None:
+                target = min(min_meas, n1)
+                if counts.after(sch, m) < target:
+                    m, why = _largest_factor(sch, counts, m, target), "minimum"
+            elif m >= 2 ** 62:
+                m = 2 ** 20  # open-ended run and no budget left: very sparse but not never
+        left -= f / m
+        out[name] = (m, False, why)
+    return out
+
+
+def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: float, steps_per_epoch: int | None,
+                  epochs: int | None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS, calibration_steps: int = 0) -> dict:
+    """Decide the monitor's schedule once: a pure function (no clock), so equal inputs give equal plans.
+
+    ``probes``: name -> configured schedule (``Schedule`` or text) of the enabled probes; ``costs``: name -> seconds
+    per measurement (``None`` when unmeasured; ``"<name>:failed"`` -> error text for a probe that raised);
+    ``step_time``: seconds per training step; ``budget``: share of the training time; ``calibration_steps``:
+    the steps already run as configured before the plan applies. Returns the contract dict (written to
+    ``monitor_schedule.json``)::
+
+        {"budget", "steps_per_epoch", "epochs", "total_steps", "step_time_s", "min_measurements",
+         "calibration_steps", "planned_fraction",
+         "probes": [{"name", "enabled", "configured", "every_steps", "every_epochs", "planned_measurements",
+                     "cost_s", "fraction", "skipped", "reason"}]}
+
+    with one entry per probe of :data:`PROBES` (``enabled=False`` for those not configured); ``reason`` is one
+    plain-English sentence saying how often the probe is measured and, when it is thinned or left out, which setting
+    would include it; ``fraction`` is the planned share of the training time of that probe (None when unknown).
+    """
+    sched = {n: Schedule.parse(s) for n, s in probes.items()}
+    counts = _Counts(steps_per_epoch, epochs, calibration_steps)
+    decided = _decide(sched, costs, step_time, budget, counts, min_measurements)
+    total_time = counts.total * step_time if counts.total is not None and step_time else None
+    entries = []
+    planned_cost = 0.0
+    for name in list(PROBES) + sorted(set(sched) - set(PROBES)):
+        if name not in sched:
+            entries.append({"name": name, "enabled": False, "configured": None, "every_steps": None,
+                            "every_epochs": None, "planned_measurements": 0, "cost_s": None, "fraction": None,
+                            "skipped": True, "reason": f"not enabled in this run; add {name} = \"epoch\" to "
+                                                       f"monitor.probes to include it"})
+            continue
+        sch = sched[name]
+        m, skipped, why = decided[name]
+        c = costs.get(name)
+        every_steps = every_epochs = None
+        if not skipped:
+            if sch.kind == "every":
+                every_steps = sch.n * m
+            elif sch.kind == "epoch":
+                every_epochs = m
+                every_steps = m * steps_per_epoch if steps_per_epoch is not None else None
+        n_after = counts.after(sch, m)
+        planned = 0 if skipped else (None if n_after is None else counts.calibration(sch) + n_after)
+        fraction = (c * planned / total_time) if (c is not None and planned is not None and total_time) else None
+        if fraction is not None:
+            planned_cost += c * planned
+        entries.append({"name": name, "enabled": True, "configured": _configured_text(sch), "every_steps": every_steps,
+                        "every_epochs": every_epochs, "planned_measurements": planned, "cost_s": c,
+                        "fraction": fraction, "skipped": skipped,
+                        "reason": _reason(name, sch, m, why, planned, c, fraction, budget, counts, costs, step_time,
+                                          sched, min_measurements, total_time)})
+    return {"budget": budget, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "total_steps": counts.total,
+            "step_time_s": step_time, "min_measurements": min_measurements, "calibration_steps": calibration_steps,
+            "planned_fraction": planned_cost / total_time if total_time else None, "probes": entries}
+
+
+def _configured_text(sch: Schedule) -> str:
+    return f"every:{sch.n}" if sch.kind == "every" else sch.kind
+
+
+def _budget_to_include(name, sched, costs, step_time, budget, counts, min_meas):
+    """Smallest suggested budget under which ``name`` runs as configured (the plan re-decided at that budget)."""
+    for b in _SUGGESTED_BUDGETS:
+        if b <= budget:
+            continue
+        m, skipped, why = _decide(sched, costs, step_time, b, counts, min_meas)[name]
+        if m == 1 and not skipped and why == "fits":
+            return b
+    return 1.0
+
+
+def _reason(name, sch, m, why, planned, c, fraction, budget, counts, costs, step_time, sched, min_meas, total_time):
+    times = "" if planned is None else f" ({planned} time{'s' if planned != 1 else ''})"
+    share = "" if fraction is None else f", about {_fmt_budget(fraction)} of the training time"
+    if why == "failed":
+        return (f"not run: it failed while its cost was being measured ({costs.get(f'{name}:failed')}); see the "
+                f"probe_failed event")
+    if why == "never_due":
+        per = max(1, (counts.total or 0) // max(min_meas, 1))
+        return (f"not run: its schedule {_configured_text(sch)} never falls within the {counts.total} training steps; "
+                f"set monitor.probes.{name} = \"every:{per}\" to include it")
+    if why == "too_costly":
+        k = min(min_meas, counts.after(sch, 1))
+        return (f"not run: one measurement costs {_fmt_s(c)}, so even {k} measurement{'s' if k != 1 else ''} "
+                f"({_fmt_s(k * c)}) would take longer than the whole training (about {_fmt_s(total_time)}); set "
+                f"monitor.budget = 1 to include it")
+    if why == "unknown":
+        return (f"measured as configured, {_describe(sch)}{times}; the budget could not be applied because the "
+                f"{'cost of a training step' if not step_time else 'number of steps per epoch'} is unknown")
+    if why == "log":
+        return (f"measured as configured, {_describe(sch)}{times}{share}, over the {_fmt_budget(budget)} budget: "
+                f"log-spaced schedules are never thinned; set monitor.probes.{name} = \"epoch\" to measure it less")
+    if why == "fits":
+        if budget >= 1:
+            return f"measured as configured, {_describe(sch)}{times}{share} (no budget: monitor.budget = 1)"
+        return f"measured as configured, {_describe(sch)}{times}{share}, within the {_fmt_budget(budget)} budget"
+    b = _budget_to_include(name, sched, costs, step_time, budget, counts, min_meas)
+    if why == "minimum":
+        how = ("as configured, " + _describe(sch) + times if m == 1
+               else f"{_describe(sch, m)}{times} instead of {_describe(sch)}")
+        return (f"measured {how} to keep the guaranteed minimum of {min_meas} measurements{share}, more "
+                f"than its part of the {_fmt_budget(budget)} budget (set monitor.budget = {b:g} for this to be "
+                f"within budget)" if m == 1 else
+                f"measured {how} to keep the guaranteed minimum of {min_meas} measurements{share}, more "
+                f"than its part of the {_fmt_budget(budget)} budget; set monitor.budget = {b:g} to measure it "
+                f"as configured")
+    return (f"measured {_describe(sch, m)}{times} instead of {_describe(sch)} to stay within the "
+            f"{_fmt_budget(budget)} budget{share and ' (' + share[2:] + ')'}; set monitor.budget = {b:g} to measure "
+            f"it as configured")
+
+
+def coverage_sentences(schedule: dict) -> list[str]:
+    """Plain-English sentences for a report: one overall sentence, then one per probe (``"<probe>: <reason>."``),
+    measured probes first, then those left out, then those not enabled. A pure function of the plan dict that
+    :func:`plan_schedule` returns (as written to ``monitor_schedule.json``)."""
+    out = []
+    budget = schedule.get("budget")
+    probes = schedule.get("probes") or []
+    if budget is not None:
+        if budget >= 1:
+            out.append("The monitor ran without a budget (monitor.budget = 1): every configured measurement was made.")
+        else:
+            pf = schedule.get("planned_fraction")
+            st = schedule.get("step_time_s")
+            txt = (f"The monitor planned its measurements once, after {schedule.get('calibration_steps', 0)} "
+                   f"calibration step(s)")
+            if st:
+                txt += f" (a training step took about {_fmt_s(st)})"
+            txt += f", to stay within a budget of {_fmt_budget(budget)} of the training time"
+            if pf is not None:
+                txt += f"; the planned measurements take about {_fmt_budget(pf)}"
+                if pf > budget * 1.005:
+                    txt += " (over the budget: the sentences below say which probe exceeds its part and why)"
+            out.append(txt + ".")
+
+    def rank(p):
+        return (0 if p.get("enabled") and not p.get("skipped") else 1 if p.get("enabled") else 2)
+
+    for p in sorted(probes, key=rank):
+        out.append(f"{p['name']}: {p['reason']}.")
+    return out
+
+
+# ---- the callback -----------------------------------------------------------------------------------------
 class Monitor(Callback):
+    """Schedules the probes of :data:`PROBES` during training under ``budget`` (see the module docstring).
+
+    ``probes``: a preset name (:data:`PRESETS`) or ``{probe: schedule}``; ``budget``: share of the training time
+    in (0, 1] (1 = no budget); ``min_measurements``: measurements guaranteed to each enabled probe after
+    calibration (when the run has that many opportunities); ``plan``: a plan dict or the path of a
+    ``monitor_schedule.json`` to reuse instead of planning (its probes must match the configured ones).
+    """
+
     def __init__(self, probes: str | dict = "default", budget: float = 0.05, probe_batch_size: int = 64,
-                 tensorboard_dir: str | None = None):
+                 tensorboard_dir: str | None = None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS,
+                 plan: dict | str | Path | None = None):
         if isinstance(probes, str):
             if probes not in PRESETS:
                 raise ValueError(f"unknown monitor preset {probes!r}; accepted: {', '.join(PRESETS)}.")
@@ -35,11 +354,16 @@ class Monitor(Callback):
         unknown = sorted(set(probes) - set(PROBES))
         if unknown:
             raise ValueError(f"unknown probe(s) {', '.join(unknown)}; accepted: {', '.join(PROBES)}.")
-        if not (0 < budget <= 1):
-            raise ValueError(f"monitor budget must be a fraction in (0, 1], got {budget}.")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0 < budget <= 1):
+            raise ValueError(f"monitor budget must be a fraction in (0, 1], got {budget!r}.")
+        if isinstance(min_measurements, bool) or not isinstance(min_measurements, int) or min_measurements < 1:
+            raise ValueError(f"min_measurements must be an integer >= 1, got {min_measurements!r}.")
         self.schedules = {name: Schedule.parse(s) for name, s in probes.items()}
-        self.budget = budget
+        self.budget = float(budget)
+        self.min_measurements = min_measurements
         self.probe_batch_size = probe_batch_size
+        self.plan: dict | None = self._check_plan(plan) if plan is not None else None
+        self._given_plan = self.plan is not None
         self.spent = 0.0
         self.cost: dict[str, float] = {}
         self.skipped: Counter = Counter()
@@ -49,16 +373,121 @@ class Monitor(Callback):
         self._tb = None
         self._tb_dir = tensorboard_dir
         self._plain_state: TrainState | None = None
+        self._durations: list[float] = []
+        self._last_end: float | None = None
+        self._plan_written = False
+        self._resumed = False
 
-    # ---- callback hooks -----------------------------------------------------------------------------------
-    def on_train_start(self, state: TrainState) -> None:
-        self._t0 = time.perf_counter()
-        if self._tb_dir is not None and self._tb is None:
+    def use_plan(self, plan: dict | str | Path) -> None:
+        """Pin the schedule to ``plan`` (a plan dict or the path of a ``monitor_schedule.json``) instead of planning:
+        e.g. a comparison run that must measure at the same steps as the run it is compared with. Raises
+        ``ValueError`` when the plan was written for other probes or schedules."""
+        self.plan = self._check_plan(plan)
+        self._given_plan = True
+
+    def _check_plan(self, plan) -> dict:
+        if isinstance(plan, (str, Path)):
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("tensorboard_dir needs the optional 'tensorboard' package (pip install gradcond[tensorboard]).") from None
-            self._tb = SummaryWriter(self._tb_dir)
+                plan = json.loads(Path(plan).read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"monitor plan {plan} cannot be read ({exc}); pass a monitor_schedule.json written "
+                                 "by an earlier run, or a dict.") from None
+        if not isinstance(plan, dict) or not isinstance(plan.get("probes"), list):
+            raise ValueError("a monitor plan is a dict with a 'probes' list, as written to monitor_schedule.json.")
+        enabled = {p.get("name") for p in plan["probes"] if p.get("enabled")}
+        if enabled != set(self.schedules):
+            raise ValueError(f"the monitor plan covers probes {sorted(enabled)} but this monitor measures "
+                             f"{sorted(self.schedules)}; pass a plan written for the same probes.")
+        for p in plan["probes"]:
+            if p.get("enabled") and p.get("configured") != _configured_text(self.schedules[p["name"]]):
+                raise ValueError(f"the monitor plan schedules {p['name']} as {p.get('configured')!r} but this monitor "
+                                 f"configures {_configured_text(self.schedules[p['name']])!r}; pass a matching plan.")
+        return plan
+
+    # ---- planning ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _steps_per_epoch(state: TrainState):
+        loader = state.train_loader
+        try:
+            return len(loader) if loader is not None else None
+        except TypeError:
+            return None
+
+    @staticmethod
+    def _epochs(state: TrainState):
+        e = getattr(state, "epochs", None)
+        if e is None:
+            e = (state.config or {}).get("train", {}).get("epochs") if isinstance(state.config, dict) else None
+        return e if isinstance(e, int) and e >= 0 else None
+
+    def _time_probe(self, name: str, state: TrainState) -> float | None:
+        """Seconds per measurement of ``name``: run twice (results discarded), keep the faster call (the first one
+        pays one-time costs: imports, allocations). Records a failure like a failing scheduled measurement."""
+        best = None
+        for _ in range(2):
+            t = time.perf_counter()
+            try:
+                PROBES[name](state.model, state.loss_fn, self._probe_batch(state), state)
+            except Exception as exc:
+                self._fail(name, exc, state)
+                return None
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        return best
+
+    def _make_plan(self, state: TrainState) -> None:
+        spe, epochs = self._steps_per_epoch(state), self._epochs(state)
+        if self.budget >= 1:
+            costs, step_time, calib = {}, None, 0
+        else:
+            calib = state.step
+            # the fastest step after the first (which pays one-time costs): like the probe costs (fastest of two
+            # calls), an estimate of the undisturbed cost, which varies much less between runs on a busy machine
+            # than a mean or a median would
+            later = self._durations[1:] or self._durations
+            step_time = min(later) if later else None
+            costs = {}
+            for name in self.schedules:
+                if name in self.failed:
+                    costs[f"{name}:failed"] = self.failed[name]
+                    continue
+                c = self._time_probe(name, state)
+                if c is None:
+                    costs[f"{name}:failed"] = self.failed[name]
+                else:
+                    costs[name] = min(c, self.cost.get(name, math.inf))
+        self.plan = plan_schedule({n: s for n, s in self.schedules.items()}, costs, step_time, self.budget, spe,
+                                  epochs, self.min_measurements, calib)
+        self._write_plan(state)
+
+    def _write_plan(self, state: TrainState) -> None:
+        path = getattr(state.run, "path", None) if state.run is not None else None
+        if path is not None and self.plan is not None:
+            atomic_write_text(Path(path) / SCHEDULE_FILE, json.dumps(self.plan, indent=2) + "\n")
+        self._plan_written = True
+
+    def _entry(self, name: str) -> dict:
+        return next(p for p in self.plan["probes"] if p["name"] == name)
+
+    def _planned(self, name: str, step: int | None = None, epoch: int | None = None, last_epoch=None) -> bool:
+        """Whether the plan measures ``name`` at this step (step probes) or at the end of this epoch."""
+        e = self._entry(name)
+        if e["skipped"]:
+            return False
+        sch = self.schedules[name]
+        if sch.kind == "epoch":
+            k = e.get("every_epochs") or 1
+            return (epoch + 1) % k == 0 or (last_epoch is not None and epoch == last_epoch)
+        if step <= self.plan.get("calibration_steps", 0):
+            return True  # calibration steps follow the configured schedule
+        if sch.kind == "every":
+            return step % e["every_steps"] == 0
+        return True  # log-spaced: never thinned
+
+    # ---- running probes ---------------------------------------------------------------------------------------
+    def _fail(self, name: str, exc: Exception, state: TrainState) -> None:
+        self.failed[name] = f"{type(exc).__name__}: {exc}"
+        state.log_event("probe_failed", probe=name, error=self.failed[name])
 
     def _probe_batch(self, state: TrainState):
         if self.batch is None:
@@ -67,56 +496,101 @@ class Monitor(Callback):
                 x, y = ds.tensors[0][: self.probe_batch_size], ds.tensors[1][: self.probe_batch_size]
             else:
                 x, y = state.batch
-            dtype = next(state.model.parameters()).dtype
-            self.batch = (x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y)
+            p = next(state.model.parameters())  # the dataset's tensors may sit on the CPU: move them to the model
+            dtype, dev = p.dtype, p.device
+            self.batch = (x.to(dev, dtype) if x.is_floating_point() else x.to(dev),
+                          y.to(dev, dtype) if y.is_floating_point() else y.to(dev))
         return self.batch
 
     def _run(self, name: str, state: TrainState) -> None:
         if name in self.failed:
             return
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-        elapsed = time.perf_counter() - self._t0
-        # skip when this measurement would push the monitor's share of the time over the budget; before a probe
-        # has run once, its cost is guessed from the mean training-step time and PRIOR_COST_IN_STEPS
-        step_time = max(elapsed - self.spent, 0.0) / max(state.step, 1)
-        est = self.cost.get(name, PRIOR_COST_IN_STEPS.get(name, 1.0) * step_time)
-        # the budget is relative to the training time proper (elapsed minus the monitor's own time)
-        if self.budget < 1 and self.spent + est > self.budget * max(elapsed - self.spent, 1e-9):
-            self.skipped[name] += 1
-            return
         t = time.perf_counter()
         try:
             rows = PROBES[name](state.model, state.loss_fn, self._probe_batch(state), state)
         except Exception as exc:  # a failing probe must not stop training
-            self.failed[name] = f"{type(exc).__name__}: {exc}"
-            state.log_event("probe_failed", probe=name, error=self.failed[name])
+            self._fail(name, exc, state)
             return
         dt = time.perf_counter() - t
-        self.cost[name] = dt if name not in self.cost else 0.5 * (self.cost[name] + dt)
+        # kept for information (and for calibration); no decision reads it once the plan exists
+        self.cost[name] = dt if name not in self.cost else min(self.cost[name], dt)
         state.log_metrics([(name, layer, metric, value) for layer, metric, value in rows])
         if self._tb is not None:
             for layer, metric, value in rows:
                 self._tb.add_scalar(f"{name}/{metric}/{layer}" if layer else f"{name}/{metric}", value, state.step)
 
+    # ---- callback hooks ---------------------------------------------------------------------------------------
+    def on_train_start(self, state: TrainState) -> None:
+        self._t0 = time.perf_counter()
+        if self._tb_dir is not None and self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("tensorboard_dir needs the optional 'tensorboard' package (pip install gradcond[tensorboard]).") from None
+            self._tb = SummaryWriter(self._tb_dir)
+        if self._given_plan:
+            self._write_plan(state)
+        elif self.budget >= 1:
+            self._make_plan(state)  # nothing to measure: the plan is the configured schedule
+        else:
+            self.plan = None  # a fresh run plans anew (a resumed run gets its plan from load_state_dict)
+            self._plan_written = self._resumed = False
+        self._durations, self._last_end = [], time.perf_counter()
+
+    def _ensure_written(self, state: TrainState) -> None:
+        """After a resume: the plan comes from the checkpoint, or else from the run's ``monitor_schedule.json``;
+        the file is rewritten if it went missing."""
+        if self._plan_written:
+            return
+        path = getattr(state.run, "path", None) if state.run is not None else None
+        file = Path(path) / SCHEDULE_FILE if path is not None else None
+        if self.plan is None and self._resumed and file is not None and file.exists():
+            self.plan = self._check_plan(file)
+        if self.plan is not None:
+            if file is not None and not file.exists():
+                self._write_plan(state)
+            self._plan_written = True
+
     def on_step_end(self, state: TrainState) -> None:
         t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
+        if self._t0 is None:
+            self._t0 = t
+        if self.plan is None and self._last_end is not None:
+            self._durations.append(t - self._last_end)
+        self._ensure_written(state)
         for name, sch in self.schedules.items():
-            if sch.due_at_step(state.step):
-                self._run(name, state)
-        self.spent += time.perf_counter() - t
+            if sch.kind != "epoch" and sch.due_at_step(state.step):
+                if self.plan is None or self._planned(name, step=state.step):
+                    self._run(name, state)
+                else:
+                    self.skipped[name] += 1
+        if self.plan is None and len(self._durations) >= CALIBRATION_STEPS:
+            self._make_plan(state)
+        self._last_end = time.perf_counter()
+        self.spent += self._last_end - t
 
     def on_epoch_end(self, state: TrainState) -> None:
         t = time.perf_counter()
+        self._ensure_written(state)
+        if self.plan is None:
+            self._make_plan(state)  # an epoch shorter than the calibration window
+        epochs = self._epochs(state)
+        last = epochs - 1 if epochs is not None else None
         for name, sch in self.schedules.items():
             if sch.kind == "epoch":
-                self._run(name, state)
+                if self._planned(name, epoch=state.epoch, last_epoch=last):
+                    self._run(name, state)
+                else:
+                    self.skipped[name] += 1
         rows = [("monitor", probe, "skipped", n) for probe, n in sorted(self.skipped.items())]
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        rows.append(("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9)))
         state.log_metrics(rows)
         self.skipped.clear()
         self.spent += time.perf_counter() - t
+        # timing values vary between executions: they go to the timing file, never to metrics.csv
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        timing = [("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9))]
+        (state.log_timings if hasattr(state, "log_timings") else state.log_metrics)(timing)
+        self._last_end = time.perf_counter()
 
     def on_train_end(self, state: TrainState) -> None:
         if self._tb is not None:
@@ -124,27 +598,36 @@ class Monitor(Callback):
 
     def state_dict(self) -> dict:
         elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
-        return {"spent": self.spent, "elapsed": elapsed, "cost": dict(self.cost), "failed": dict(self.failed)}
+        # plain values only (checkpoints are read with weights_only=True)
+        return {"spent": self.spent, "elapsed": elapsed, "cost": dict(self.cost), "failed": dict(self.failed),
+                "plan": json.loads(json.dumps(self.plan)) if self.plan is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        # the budget is a share of training time: carry both the time spent measuring and the time elapsed
         self.spent = state.get("spent", 0.0)
         self._t0 = time.perf_counter() - state.get("elapsed", 0.0)
         self.cost = dict(state.get("cost", {}))
         self.failed = dict(state.get("failed", {}))
+        if state.get("plan") is not None and not self._given_plan:
+            self.plan = self._check_plan(state["plan"])
+        self._plan_written = False
+        self._resumed = True
+        self._last_end = time.perf_counter()
 
     # ---- plain loops --------------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None) -> list[dict]:
         """Call after ``optimizer.step()`` in your own loop; returns the rows logged at this step.
 
         Rows accumulate in ``monitor.rows`` (and in ``run``'s directory when given). ``epoch`` probes run every
-        ``len(loader)`` steps only under the trainer; here they run when :meth:`end_epoch` is called.
+        ``len(loader)`` steps only under the trainer; here they run when :meth:`end_epoch` is called. The number of
+        steps is unknown here, so the plan (:attr:`plan`) thins by rate only and cannot count measurements ahead.
         """
         from ..train import get_loss
 
-        if self._plain_state is None:
+        first = self._plain_state is None
+        if first:
             self._plain_state = TrainState(model, optimizer, get_loss(loss_fn), None, run=run or RunLogger(None))
             self.on_train_start(self._plain_state)
+            self._last_end = None  # the first step of a plain loop happened before the monitor saw it: not timed
         st = self._plain_state
         st.model, st.optimizer, st.batch = model, optimizer, batch
         if self.batch is None:

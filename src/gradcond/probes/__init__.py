@@ -5,6 +5,12 @@ and the trainer callbacks ``ResidualTracker`` and ``EffectiveDepth``. Gradient c
 ``step_consistency``, ``step_metrics``, ``consecutive_step_consistency``, ``batch_dissonance``,
 ``relative_gradient_rank``, ``gradient_confusion``, ``gradient_diversity``, ``gradient_coherence``,
 ``batch_efficiency_ratio``, the per-sample ``Engine`` and ``LayerwiseMask``. Names are imported lazily.
+
+Where things live: ``scale``, ``domain``, ``dilution``, ``taylor``, ``tracking`` (seed 003); the ``conditioning``
+subpackage (seed 004 metrics, one module per metric family; ``from gradcond.probes import conditioning as C`` gives
+all of them); ``per_sample`` (the per-sample gradient ``Engine``), ``per_sample_fast`` (its layer fast path),
+``flat_vectors`` (flat weight-vector helpers), ``mask`` (``LayerwiseMask``) and ``reference`` (exact condition
+numbers used to check the estimators).
 """
 
 from __future__ import annotations
@@ -22,5 +28,7 @@ _EXPORTS = {
                      "batch_dissonance", "relative_gradient_rank", "gradient_confusion", "gradient_diversity",
                      "gradient_coherence", "batch_efficiency_ratio"],
     "mask": ["LayerwiseMask"],
+    "representation": ["least_squares_distance", "k_redundancy", "redundant_mask", "knn_indices", "selection_entropy",
+                       "SelectionEntropy", "stable_rank", "weight_entropy", "error_gradient_rms"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

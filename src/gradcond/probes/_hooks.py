@@ -1,4 +1,4 @@
-"""Shared machinery of the gradient-scale probes (seed 003): layer selection, data/loss normalisation,
+"""Shared machinery of the gradient-scale probes (seed 003): layer selection, per-sample losses,
 measurement guards (BatchNorm buffers, in-place activations, hooks) and a recording forward pass.
 
 Conventions used by every probe in ``gsc``, ``domain``, ``dilution``, ``tracking``:
@@ -10,6 +10,8 @@ Conventions used by every probe in ``gsc``, ``domain``, ``dilution``, ``tracking
   (``torch.nn`` activations except MultiheadAttention, plus CReLU), in forward order -- seed 003 I.2 evaluates the
   GSC "at every linear, normalisation and nonlinearity layer".
 * A module called several times in one forward gives several layers, named ``name``, ``name[1]``, ``name[2]``...
+* Data is normalised by :func:`gradcond.utils.as_batches` (``targets=False`` where a probe needs inputs only) and
+  loss names are resolved by :func:`gradcond.losses.get_loss`: one way for the whole package.
 """
 
 from __future__ import annotations
@@ -94,47 +96,6 @@ def select_layers(model: nn.Module, layers) -> tuple[dict[str, nn.Module], set[s
 
 
 # ----------------------------------------------------------------------------------------------- data and loss
-
-
-def batches(data) -> list[tuple]:
-    """Normalise ``data`` to a list of ``(x, y)`` (or ``(x,)``) batches.
-
-    Accepted: a tensor ``x``; a tuple/list ``(x, y)``; a ``TensorDataset`` (one batch of all rows); a dataset
-    bundle with ``.train``; or any iterable of such batches (e.g. a ``DataLoader``).
-    """
-    if hasattr(data, "train") and hasattr(data, "test") and not isinstance(data, (tuple, list)):
-        data = data.train
-    if torch.is_tensor(data):
-        return [(data,)]
-    if isinstance(data, torch.utils.data.TensorDataset):
-        return [tuple(data.tensors)]
-    if isinstance(data, (tuple, list)) and data and all(torch.is_tensor(t) for t in data):
-        n = data[0].shape[0]
-        if any(t.shape[0] != n for t in data):
-            raise ValueError(f"data tensors must share the batch dimension 0, got shapes {[tuple(t.shape) for t in data]}.")
-        return [tuple(data)]
-    try:
-        out = [b if isinstance(b, (tuple, list)) else (b,) for b in data]
-    except TypeError:
-        raise TypeError(f"data must be a tensor, an (x, y) tuple of tensors, a TensorDataset or an iterable of "
-                        f"batches, got {type(data).__name__}.") from None
-    if not out:
-        raise ValueError("data is empty: need at least one batch.")
-    for b in out:
-        if not all(torch.is_tensor(t) for t in b):
-            raise TypeError("every batch must be a tuple of tensors (x, y).")
-    return [tuple(b) for b in out]
-
-
-def resolve_loss(loss_fn) -> Callable:
-    """A loss name (``dot``, ``mse``, ``cross_entropy``, via ``gradcond.train.get_loss``) or a callable."""
-    if callable(loss_fn):
-        return loss_fn
-    if isinstance(loss_fn, str):
-        from ..train.losses import get_loss
-
-        return get_loss(loss_fn)
-    raise TypeError(f"loss_fn must be a loss name or a callable (output, target) -> scalar, got {type(loss_fn).__name__}.")
 
 
 def per_sample_losses(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, str]:

@@ -29,6 +29,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..losses import get_loss
+from ..utils import as_batches
 from . import _hooks as H
 
 __all__ = ["Block", "DilutionProfile", "find_blocks", "dilution_profile", "composed_dilution"]
@@ -201,7 +203,7 @@ def dilution_profile(model: nn.Module, data, loss_fn="dot", blocks=None) -> Dilu
     Cost: one forward, one backward, and one branch-only VJP per block, per batch. The model's mode is used as it
     is; buffers, parameters and ``.grad`` are unchanged. ``data`` must carry targets for ``loss_fn``.
     """
-    loss = H.resolve_loss(loss_fn)
+    loss = get_loss(loss_fn)
     gm = _trace(model)
     found = find_blocks(model, gm)
     if blocks is not None:
@@ -224,7 +226,7 @@ def dilution_profile(model: nn.Module, data, loss_fn="dot", blocks=None) -> Dilu
     dims_in, dims_out = [0] * nb, [0] * nb
     want = {x for b in found for x in (b.add, b.input, b.skip, b.branch)}
     with H.measurement(model):
-        for batch in H.batches(data):
+        for batch in as_batches(data, targets=False):
             if len(batch) < 2:
                 raise ValueError("dilution_profile needs targets: pass data as (x, y).")
             x, y = batch[0], batch[1]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..utils import as_batches
 from . import _hooks as H
 
 __all__ = ["DomainStats", "domain_stats"]
@@ -111,8 +112,8 @@ def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = Fal
             f = t.detach().reshape(t.shape[0], -1).double()
             a = acc.get(lname)
             if a is None:
-                a = acc[lname] = {"s": torch.zeros(f.shape[1], dtype=torch.float64), "s2": torch.zeros(f.shape[1], dtype=torch.float64),
-                                  "pos": torch.zeros(f.shape[1], dtype=torch.float64), "n": 0, "corr": []}
+                z = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)  # on the model's device
+                a = acc[lname] = {"s": z, "s2": z.clone(), "pos": z.clone(), "n": 0, "corr": []}
                 order.append(lname)
             a["s"] += f.sum(0)
             a["s2"] += (f * f).sum(0)
@@ -128,7 +129,7 @@ def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = Fal
         for name, m in mods.items():
             handles.append(m.register_forward_pre_hook(make(name)))
         try:
-            for batch in H.batches(data):
+            for batch in as_batches(data, targets=False):
                 counts.clear()
                 bsize[0] = int(batch[0].shape[0])
                 model(batch[0])

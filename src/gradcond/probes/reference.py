@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 from torch.func import jacrev
 
-from gradcond.probes._cond_common import check_eta, check_int, check_nonzero
-from gradcond.probes.per_sample import Engine, as_batch
+from gradcond.probes.conditioning.common import check_eta, check_int, check_nonzero
+from gradcond.probes.per_sample import Engine
+from gradcond.utils import as_batch
 
 __all__ = [
     "relative_condition",

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..losses import get_loss
+from ..utils import as_batches
 from . import _hooks as H
 
 __all__ = ["GSCProfile", "ExplosionFit", "GSCEstimate", "gsc_profile", "gsc"]
@@ -171,14 +173,14 @@ def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: boo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    loss = H.resolve_loss(loss_fn)
+    loss = get_loss(loss_fn)
     mods, wanted = H.select_layers(model, layers)
     acc: dict = {}
     per: dict = {}
     losses, order = [], None
     n = 0
     with H.measurement(model), H.Recorder(model, mods, wanted) as rec:
-        for batch in H.batches(data):
+        for batch in as_batches(data, targets=False):
             if len(batch) < 2:
                 raise ValueError("gsc_profile needs targets: pass data as (x, y).")
             x, y = batch[0], batch[1]
@@ -308,7 +310,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
     stats = {"m": np.zeros(probes), "ak": 0.0, "al": 0.0, "n": 0}
     dk = dl = 0
     with H.measurement(model), H.Recorder(model, mods, wanted, norms=True, keep=True) as rec:
-        for batch in H.batches(data):
+        for batch in as_batches(data, targets=False):
             x = batch[0]
             rec.reset()
             rec.batch_size = int(x.shape[0])
@@ -325,7 +327,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
             if to_loss:
                 if len(batch) < 2:
                     raise ValueError("GSC to the loss needs targets: pass data as (x, y).")
-                ell, _ = H.per_sample_losses(H.resolve_loss(loss_fn), out, batch[1])
+                ell, _ = H.per_sample_losses(get_loss(loss_fn), out, batch[1])
                 (g,) = torch.autograd.grad(ell.sum(), [fk])
                 sq = g.reshape(b, -1).pow(2).sum(1).double()
                 stats["m"] += float(sq.sum())
@@ -352,7 +354,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
                 stats["m"] += tot
             elif mode == "vjp":
                 for p in range(probes):
-                    v = torch.randn(fl.shape, generator=gen, dtype=fl.dtype)
+                    v = torch.randn(fl.shape, generator=gen, dtype=fl.dtype).to(fl.device)  # CPU draw: same on any device
                     (gk,) = torch.autograd.grad(fl, [fk], v, retain_graph=True, allow_unused=True)
                     stats["m"][p] += 0.0 if gk is None else float(gk.double().pow(2).sum())
             else:
@@ -370,7 +372,7 @@ def gsc(model: nn.Module, loss_fn, data, k: str, l: str | None = None, probes: i
                     with H.Recorder(model, mods, wanted, norms=False, keep=True) as rec_inner:
                         rec_inner.batch_size = int(x.shape[0])
                         for p in range(probes):
-                            u = torch.randn(z0.shape, generator=gen, dtype=z0.dtype)
+                            u = torch.randn(z0.shape, generator=gen, dtype=z0.dtype).to(z0.device)
                             _, ju = torch.func.jvp(f, (z0,), (u,))
                             stats["m"][p] += float(ju.detach().double().pow(2).sum())
                 finally:

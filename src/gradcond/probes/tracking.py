@@ -11,7 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..train.trainer import Callback
+from ..callbacks import Callback
+from ..losses import get_loss
 from . import _hooks as H
 
 __all__ = ["ResidualTracker", "EffectiveDepth", "power_op_norm"]
@@ -215,7 +216,7 @@ class EffectiveDepth(Callback):
     def estimate_step(self, model, loss_fn, x, y, ops: dict, lrs: dict) -> torch.Tensor:
         """The D.2 estimate of one update on batch (x, y): tensor (n_linear, n_linear + 2), row l = linear layer l
         (forward order), column λ = sum over samples of c_l ||f_{l+1}|| sum_{i>=λ} arr[i]."""
-        loss = H.resolve_loss(loss_fn)
+        loss = get_loss(loss_fn)
         named = dict(model.named_modules())
         blocks = {n: m for n, m in named.items() if n and hasattr(m, "skip") and hasattr(m, "branch")}
         skip_prefixes = tuple(f"{n}.skip" for n in blocks)

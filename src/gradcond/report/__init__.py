@@ -1,4 +1,5 @@
-"""Reports: matplotlib figures (Agg) and self-contained HTML pages."""
+"""Reports: matplotlib figures (object-oriented API on an Agg canvas; the global backend is never switched) and
+self-contained HTML pages."""
 
 from .html import Figure, Section, table_html, write_report
 

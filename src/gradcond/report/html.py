@@ -55,9 +55,11 @@ def table_html(rows: list[dict], caption: str = "", max_rows: int = 200) -> str:
 
 
 def write_report(path: str | Path, title: str, sections: list[Section], config_text: str = "", links: dict | None = None) -> Path:
-    """Write ``path`` (HTML) with every figure embedded and also saved as ``figures/<name>.png`` beside it."""
-    import matplotlib.pyplot as plt
+    """Write ``path`` (HTML) with every figure embedded and also saved as ``figures/<name>.png`` beside it.
 
+    Figures are rendered through their own canvas (``Figure.savefig``): pyplot and the process-wide matplotlib
+    backend are not touched.
+    """
     path = Path(path)
     fig_dir = path.parent / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,6 @@ def write_report(path: str | Path, title: str, sections: list[Section], config_t
         for f in sec.figures:
             buf = io.BytesIO()
             f.fig.savefig(buf, format="png", dpi=100)
-            plt.close(f.fig)
             data = buf.getvalue()
             (fig_dir / f"{f.name}.png").write_bytes(data)
             b64 = base64.b64encode(data).decode()

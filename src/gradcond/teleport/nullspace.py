@@ -35,9 +35,19 @@ Decisions where the source is silent:
 * A layer whose input null space is empty on a batch (k equals the input dimension, e.g. a
   first conv layer with 10-dim patches) is skipped for that batch with a ``UserWarning`` and
   listed in ``BatchRecord.skipped``.
-* Non-finite loss/gradient/parameters at any point: model and optimizer are restored to their
-  exact pre-teleport state, then ``TeleportError`` (a ``FloatingPointError``) is raised; the
-  trainer callback turns it into a warning and a ``teleport_failed`` event.
+* Guards, on by default (``TeleportGuards``, issue 20): after every teleport batch the relative
+  change of that batch's loss (``batch_loss_tol`` = 1e-3), the rise of the held-out loss
+  (``held_out_tol`` = 0.05, when ``held_out`` is given), each moved layer's parameter-norm growth
+  since the teleport started (``max_weight_growth`` = 4) and finiteness are checked. Why: with a
+  too large ``eta`` the super-linear ascent runs away (weights ~1e16); the move is exact only in
+  exact arithmetic, so the held-out loss is destroyed (+259 % on a Transformer in issue 20) and,
+  through rounding, the teleport-batch loss too - and the teleport used to report success.
+  A batch that trips a guard (or hits a non-finite value) is undone and ends the teleport,
+  keeping the earlier batches; if it is the first batch, model and
+  optimizer are restored bit-identically and ``TeleportRejected`` (``TeleportError`` for
+  non-finite values, both ``FloatingPointError``) is raised with ``reason``; the trainer
+  callback turns that into a ``teleport_failed`` event with the reason and one warning.
+  Cost: one held-out forward per batch, one parameter copy and norm per batch.
 * Optimizer state: see ``apply_optimizer_state`` (``"keep"`` by default, or ``"reset"``).
 
 Cost per batch: one forward with hooks, one SVD per distinct layer input (O(D^2 N) for a
@@ -60,23 +70,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ._ns_callback import TeleportCallback
-from ._ns_common import (
+from gradcond.losses import get_loss
+from gradcond.utils import as_batches
+
+from .errors import TeleportError, TeleportRejected
+from .level_set import (
     BatchRecord,
-    TeleportError,
+    TeleportGuards,
     TeleportResult,
     apply_optimizer_state,
-    as_batches,
     check_ascent_options,
     finite,
-    resolve_loss,
     run_teleport,
 )
+from .level_set_callback import LevelSetTeleportCallback
 
 __all__ = [
     "NullSpaceTeleport",
     "NullSpaceTeleportCallback",
     "TeleportError",
+    "TeleportRejected",
+    "TeleportGuards",
     "TeleportResult",
     "BatchRecord",
     "SUPPORTED_LAYERS",
@@ -353,23 +367,33 @@ class NullSpaceTeleport:
     cap_ratio : (ours) stop a batch's steps once the gradient norm reaches ``cap_ratio`` times
         its value at the start of that batch; None = no such stop. The ascent on 1/2||g||^2 is
         super-linear, so without a cap a large ``eta`` overflows within a few steps.
+    batch_loss_tol, held_out_tol, max_weight_growth : the guards checked after every teleport
+        batch (defaults 1e-3, 0.05, 4.0; ``None`` disables one); see ``TeleportGuards``. With
+        ``tau < 1`` the batch loss changes by design: raise ``batch_loss_tol`` accordingly.
     """
 
     method = "nullspace"
 
     def __init__(self, loss: str | Callable | None = None, *, layers=None, eta: float = 1e-2,
                  tau: float = 1.0, steps: int = 8, cap: float | None = None,
-                 cap_ratio: float | None = None, max_loss_change: float | None = None):
+                 cap_ratio: float | None = None, max_loss_change: float | None = None,
+                 batch_loss_tol: float | None = 1e-3, held_out_tol: float | None = 0.05,
+                 max_weight_growth: float | None = 4.0):
         if not (0.0 <= float(tau) <= 1.0):
             raise ValueError(f"tau must be in [0, 1], got {tau}")
         check_ascent_options(steps, eta, cap, cap_ratio)
-        self.loss = resolve_loss(loss) if loss is not None else None
+        self.loss = get_loss(loss) if loss is not None else None
         self.layers = layers
         self.eta, self.tau, self.steps, self.cap = float(eta), float(tau), int(steps), cap
         self.cap_ratio = cap_ratio
         if max_loss_change is not None and not float(max_loss_change) > 0:
             raise ValueError(f"max_loss_change must be > 0 or None, got {max_loss_change}")
         self.max_loss_change = max_loss_change
+        self.guards = TeleportGuards(batch_loss_tol, held_out_tol, max_weight_growth)
+
+    def default_batch_size(self, model: nn.Module) -> int:
+        """Teleport-batch size used by the callback when it is given ``batch_size=None``: 32 (the source's n)."""
+        return 32
 
     # ---------------------------------------------------------------------------------------
     def teleport(self, model: nn.Module, batches, *, loss: str | Callable | None = None,
@@ -380,9 +404,11 @@ class NullSpaceTeleport:
         Returns a ``TeleportResult`` with, per batch, loss and gradient norm before/after on
         that batch, steps done, rank kept and input dimension per layer block, skipped blocks;
         plus the loss on ``held_out`` before/after the whole teleport. On non-finite values the
-        model and optimizer are restored exactly and ``TeleportError`` is raised.
+        model and optimizer are restored exactly and ``TeleportError`` is raised; the guards
+        (``TeleportGuards``) are checked after every batch, ``held_out`` is the batch the
+        ``held_out_tol`` guard watches (it should not be one of ``batches``).
         """
-        loss_fn = resolve_loss(loss) if loss is not None else self.loss
+        loss_fn = get_loss(loss) if loss is not None else self.loss
         if loss_fn is None:
             raise ValueError("no loss given: pass loss= to NullSpaceTeleport or to teleport()")
         batches = as_batches(batches)
@@ -391,8 +417,10 @@ class NullSpaceTeleport:
         blocks = [b for n, m in layers for b in _blocks_for(n, m)]
         all_params = [p for p in model.parameters() if p.requires_grad]
         moved = list({id(p): p for b in blocks for p in (b.weight, b.bias) if p is not None}.values())
+        groups = {n: [p for p in m.parameters() if any(p is q for q in moved)] for n, m in layers}
         return run_teleport(self.method, model, loss_fn, batches, held_out, optimizer, optimizer_state, moved,
-                            lambda x, y: self._one_batch(model, loss_fn, x, y, layers, blocks, all_params, moved))
+                            lambda x, y: self._one_batch(model, loss_fn, x, y, layers, blocks, all_params, moved),
+                            self.guards, {n: ps for n, ps in groups.items() if ps})
 
     # ---------------------------------------------------------------------------------------
     def _primary(self, model, loss_fn, x, y, params, create_graph):
@@ -456,6 +484,11 @@ class NullSpaceTeleport:
                     steps -= 1
                     reverted = True
                     break
+                tol = self.guards.batch_loss_tol
+                if tol is not None and abs(float(L.detach()) - loss0) > tol * max(abs(loss0), 1e-30):
+                    # The batch guard will refuse this batch anyway: stop ascending now, before a runaway
+                    # step overflows, so that the refusal names the guard rather than a non-finite value.
+                    break
             gn = float(sq.detach().sqrt())
             ltrace.append(float(L.detach()))
             gtrace.append(gn)
@@ -511,17 +544,17 @@ class NullSpaceTeleport:
                            ltrace, gtrace, reverted)
 
 
-class NullSpaceTeleportCallback(TeleportCallback):
+class NullSpaceTeleportCallback(LevelSetTeleportCallback):
     """Trainer callback running :class:`NullSpaceTeleport` on the source's schedule (Algorithm 1).
 
     ``NullSpaceTeleportCallback(eta=..., tau=..., steps=..., cap=..., layers=..., schedule=(0, 1, 2,
     3, 4), num_batches=32, batch_size=32, warmup_steps=0, optimizer_state="keep", ...)``; keywords
-    not listed in :class:`TeleportCallback` go to :class:`NullSpaceTeleport`. The loss is the
-    trainer's unless ``loss=`` is given. See :class:`TeleportCallback` for schedule and logging.
+    not listed in :class:`LevelSetTeleportCallback` go to :class:`NullSpaceTeleport`. The loss is the
+    trainer's unless ``loss=`` is given. See :class:`LevelSetTeleportCallback` for schedule and logging.
     """
 
     def __init__(self, teleporter: NullSpaceTeleport | None = None, **kwargs):
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in TeleportCallback.OPTIONS}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in LevelSetTeleportCallback.OPTIONS}
         super().__init__(teleporter if teleporter is not None else NullSpaceTeleport(**kwargs), **own)
         if teleporter is not None and kwargs:
             raise TypeError(f"pass either a teleporter or its options, not both: {sorted(kwargs)}")

@@ -1,7 +1,7 @@
 """Optimizer state across a teleport: transport it to the new coordinates, reset it, or keep it.
 
 A teleport by a change of basis (CoB) maps every parameter ``W`` to ``V = factor * W`` (per entry, the ``factor``
-of :func:`gradcond.teleport.core.weight_scale_factors`, ``tau_out / tau_in`` for a weight).  By Theorem 5.1 of
+of :func:`gradcond.teleport.weight_scale_factors`, ``tau_out / tau_in`` for a weight).  By Theorem 5.1 of
 seed 000 the gradient of the teleported network is ``dV = dW / factor`` entrywise (``tau_in / tau_out``), at every
 point and for every batch.  Optimizer state that is a linear statistic of past gradients therefore has an exact
 image in the new coordinates:
@@ -151,7 +151,7 @@ def _check_factors(pairs: list) -> list:
         if not ok:
             raise ValueError(f"factor of {name!r} has shape {tuple(fd.shape)}, which does not broadcast to the "
                              f"parameter's shape {tuple(p.shape)}.") from None
-        checked.append((name, p, fd))
+        checked.append((name, p, fd.to(p.device)))  # CoB factors live on the CPU; the state sits with the parameter
     return checked
 
 

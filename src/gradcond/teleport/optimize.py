@@ -7,7 +7,7 @@ construction (seed 000, Theorem 2.1): only the parameters and therefore the grad
 How the objective is evaluated (the cost decision)
 --------------------------------------------------
 By Theorem 5.1 of seed 000 the gradient of the teleported network is ``dV = dW / factor`` entrywise
-(``V = factor * W``, :func:`gradcond.teleport.core.weight_scale_factors`), for every batch.  So the gradient is
+(``V = factor * W``, :func:`gradcond.teleport.weight_scale_factors`), for every batch.  So the gradient is
 computed **once** at the current weights (one forward/backward per batch, BatchNorm buffers untouched), and every
 objective below is an explicit, differentiable function of the factors: the ascent costs one elementwise pass over
 the parameters per step -- no forward pass, no double backward.  The objective value is *at the teleported
@@ -41,8 +41,9 @@ from torch import nn
 from torch.func import functional_call
 
 from gradcond.graph import CoBStructure, analyze
+from gradcond.utils import as_batches, progress
 
-from .core import CoB, random_cob, weight_scale_factors
+from .cob import CoB, random_cob, weight_scale_factors
 
 __all__ = ["optimize_cob", "best_of_random", "gradient_at", "cob_objective", "CoBSearchLog", "OBJECTIVES"]
 
@@ -73,18 +74,6 @@ class CoBSearchLog:
         return d
 
 
-def _as_batches(batches) -> list:
-    if isinstance(batches, (tuple, list)) and len(batches) == 2 and torch.is_tensor(batches[0]):
-        batches = [tuple(batches)]
-    out = list(batches)
-    if not out:
-        raise ValueError("batches must hold at least one (inputs, targets) pair.")
-    for b in out:
-        if not (isinstance(b, (tuple, list)) and len(b) == 2):
-            raise TypeError("batches must be an iterable of (inputs, targets) pairs.")
-    return out
-
-
 def _cast(t: torch.Tensor, dtype):
     return t.to(dtype) if t.is_floating_point() else t
 
@@ -95,7 +84,7 @@ def gradient_at(model: nn.Module, loss_fn: Callable, batches) -> tuple[float, di
     Uses ``torch.func.functional_call`` with copies of the buffers, so BatchNorm running statistics and ``.grad``
     are untouched; the model's train/eval mode is used as is.  Cost: one forward and backward per batch.
     """
-    batches = _as_batches(batches)
+    batches = as_batches(batches)
     names = [n for n, p in model.named_parameters()]
     params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
     dtype = next(iter(params.values())).dtype
@@ -135,6 +124,8 @@ def cob_objective(structure: CoBStructure, cob: CoB, weights: dict, grads: dict,
     """The objective at the teleported point, from the weights and gradients at the current point
     (``dV = dW / factor``, ``V = factor * W``); differentiable in the CoB.  float64."""
     fac = weight_scale_factors(structure, cob)
+    # the CoB lives on the CPU, the weights on the model's device: factors follow the weights (differentiably)
+    fac = {n: fac[n].to(w.device) for n, w in weights.items()}
     V = {n: w.to(torch.float64) * fac[n] for n, w in weights.items()}
     G = {n: grads[n].to(torch.float64) / fac[n] for n in weights}
     return _objective_fn(objective)(G, V)
@@ -143,7 +134,7 @@ def cob_objective(structure: CoBStructure, cob: CoB, weights: dict, grads: dict,
 def _prepare(model, loss_fn, batches, structure):
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
-    batches = _as_batches(batches)
+    batches = as_batches(batches)
     if structure is None:
         structure = analyze(model, batches[0][0][:2])
     elif not isinstance(structure, CoBStructure):
@@ -210,7 +201,7 @@ def optimize_cob(model: nn.Module, loss_fn: Callable, batches, structure: CoBStr
     opt = torch.optim.Adam([theta], lr=lr)
     history = []
     best_v, best_th = -math.inf, theta.detach().clone()
-    for _ in range(steps + 1):
+    for _ in progress(range(steps + 1), desc="optimize_cob", unit="step"):  # a bar only on a terminal, after 1 s
         v = value(theta)
         fv = float(v.detach())
         history.append(fv)

@@ -46,7 +46,7 @@ backward in a double-backward pass, then (l-1) more pseudo-inverses and linear s
 the action: O(d^2 n l) per step, O(d^2 n l b t) per teleport (seed 001, Section 2.1).
 
 Optimizer state: ``"keep"`` or ``"reset"`` as for the null-space teleport
-(``_ns_common.apply_optimizer_state``); no exact transport exists because the action on W_{m-1}
+(``level_set.apply_optimizer_state``); no exact transport exists because the action on W_{m-1}
 is not linear in W_{m-1}.
 """
 
@@ -60,22 +60,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ._ns_callback import TeleportCallback
-from ._ns_common import (
+from gradcond.losses import get_loss
+from gradcond.utils import as_batches
+
+from .errors import TeleportError, TeleportRejected
+from .level_set import (
     BatchRecord,
-    TeleportError,
+    TeleportGuards,
     TeleportResult,
     apply_optimizer_state,
-    as_batches,
     check_ascent_options,
     finite,
-    resolve_loss,
     run_teleport,
 )
+from .level_set_callback import LevelSetTeleportCallback
 
-__all__ = ["SymmetryTeleport", "SymmetryTeleportCallback", "ACTIONS", "parse_mlp"]
+__all__ = ["SymmetryTeleport", "SymmetryTeleportCallback", "ACTIONS", "parse_mlp", "TeleportError",
+           "TeleportRejected", "TeleportGuards"]
 
 ACTIONS = ("inverse", "expm", "first_order")
+_MAX_HALVINGS = 20  # step-size control: T is halved at most this often per step (2**-20 ~ 1e-6)
 _NEEDS = ("SymmetryTeleport needs an nn.Sequential MLP: optional leading nn.Flatten, then nn.Linear "
           "layers with at most one invertible activation between consecutive ones (nn.LeakyReLU "
           "with negative_slope > 0, or nn.Identity)")
@@ -134,27 +138,66 @@ class SymmetryTeleport:
 
     Parameters: ``loss`` (name or callable; or per call), ``eta`` (learning rate on the Lie
     algebra), ``steps`` (t per batch), ``action`` ("inverse" | "expm" | "first_order"), ``cap``
-    (stop a batch's steps once the gradient norm reaches it). ``teleport()`` has the same
-    signature and result as ``NullSpaceTeleport.teleport``.
+    (stop a batch's steps once the gradient norm reaches it), ``cap_ratio`` (stop once it reaches
+    this multiple of the batch's starting value). ``teleport()`` has the same signature and result
+    as ``NullSpaceTeleport.teleport``.
+
+    ``max_step_change`` (ours, issue 20; default ``"auto"`` = 0.05 for the exact actions, None for
+    ``first_order``): step-size control. The ascent on 1/2||grad||^2 is super-linear and, with a
+    LeakyReLU of small slope (sigma^{-1} multiplies negative values by 1/slope), one step of
+    ``eta * dT`` can multiply the weights and the gradient norm many times over or overflow (the
+    default callback on the zoo MLP failed on every call). Each step's T is therefore halved
+    (at most 20 times, ``BatchRecord.backtracks`` counts them) until the new weights are finite and
+    every layer moves by at most ``max_step_change * ||W_m||_F``; a step that cannot qualify ends
+    the batch. ``None`` = the plain ascent (non-finite values raise ``TeleportError``). The
+    published ``first_order`` action changes W even at T = 0, so the control is off for it.
+
+    Guards ``batch_loss_tol``, ``held_out_tol``, ``max_weight_growth`` (defaults 1e-3, 0.05, 4.0):
+    as for ``NullSpaceTeleport``, see ``TeleportGuards``; ``first_order`` changes the batch loss by
+    design and usually needs ``batch_loss_tol=None``.
     """
 
     method = "symmetry"
 
     def __init__(self, loss: str | Callable | None = None, *, eta: float = 1e-2, steps: int = 8,
-                 action: str = "inverse", cap: float | None = None, cap_ratio: float | None = None):
+                 action: str = "inverse", cap: float | None = None, cap_ratio: float | None = None,
+                 max_step_change: float | None | str = "auto",
+                 batch_loss_tol: float | None = 1e-3, held_out_tol: float | None = 0.05,
+                 max_weight_growth: float | None = 4.0):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
         check_ascent_options(steps, eta, cap, cap_ratio)
-        self.loss = resolve_loss(loss) if loss is not None else None
+        self.loss = get_loss(loss) if loss is not None else None
         self.eta, self.steps, self.action, self.cap, self.cap_ratio = float(eta), int(steps), action, cap, cap_ratio
         if action != "inverse":
             self.method = f"symmetry-{action}"
+        if max_step_change is False:  # TOML configs have no null
+            max_step_change = None
+        if max_step_change == "auto":  # the published first-order action moves W even at T = 0
+            max_step_change = None if action == "first_order" else 0.05
+        if max_step_change is not None and not (isinstance(max_step_change, (int, float)) and max_step_change > 0):
+            raise ValueError(f"max_step_change must be > 0 or None, got {max_step_change}")
+        self.max_step_change = None if max_step_change is None else float(max_step_change)
+        self.guards = TeleportGuards(batch_loss_tol, held_out_tol, max_weight_growth)
+
+    def default_batch_size(self, model: nn.Module) -> int:
+        """Teleport-batch size for the callback's ``batch_size=None``: min(32, D // 2), D the
+        smallest layer-pair input dimension (hidden width [+1 for the bias]).
+
+        The action keeps the loss only when every pair input [h; 1] (D x n) has full column rank
+        n, and its pseudo-inverse (and the derivative through it) is ill-conditioned as n nears D;
+        n = D // 2 keeps the smallest singular value away from 0 on typical data. (With the
+        source's n = 32 on a width-32 MLP the first teleport step is already non-finite.)
+        """
+        mlp = parse_mlp(model)
+        dims = [lin.in_features + (lin.bias is not None) for _, lin in mlp.linears[:-1]]
+        return max(1, min(32, min(dims) // 2))
 
     def teleport(self, model: nn.Module, batches, *, loss: str | Callable | None = None,
                  optimizer: torch.optim.Optimizer | None = None, optimizer_state: str = "keep",
                  held_out: Sequence[torch.Tensor] | None = None) -> TeleportResult:
         """Teleport ``model`` in place on one ``(x, y)`` batch or a list of them; see the module doc."""
-        loss_fn = resolve_loss(loss) if loss is not None else self.loss
+        loss_fn = get_loss(loss) if loss is not None else self.loss
         if loss_fn is None:
             raise ValueError("no loss given: pass loss= to SymmetryTeleport or to teleport()")
         batches = as_batches(batches)
@@ -165,8 +208,9 @@ class SymmetryTeleport:
         if others:  # pragma: no cover - parse_mlp admits only Linear parameters
             raise ValueError(f"{_NEEDS}; unexpected parameters {others}")
         moved = [p for _, lin in mlp.linears for p in (lin.weight, lin.bias) if p is not None]
+        groups = {n: [p for p in (lin.weight, lin.bias) if p is not None] for n, lin in mlp.linears}
         return run_teleport(self.method, model, loss_fn, batches, held_out, optimizer, optimizer_state, moved,
-                            lambda x, y: self._one_batch(model, mlp, loss_fn, x, y))
+                            lambda x, y: self._one_batch(model, mlp, loss_fn, x, y), self.guards, groups)
 
     # ---------------------------------------------------------------------------------------
     def _weights(self, mlp: _MLP) -> list[torch.Tensor]:
@@ -212,7 +256,7 @@ class SymmetryTeleport:
         L0, sq0 = self._loss_grad(model, mlp, loss_fn, x, y, [W.requires_grad_() for W in Ws], False)
         Ws = [W.detach() for W in Ws]
         loss0, gn0 = float(L0.detach()), float(sq0.detach().sqrt())
-        steps, capped = 0, False
+        steps, capped, backtracks = 0, False, 0
         ltrace, gtrace = [], []
         nL = len(Ws)
         for s in range(self.steps):
@@ -245,16 +289,12 @@ class SymmetryTeleport:
                                     "and optimizer were restored to their pre-teleport state")
             Ts = [self.eta * d.detach() for d in dT]
             del gW, Wl, L, sq, G, dT
-            # ---- apply the group elements -------------------------------------------------
-            with torch.no_grad():
-                try:
-                    Ws = self._apply(mlp, X, Ws, Ts, biases, dims)
-                except torch.linalg.LinAlgError as e:
-                    raise TeleportError(f"linear-algebra failure (singular group element or non-finite values) during a symmetry teleport ({e}); "
-                                        "model and optimizer were restored to their pre-teleport state") from None
-            if not all(finite(W) for W in Ws):
-                raise TeleportError("non-finite parameters after a symmetry teleport step; model and "
-                                    "optimizer were restored to their pre-teleport state")
+            # ---- apply the group elements (with the step-size control) --------------------
+            new, halvings = self._step(mlp, X, Ws, Ts, biases, dims)
+            backtracks += halvings
+            if new is None:  # no acceptable step even at eta / 2**_MAX_HALVINGS: stop this batch
+                break
+            Ws = new
             steps += 1
         with torch.no_grad():
             for (_, lin), W in zip(mlp.linears, Ws):
@@ -267,7 +307,39 @@ class SymmetryTeleport:
         ltrace.append(float(L1.detach()))
         gtrace.append(float(sq1.detach().sqrt()))
         return BatchRecord(loss0, ltrace[-1], gn0, gtrace[-1], steps, capped, {},
-                           {n: d for (n, _), d in zip(mlp.linears, dims)}, [], ltrace, gtrace)
+                           {n: d for (n, _), d in zip(mlp.linears, dims)}, [], ltrace, gtrace,
+                           backtracks=backtracks)
+
+    def _step(self, mlp: _MLP, X, Ws, Ts, biases, dims) -> tuple[list[torch.Tensor] | None, int]:
+        """Apply the group elements ``Ts``; returns ``(new weights or None, halvings)``.
+
+        With ``max_step_change`` (default): T is halved (at most ``_MAX_HALVINGS`` times) until the
+        result is finite and every layer moves by at most ``max_step_change * ||W_m||_F``; None if
+        no halving qualifies. Without it: one application, non-finite values raise TeleportError.
+        Cost per halving: one application of the action (l-1 pseudo-inverses and solves, no
+        backward pass).
+        """
+        limit = self.max_step_change
+        for k in range(_MAX_HALVINGS + 1):
+            with torch.no_grad():
+                try:
+                    new = self._apply(mlp, X, Ws, Ts, biases, dims)
+                    ok = all(finite(W) for W in new)
+                except torch.linalg.LinAlgError as e:
+                    if limit is None:
+                        raise TeleportError(f"linear-algebra failure (singular group element or non-finite values) "
+                                            f"during a symmetry teleport ({e}); model and optimizer were restored "
+                                            "to their pre-teleport state") from None
+                    ok = False
+            if limit is None:
+                if not ok:
+                    raise TeleportError("non-finite parameters after a symmetry teleport step; model and "
+                                        "optimizer were restored to their pre-teleport state")
+                return new, 0
+            if ok and all(float((a - b).norm()) <= limit * float(b.norm()) for a, b in zip(new, Ws)):
+                return new, k
+            Ts = [0.5 * t for t in Ts]
+        return None, _MAX_HALVINGS + 1
 
     def _apply(self, mlp: _MLP, X, Ws, Ts, biases, dims) -> list[torch.Tensor]:
         Ws = list(Ws)
@@ -313,13 +385,16 @@ class SymmetryTeleport:
         return V + (target - Z) @ hp
 
 
-class SymmetryTeleportCallback(TeleportCallback):
+class SymmetryTeleportCallback(LevelSetTeleportCallback):
     """Trainer callback running :class:`SymmetryTeleport` on a schedule (same options and events
-    as ``NullSpaceTeleportCallback``; keywords not of :class:`TeleportCallback` go to
-    :class:`SymmetryTeleport`)."""
+    as ``NullSpaceTeleportCallback``; keywords not of :class:`LevelSetTeleportCallback` go to
+    :class:`SymmetryTeleport`). Default ``batch_size=None``: ``SymmetryTeleport.default_batch_size``
+    (min(32, D // 2), D the smallest layer-pair input dimension), since the exact action needs
+    n < D."""
 
     def __init__(self, teleporter: SymmetryTeleport | None = None, **kwargs):
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in TeleportCallback.OPTIONS}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in LevelSetTeleportCallback.OPTIONS}
+        own.setdefault("batch_size", None)  # SymmetryTeleport.default_batch_size: n below the layer widths
         super().__init__(teleporter if teleporter is not None else SymmetryTeleport(**kwargs), **own)
         if teleporter is not None and kwargs:
             raise TypeError(f"pass either a teleporter or its options, not both: {sorted(kwargs)}")

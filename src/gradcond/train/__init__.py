@@ -1,10 +1,13 @@
 """Training: a plain loop with callbacks (:func:`fit`), losses, optimizers, schedules, run directories."""
 
+from .filters import KFilter, LossFilter, k_filter
 from .losses import LOSSES, dot_error, get_loss
-from .run import METRIC_FIELDS, RunLogger, read_events, read_metrics
-from .trainer import OPTIMIZERS, SCHEDULES, Callback, History, TrainState, evaluate, fit, make_optimizer, make_schedule
+from .run import METRIC_FIELDS, TIMING_NAMES, RunLogger, read_events, read_metrics
+from .trainer import (OPTIMIZERS, SCHEDULES, Callback, History, TrainState, evaluate, fit, load_checkpoint,
+                      make_optimizer, make_schedule)
 
 __all__ = [
     "Callback", "TrainState", "History", "fit", "evaluate", "make_optimizer", "make_schedule", "get_loss", "dot_error",
-    "LOSSES", "OPTIMIZERS", "SCHEDULES", "RunLogger", "read_metrics", "read_events", "METRIC_FIELDS",
+    "LOSSES", "OPTIMIZERS", "SCHEDULES", "RunLogger", "read_metrics", "read_events", "METRIC_FIELDS", "TIMING_NAMES",
+    "load_checkpoint", "k_filter", "KFilter", "LossFilter",
 ]

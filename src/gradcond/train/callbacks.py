@@ -1,5 +1,7 @@
 """Callbacks by name for TOML configs (``[[callbacks]] name = "..."``).
 
+(The callback protocol itself -- the ``Callback`` base class and its hooks -- is :mod:`gradcond.callbacks`.)
+
 The registry maps a name to ``"module:attribute"`` and imports lazily, so listing names costs nothing and a
 subpackage adds its callback with one line here.
 """
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+
+from ..callbacks import Callback
 
 _REGISTRY: dict[str, str] = {}
 
@@ -39,21 +43,17 @@ def build_callback(spec: dict):
 
 register_callback("stop_after", "gradcond.train.callbacks:StopAfterEpochs")
 register_callback("monitor", "gradcond.monitor:Monitor")
-register_callback("teleport", "gradcond.teleport.callback:TeleportCallback")
+register_callback("teleport", "gradcond.teleport.cob_callback:TeleportCallback")
 register_callback("nullspace_teleport", "gradcond.teleport.nullspace:NullSpaceTeleportCallback")
 register_callback("symmetry_teleport", "gradcond.teleport.symmetry:SymmetryTeleportCallback")
 register_callback("residual_tracker", "gradcond.probes.tracking:ResidualTracker")
 register_callback("effective_depth", "gradcond.probes.tracking:EffectiveDepth")
 register_callback("consecutive_step_consistency", "gradcond.probes.conditioning:ConsecutiveStepConsistency")
+register_callback("k_filter", "gradcond.train.filters:KFilter")
+register_callback("loss_filter", "gradcond.train.filters:LossFilter")
 
 
-def _base():
-    from .trainer import Callback
-
-    return Callback
-
-
-class StopAfterEpochs(_base()):
+class StopAfterEpochs(Callback):
     """Stop (as if interrupted) once ``epochs`` epochs have run in this process: the checkpoint of the last finished
     epoch is kept and ``--resume`` continues from there. Useful for splitting a long run into time slices."""
 

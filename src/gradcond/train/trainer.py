@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..callbacks import Callback  # noqa: F401  (the protocol lives in gradcond.callbacks; re-exported here)
+from ..utils import TrainingDiverged, UserError, module_device, resolve_device
 from ..utils import progress as progress_bar_factory
 from .losses import get_loss
 from .run import RunLogger
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
 SCHEDULES = ("constant", "step", "plateau")
-
-
-class Callback:
-    """Base class of trainer callbacks: override any hook; each receives the :class:`TrainState`.
-
-    Callbacks may change the model's parameters or the optimizer's state in place (e.g. a teleport); the
-    trainer keeps using the same objects. For exact resume, define ``state_dict()`` / ``load_state_dict()``.
-    """
-
-    def on_train_start(self, state: "TrainState") -> None: ...
-    def on_epoch_start(self, state: "TrainState") -> None: ...
-    def on_step_start(self, state: "TrainState") -> None: ...
-    def on_step_end(self, state: "TrainState") -> None: ...
-    def on_epoch_end(self, state: "TrainState") -> None: ...
-    def on_train_end(self, state: "TrainState") -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 @dataclass
@@ -56,6 +40,8 @@ class TrainState:
     loss: float = float("nan")
     task: str = "classification"
     stop_training: bool = False
+    epochs: int | None = None  # epochs fit() was asked to train (None outside fit); the monitor plans with it
+    device: torch.device | None = None  # where fit() puts the batches (the model's device); None outside fit
 
     @property
     def events(self) -> list[dict]:
@@ -76,8 +62,17 @@ class TrainState:
         self.log_metrics([(probe, layer, name, value)])
 
     def log_metrics(self, rows) -> None:
-        """Append many ``(probe, layer, name, value)`` tuples at once."""
+        """Append many ``(probe, layer, name, value)`` tuples at once (names in ``TIMING_NAMES`` go to timings)."""
         self.run.metric_rows(
+            [{"step": self.step, "epoch": self.epoch, "probe": p, "layer": l, "name": n, "value": float(v)} for p, l, n, v in rows]
+        )
+
+    def log_timings(self, rows) -> None:
+        """Append ``(probe, layer, name, value)`` timing tuples (wall seconds, time shares) to ``timings.csv``.
+
+        Timings vary between executions, so they never go to ``metrics.csv`` (which a resumed run reproduces
+        byte for byte)."""
+        self.run.timing_rows(
             [{"step": self.step, "epoch": self.epoch, "probe": p, "layer": l, "name": n, "value": float(v)} for p, l, n, v in rows]
         )
 
@@ -88,6 +83,7 @@ class History:
     events: list[dict]
     metrics: list[dict]
     seconds: float = 0.0
+    timings: list[dict] = field(default_factory=list)
 
     def column(self, key: str) -> list[float]:
         return [r[key] for r in self.rows]
@@ -99,8 +95,12 @@ def make_optimizer(name, params, lr: float = 0.01, momentum: float = 0.9, weight
         return name
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}.")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"learning rate must be a positive finite number, got {lr}.")
+    if not (_is_number(lr) and lr > 0):
+        raise ValueError(f"learning rate must be a positive finite number, got {lr!r}.")
+    if not (_is_number(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+    if name == "momentum" and not (_is_number(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}.")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "momentum":
@@ -119,8 +119,21 @@ def make_schedule(name: str, optimizer, step_size: int = 10, gamma: float = 0.1,
     if name == "constant":
         return None
     if name == "step":
+        if not (isinstance(step_size, numbers.Integral) and not isinstance(step_size, bool) and step_size >= 1):
+            raise ValueError(f"step schedule needs step_size a positive integer (epochs), got {step_size!r}.")
+        if not (_is_number(gamma) and gamma > 0):
+            raise ValueError(f"step schedule needs gamma a positive number, got {gamma!r}.")
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if not (_is_number(factor) and 0 < factor < 1):
+        raise ValueError(f"plateau schedule needs factor a number in (0, 1), got {factor!r}.")
+    if not (isinstance(patience, numbers.Integral) and not isinstance(patience, bool) and patience >= 0):
+        raise ValueError(f"plateau schedule needs patience an integer >= 0, got {patience!r}.")
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=factor, patience=patience)
+
+
+def _is_number(v) -> bool:
+    """A finite real number (Python or numpy scalar; not a bool, not a string)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @torch.no_grad()
@@ -128,12 +141,11 @@ def evaluate(model: nn.Module, loader, loss_fn, task: str) -> tuple[float, float
     """Mean loss and accuracy (NaN for regression) over ``loader`` in eval mode; restores the model's mode."""
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, module_device(model)
     total, loss_sum, correct = 0, 0.0, 0
     try:
         for x, y in loader:
-            x = x.to(dtype) if x.is_floating_point() else x
-            y = y.to(dtype) if y.is_floating_point() else y
+            x, y = to_model(x, dtype, device), to_model(y, dtype, device)
             out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(x)
             if task == "classification":
@@ -142,6 +154,17 @@ def evaluate(model: nn.Module, loader, loss_fn, task: str) -> tuple[float, float
     finally:
         model.train(was_training)
     return loss_sum / max(total, 1), (correct / max(total, 1) if task == "classification" else float("nan"))
+
+
+def to_model(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a floating tensor is also cast to the model's floating ``dtype`` (integer labels keep
+    theirs). A no-op when already there. Copies *to* a GPU are ``non_blocking`` (from pinned host memory they
+    overlap with GPU work; CUDA orders them before the kernels that read them); a copy to the CPU blocks, because a
+    non-blocking device-to-host copy may be read before it has landed."""
+    nb = device.type == "cuda"
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype, non_blocking=nb)
+    return t.to(device=device, non_blocking=nb)
 
 
 def _checkpoint_path(run: RunLogger) -> Path:
@@ -163,12 +186,13 @@ def fit(
     schedule_kwargs: dict | None = None,
     callbacks=(),
     seed: int = 0,
-    progress_bar: bool = False,
+    progress_bar: bool | None = None,
     run: RunLogger | None = None,
     resume: bool = False,
     task: str | None = None,
     config: dict | None = None,
     progress: bool | None = None,
+    device=None,
 ) -> History:
     """Train ``model`` for ``epochs`` epochs and evaluate after each one.
 
@@ -177,19 +201,35 @@ def fit(
     optimizer, schedule, RNG and data-order state, callback states, row counts) so that ``resume=True``
     continues bit-exactly. Assumes the model's parameters share one floating dtype (float32 or float64); floating
     inputs are cast to it. Returns a :class:`History`.
+
+    Device: training runs where the model is. ``device=None`` keeps the model where it is (the device of its first
+    parameter); ``device="cpu" | "cuda" | "cuda:N" | "auto"`` (or a ``torch.device``) first moves the model there
+    **in place**, like ``model.to(device)`` (the caller's model object ends up on that device), and refuses CUDA
+    when there is none (:class:`~gradcond.utils.UserError`). Every batch (inputs and targets) is moved to that
+    device with ``.to(device, non_blocking=True)``, so loaders may yield CPU tensors; callbacks see the moved batch
+    in ``state.batch`` and the device in ``state.device``.
+
+    Progress: a bar over the optimizer steps (epoch and loss in its postfix) on stderr when stderr is a terminal,
+    not :func:`~gradcond.utils.set_quiet`, and training lasts over a second (:func:`gradcond.utils.progress`);
+    ``progress=False`` (or the older ``progress_bar=False``) turns it off.
     """
-    if progress is not None:
-        progress_bar = progress
+    if progress is None:
+        progress = True if progress_bar is None else bool(progress_bar)
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}.")
+    if device is not None:
+        model.to(resolve_device(device, flag="device"))  # before the optimizer is built on its parameters
+    device = module_device(model)
     loss_fn = get_loss(loss)
     if task is None:
-        task = "classification" if loss in ("cross_entropy",) or loss_fn is get_loss("cross_entropy") else "regression"
+        task = ("classification" if loss in ("cross_entropy",) or loss_fn is get_loss("cross_entropy")
+                or getattr(loss_fn, "task", None) == "classification" else "regression")  # GA losses say so
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(schedule, opt, **(schedule_kwargs or {}))
     run = run if run is not None else RunLogger(None)
     callbacks = list(callbacks)
-    state = TrainState(model, opt, loss_fn, train_loader, test_loader, run, dict(config or {}), task=task)
+    state = TrainState(model, opt, loss_fn, train_loader, test_loader, run, dict(config or {}), task=task, epochs=epochs,
+                       device=device)
     dtype = next(model.parameters()).dtype
     rows: list[dict] = []
     start_epoch = 0
@@ -197,39 +237,42 @@ def fit(
     gen = getattr(train_loader, "generator", None)
 
     if resume and run.path is not None and _checkpoint_path(run).exists():
-        ck = torch.load(_checkpoint_path(run), weights_only=False)
+        ck = load_checkpoint(_checkpoint_path(run))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("schedule") is not None:
             sched.load_state_dict(ck["schedule"])
         torch.set_rng_state(ck["rng"])
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout etc. on the GPU draw from this one
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
         if gen is not None and ck.get("data_rng") is not None:
             gen.set_state(ck["data_rng"])
-        for cb, cs in zip(callbacks, ck.get("callbacks", [])):
+        for cb, cs in _match_callback_states(callbacks, ck.get("callbacks", [])):
             cb.load_state_dict(cs)
-        run.truncate(ck["n_metrics"], ck["n_events"])
+        run.truncate(ck["n_metrics"], ck["n_events"], ck.get("n_timings"))
         rows = ck["rows"]
         start_epoch, state.step = ck["epoch"] + 1, ck["step"]
-    elif run.path is not None and run.n_metrics:
-        run.truncate(0, 0)  # a fresh (non-resumed) run starts from empty files
+    elif run.path is not None and (run.n_metrics or run.n_events or run.n_timings):
+        run.truncate(0, 0, 0)  # a fresh (non-resumed) run starts from empty files
 
+    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+    for msg in unreachable_schedules(callbacks, epochs, n_batches):
+        warnings.warn(msg, UnreachableCallbackWarning, stacklevel=2)
     t0 = time.perf_counter()
     model.train()
     if start_epoch == 0:
         for cb in callbacks:
             cb.on_train_start(state)
-    n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
     total = None if n_batches is None else n_batches * (epochs - start_epoch)
-    bar = progress_bar_factory(total=total, desc="train", unit="step") if progress_bar else None
+    bar = progress_bar_factory(total=total, desc="train", unit="step") if progress else None
     try:
         for epoch in range(start_epoch, epochs):
             state.epoch = epoch
             for cb in callbacks:
                 cb.on_epoch_start(state)
             loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in train_loader:
-                x = x.to(dtype) if x.is_floating_point() else x
-                y = y.to(dtype) if y.is_floating_point() else y
+            for x, y in state.train_loader:  # a data filter (train.filters) may swap it at on_epoch_start
+                x, y = to_model(x, dtype, device), to_model(y, dtype, device)
                 state.batch = (x, y)
                 for cb in callbacks:
                     cb.on_step_start(state)
@@ -237,7 +280,7 @@ def fit(
                 out = model(x)
                 batch_loss = loss_fn(out, y)
                 if not torch.isfinite(batch_loss):
-                    raise FloatingPointError(
+                    raise TrainingDiverged(
                         f"training loss became {float(batch_loss.detach())} at step {state.step} (epoch {epoch}); "
                         "lower the learning rate or check the data."
                     )
@@ -274,7 +317,7 @@ def fit(
             for cb in callbacks:
                 cb.on_epoch_end(state)
             if run.path is not None:
-                _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step)
+                _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step, config, device)
             if state.stop_training:
                 break
         for cb in callbacks:
@@ -282,24 +325,111 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    return History(rows, run.events, run.metrics, time.perf_counter() - t0)
+    return History(rows, run.events, run.metrics, time.perf_counter() - t0, run.timings)
 
 
-def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step) -> None:
+class UnreachableCallbackWarning(RuntimeWarning):
+    """A callback is scheduled at an epoch or step that the training never reaches."""
+
+
+def unreachable_schedules(callbacks, epochs: int, steps_per_epoch: int | None) -> list[str]:
+    """One sentence per callback whose schedule lies (partly) after the last epoch/step, so it would silently never
+    fire. Reads the schedule attributes the built-in callbacks use: ``at_epoch`` / ``schedule`` (0-based epochs)
+    and ``at_step`` (fires when ``state.step == s``, i.e. needs ``s < epochs * steps_per_epoch``)."""
+    out = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        for attr in ("at_epoch", "schedule"):
+            vals = getattr(cb, attr, None)
+            if isinstance(vals, (set, list, tuple, range)) and all(isinstance(v, int) for v in vals):
+                late = sorted(v for v in vals if v >= epochs)
+                if late:
+                    out.append(f"callback {name} is scheduled at epoch(s) {', '.join(map(str, late))} (0-based) but "
+                               f"training runs {epochs} epoch(s), 0-{epochs - 1}; it will not fire there.")
+        vals = getattr(cb, "at_step", None)
+        if steps_per_epoch is not None and isinstance(vals, (set, list, tuple)) and all(isinstance(v, int) for v in vals):
+            total = epochs * steps_per_epoch
+            late = sorted(v for v in vals if v >= total)
+            if late:
+                out.append(f"callback {name} is scheduled at step(s) {', '.join(map(str, late))} but training makes "
+                           f"{total} optimizer steps ({epochs} epochs x {steps_per_epoch}); it will not fire there.")
+    return out
+
+
+def _callback_key(cb) -> str:
+    return f"{type(cb).__module__}.{type(cb).__qualname__}"
+
+
+# Checkpoints written before a callback's module was renamed store its old key: map old -> current key on resume.
+_RENAMED_CALLBACKS = {"gradcond.teleport.callback.TeleportCallback": "gradcond.teleport.cob_callback.TeleportCallback"}
+
+
+def _match_callback_states(callbacks, saved) -> list:
+    """Pair each callback with its saved state: by class, in order (a ``stop_after`` added or dropped on resume
+    does not shift the others). Checkpoints of older versions store bare states: paired by position."""
+    if saved and not all(isinstance(s, dict) and set(s) == {"type", "state"} for s in saved):
+        return list(zip(callbacks, saved))
+    pairs, used = [], set()
+    for cb in callbacks:
+        key = _callback_key(cb)
+        for i, s in enumerate(saved):
+            if i not in used and _RENAMED_CALLBACKS.get(s["type"], s["type"]) == key:
+                used.add(i)
+                pairs.append((cb, s["state"]))
+                break
+    return pairs
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint written by :func:`fit` without executing code: ``torch.load(weights_only=True)`` admits
+    only tensors, containers and plain scalars. A file that needs anything else (e.g. a pickle whose
+    ``__reduce__`` calls a function) is refused with :class:`~gradcond.utils.UserError`; nothing in it runs."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {first}); only checkpoints holding "
+            "tensors and plain values are accepted - delete it or train without --resume."
+        ) from None
+    if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
+        raise UserError(f"checkpoint {path} is not a gradcond training checkpoint (missing model/optimizer/epoch/step).")
+    return ck
+
+
+def _plain_config(config):
+    """``config`` as plain JSON values (what ``weights_only`` loading admits), or None when it holds anything else."""
+    if not config:
+        return None
+    try:
+        return json.loads(json.dumps(config))
+    except (TypeError, ValueError):
+        return None
+
+
+def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, config=None, device=None) -> None:
     ck = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "schedule": sched.state_dict() if sched is not None else None,
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
         "data_rng": gen.get_state() if gen is not None else None,
-        "callbacks": [cb.state_dict() for cb in callbacks],
+        "callbacks": [{"type": _callback_key(cb), "state": cb.state_dict()} for cb in callbacks],
         "rows": rows,
         "epoch": epoch,
         "step": step,
         "n_metrics": run.n_metrics,
         "n_events": run.n_events,
+        "n_timings": run.n_timings,
+        "config": _plain_config(config),
     }
     path = _checkpoint_path(run)
     tmp = path.with_suffix(".tmp")
-    torch.save(ck, tmp)
-    tmp.replace(path)  # atomic: a crash mid-save leaves the previous checkpoint intact
+    try:
+        torch.save(ck, tmp)
+        tmp.replace(path)  # atomic: a crash (or a full disk) mid-save leaves the previous checkpoint intact
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

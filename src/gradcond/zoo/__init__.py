@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 from torch import nn
 
@@ -45,4 +46,37 @@ def build(name: str, **kwargs) -> nn.Module:
     return fn(**kwargs)
 
 
-__all__ = ["build", "names", "factory", "init", "layers", "CReLU", "LONorm", "ResidualBlock", *_REGISTRY]
+# Models that take images (N, C, H, W); the transformer takes sequences (N, T, d); every other model flat vectors.
+CNN_MODELS = frozenset({"vgg", "resnet", "densenet", "simple_cnn"})
+
+
+def input_form(model_name: str) -> str:
+    """The data form zoo model ``model_name`` takes: ``"image"`` for the CNNs, ``"sequence"`` for the transformer,
+    ``"flat"`` otherwise -- what ``form = "auto"`` in a config (and ``gradcond diagnose``) resolves to."""
+    if model_name in CNN_MODELS:
+        return "image"
+    if model_name == "transformer":
+        return "sequence"
+    return "flat"
+
+
+def model_kwargs_for(model_name: str, bundle) -> dict:
+    """The size keywords of zoo model ``model_name`` that follow from the data (user values take precedence).
+
+    ``bundle`` is anything with ``input_shape`` (per sample) and ``num_outputs``, e.g. a
+    :class:`gradcond.data.DatasetBundle`; models not listed here get no keywords (``{}``)."""
+    shape, k = bundle.input_shape, bundle.num_outputs
+    if model_name in ("mlp", "looks_linear_crelu_mlp", "resnet_mlp"):
+        return {"in_features": int(math.prod(shape)), "out_features": k}
+    if model_name in CNN_MODELS:
+        kw = {"in_channels": shape[0], "num_classes": k}
+        if model_name == "simple_cnn":
+            kw["image_size"] = shape[-1]
+        return kw
+    if model_name == "transformer":
+        return {"in_features": shape[-1], "seq_len": shape[0], "num_classes": k}
+    return {}
+
+
+__all__ = ["build", "names", "factory", "input_form", "model_kwargs_for", "CNN_MODELS", "init", "layers", "CReLU",
+           "LONorm", "ResidualBlock", *_REGISTRY]

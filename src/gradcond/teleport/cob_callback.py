@@ -1,19 +1,26 @@
-"""Trainer callback: teleport the model in place once, at given steps/epochs, or on a schedule (seed 000 Sec. 5).
+"""Trainer callback of the change-of-basis teleport: teleport the model in place once, at given steps/epochs, or
+on a schedule (seed 000 Sec. 5).
 
 ``TeleportCallback(at_epoch=1, kind="optimized")`` is what the demo uses (registered as ``teleport`` for TOML).
+The null-space and symmetry teleports have their own callback, :class:`gradcond.teleport.level_set_callback.
+LevelSetTeleportCallback`.  The callback protocol comes from :mod:`gradcond.callbacks`, so this module never
+loads the trainer.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 
 from gradcond.graph import analyze
-from gradcond.train import Callback
+from gradcond.callbacks import Callback
 
-from .core import random_cob, teleport, weight_scale_factors
+from .errors import TeleportError
+from .apply import teleport
+from .cob import random_cob, weight_scale_factors
 from .optim_state import MODES, _check_factors, _transport_pairs, check_optimizer_supported
 from .optimize import OBJECTIVES, _objective_fn, gradient_at, optimize_cob
 
@@ -61,6 +68,13 @@ class TeleportCallback(Callback):
     seconds)`` -- before/after values measured by autograd on the model itself (buffers untouched) on the
     objective batches -- and metrics (probe ``teleport``) ``objective_before``, ``objective_after``,
     ``loss_before``, ``loss_after``, ``seconds``.  ``self.events`` keeps the event dicts.
+
+    Safety: every teleport is self-checked (:func:`~gradcond.teleport.teleport`: original vs teleported
+    outputs on the analysis example and on the first objective batch, one forward pass each).  When the check
+    fails (``TeleportError``) the model is restored exactly, the optimizer state is not touched, a
+    ``teleport_failed`` event (with ``reason``) is logged, a ``RuntimeWarning`` is issued once, and training
+    continues.  A model with no free tau (``num_free == 0``, e.g. tanh with ``rewrite=False``) is not teleported:
+    a ``teleport_skipped`` event is logged and a warning issued once.
     """
 
     def __init__(self, at_epoch=None, at_step=None, every: int | None = None, *, kind: str = "random",
@@ -97,6 +111,7 @@ class TeleportCallback(Callback):
         self._count = 0
         self._done: set = set()
         self._structure = None
+        self._warned: set = set()
 
     @staticmethod
     def _epochs_or_steps(v, name):
@@ -139,7 +154,9 @@ class TeleportCallback(Callback):
             items = [ds[int(j)] for j in idx]
             x = torch.stack([it[0] for it in items])
             y = torch.stack([torch.as_tensor(it[1]) for it in items])
-            out.append((x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y))
+            dev = next(state.model.parameters()).device  # the dataset may sit on the CPU, the model elsewhere
+            out.append((x.to(dev, dtype) if x.is_floating_point() else x.to(dev),
+                        y.to(dev, dtype) if y.is_floating_point() else y.to(dev)))
         return out
 
     def teleport_now(self, state) -> dict:
@@ -152,6 +169,13 @@ class TeleportCallback(Callback):
         if self._structure is None:
             self._structure = analyze(model, batches[0][0][:2], rewrite=self.rewrite)
         structure = self._structure
+        if structure.num_free == 0:
+            # nothing to teleport (e.g. tanh with rewrite=False pins every tau): say so instead of logging a no-op
+            notes = (structure.frozen + structure.pins)[:3]
+            why = "; ".join(f"{n.node}: {n.reason}" for n in notes) or "no layer with free factors"
+            return self._not_done(state, "teleport_skipped", t0,
+                                  f"the model has no free change-of-basis factor (num_free=0 with rewrite="
+                                  f"{self.rewrite}; e.g. {why}); the teleport was skipped")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 + self._count)
         if self.kind == "random":
             cob = random_cob(structure, self.sigma, self.mode, gen)
@@ -167,7 +191,10 @@ class TeleportCallback(Callback):
             obj_b = float(obj({n: g.double() for n, g in g_b.items()}, {n: p.double() for n, p in params.items()}))
             out_b = self._outputs(model, batches[0][0])
         try:
-            teleport(model, cob, inplace=True)  # raises (model unchanged) if a graph rewrite would be needed
+            # self-checked on the analysis example and on this batch; raises with the model unchanged
+            teleport(model, cob, inplace=True, check_inputs=(batches[0][0],))
+        except TeleportError as exc:
+            return self._not_done(state, "teleport_failed", t0, f"{exc} The optimizer state is unchanged too.")
         except ValueError as exc:
             raise ValueError(f"TeleportCallback teleports the trained model in place and could not: {exc} "
                              "For this model use mode='intra' with rewrite=False.") from exc
@@ -190,6 +217,18 @@ class TeleportCallback(Callback):
         state.log_metrics([("teleport", "", k, ev[k]) for k in
                            ("objective_before", "objective_after", "loss_before", "loss_after", "seconds")
                            if isinstance(ev[k], (int, float)) and math.isfinite(ev[k])])
+        return record
+
+    def _not_done(self, state, kind: str, t0: float, reason: str) -> dict:
+        """Log a teleport that did not happen (``teleport_skipped`` / ``teleport_failed``), warn once per kind."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"TeleportCallback: {reason}", RuntimeWarning, stacklevel=3)
+        record = state.log_event(kind, index=self._count, method=self.kind, mode=self.mode, sigma=self.sigma,
+                                 num_free=self._structure.num_free, reason=reason,
+                                 seconds=time.perf_counter() - t0)
+        self._count += 1
+        self.events.append(record)
         return record
 
     @staticmethod

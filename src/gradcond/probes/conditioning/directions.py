@@ -1,127 +1,20 @@
-"""Shared pieces of the conditioning metrics: the Result type, validation, batch iteration, direction samplers."""
+"""Perturbation directions of the conditioning metrics (seed 004 §2.3 and §3.3).
+
+:func:`weight_directions` draws the weight perturbations ω_k of step-consistency (Defs 2.6/2.7 and a random
+baseline); :func:`input_directions` draws the input perturbations δ of batch-dissonance (Def 3.5, random,
+interpolation). Both are deterministic given the ``torch.Generator`` they receive.
+"""
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
-from gradcond.probes.mask import LayerwiseMask
-from gradcond.probes.per_sample import Engine, as_batch
+from gradcond.probes.conditioning.common import check_finite, check_nonzero, need_samples
+from gradcond.probes.per_sample import Engine
 
-__all__ = ["Result", "weight_directions", "input_directions"]
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-@dataclass
-class Result:
-    """Outcome of one metric evaluation.
-
-    value: the metric; details: metric-specific extras (per-direction ratios, cosines, ...); n: number of samples the
-    estimate is over (directions, pairs, batches — see each metric); b: batch size; eta: perturbation scale or None;
-    mask: mask fraction or None; seconds: wall time of the call.
-    """
-
-    value: float
-    details: dict = field(default_factory=dict)
-    n: int = 0
-    b: int = 0
-    eta: float | None = None
-    mask: float | None = None
-    seconds: float = 0.0
-    name: str = ""
-
-    def to_dict(self) -> dict:
-        return _plain(asdict(self))
-
-
-class _Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-
-
-def check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"eta must be a positive finite number, got {eta!r}.")
-    return float(eta)
-
-
-def check_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}.")
-    return v
-
-
-def check_choice(name: str, v, accepted) -> str:
-    if v not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {v!r}.")
-    return v
-
-
-def mask_select(mask, model):
-    if mask is None:
-        return None, None
-    if not isinstance(mask, LayerwiseMask):
-        raise TypeError(f"mask must be a LayerwiseMask or None, got {type(mask).__name__}.")
-    mask.check(model)
-    return mask.indices, mask.fraction
-
-
-def apply_select(v: torch.Tensor, select) -> torch.Tensor:
-    return v if select is None else v.index_select(-1, select)
-
-
-def need_samples(b: int, k: int, what: str) -> None:
-    if b < k:
-        raise ValueError(f"{what} needs a batch of at least {k} samples, got {b}.")
-
-
-def check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{what} contains NaN or inf; the metric is undefined for non-finite gradients.")
-
-
-def check_nonzero(norm: torch.Tensor | float, what: str) -> None:
-    if float(norm) == 0.0:
-        raise ValueError(f"{what} is zero; the metric divides by it and is undefined.")
-
-
-def is_single_batch(obj) -> bool:
-    return isinstance(obj, (tuple, list)) and len(obj) >= 2 and all(isinstance(t, torch.Tensor) for t in obj[:2])
-
-
-def take_batches(obj, n_batches: int, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """First ``n_batches`` batches of a loader / iterable (or a list of batches); a single batch is one batch."""
-    if is_single_batch(obj):
-        return [as_batch(obj)]
-    try:
-        it = iter(obj)
-    except TypeError:
-        raise ValueError(f"{what}: expected a loader or iterable of (x, y) batches, got {type(obj).__name__}.") from None
-    out = []
-    for batch in it:
-        out.append(as_batch(batch))
-        if len(out) >= n_batches:
-            break
-    if not out:
-        raise ValueError(f"{what}: the loader yielded no batches.")
-    return out
+__all__ = ["normalize", "weight_directions", "input_directions"]
 
 
 def normalize(v: torch.Tensor, norm: str, eta: float, what: str) -> torch.Tensor:
@@ -165,8 +58,9 @@ def weight_directions(
             for name in e.names:
                 w = e.w[name]
                 mu = w.mean()
-                sd = w.std(unbiased=False) if w.numel() > 1 else torch.zeros((), dtype=w.dtype)
-                parts.append((torch.randn(w.numel(), generator=gen, dtype=torch.float64).to(w.dtype) * sd + mu) * eta)
+                sd = w.std(unbiased=False) if w.numel() > 1 else torch.zeros((), dtype=w.dtype, device=w.device)
+                # drawn on the CPU (same numbers on any device), then moved to the weights' device
+                parts.append((torch.randn(w.numel(), generator=gen, dtype=torch.float64).to(w.device, w.dtype) * sd + mu) * eta)
             v = torch.cat(parts)
             rows.append(normalize(v, norm, eta, "a random direction") if norm else v)
         omegas = torch.stack(rows)
@@ -207,7 +101,7 @@ def input_directions(
         xf = e.x.reshape(-1)
         mu, sd = xf.mean(), xf.std(unbiased=False)
         half = math.sqrt(3.0) * sd
-        U = torch.rand((n,) + shape, generator=gen, dtype=torch.float64).to(e.dtype)
+        U = torch.rand((n,) + shape, generator=gen, dtype=torch.float64).to(e.x.device, e.dtype)
         D = (mu - half + 2 * half * U) * eta
         if norm:
             D = torch.stack([normalize(D[k], norm, eta, "a random input direction") for k in range(n)])

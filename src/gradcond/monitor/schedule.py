@@ -1,4 +1,9 @@
-"""Probes the monitor can schedule: each maps (model, loss_fn, batch, state) to rows ``(layer, name, value)``.
+"""What the monitor measures and when: the registry :data:`PROBES` of schedulable measurements, the preset
+schedules :data:`PRESETS`, and :class:`Schedule` (``"every:N"``, ``"epoch"``, ``"log"``).
+
+Each entry of ``PROBES`` maps (model, loss_fn, batch, state) to rows ``(layer, name, value)`` by calling a pure
+function of :mod:`gradcond.probes` (the quantities themselves live there; this module only adapts and schedules
+them -- it was ``monitor/probes.py``, a name that hid that difference).
 
 Probes never change parameters, gradients or BatchNorm buffers (the underlying ``gradcond.probes`` functions are
 pure; ``grad_norm`` only reads the ``.grad`` left by the last optimizer step).
@@ -52,6 +57,7 @@ def gsc(model, loss_fn, batch, state=None) -> Rows:
     try:
         fit = prof.fit_explosion()
         rows.append(("", "explosion_rate", fit.rate))
+        rows.append(("", "explosion_fit_layers", float(fit.n_points)))  # the report gives a verdict only from >= 3
     except ValueError:
         pass  # fewer than two linear layers: no rate to fit
     return rows
@@ -95,12 +101,45 @@ def conditioning(model, loss_fn, batch, state=None) -> Rows:
     return rows
 
 
+def representation(model, loss_fn, batch, state=None) -> Rows:
+    """Per layer (every module with a weight matrix): the stable rank ||W||_F^2 / ||W||_2^2 of its weight and the
+    least-squares distance LSD = (1/m)||Y - Z Z^+ Y||^2 (bias column included, float64) from its output on the probe
+    batch to the targets (seed 002, eq. 5.3; hard labels are one-hot encoded).  The forward pass runs in eval mode
+    under ``no_grad`` (BatchNorm buffers untouched; the model's mode is restored).  Cost: one forward pass, one SVD
+    per weight and one least-squares solve per layer."""
+    import torch
+
+    from ..probes.representation import least_squares_distance, stable_rank
+
+    layers = list(_param_layers(model))
+    mods = dict(model.named_modules())
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach()))
+             for n, _ in layers if n in mods]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch[0])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    rows = []
+    for name, w in layers:
+        rows.append((name, "stable_rank", stable_rank(w)))
+        if name in outs and isinstance(outs[name], torch.Tensor) and outs[name].shape[0] == len(batch[1]):
+            rows.append((name, "lsd", least_squares_distance(outs[name].double(), batch[1], bias=True)))
+    return rows
+
+
 PROBES: dict[str, Callable] = {
     "grad_norm": grad_norm,
     "weight_norm": weight_norm,
     "gsc": gsc,
     "domain": domain,
     "conditioning": conditioning,
+    "representation": representation,
 }
 
 

@@ -1,11 +1,18 @@
-"""Report sections for monitored probes (instruments over the rows the probes wrote; cf. Cockpit's split)."""
+"""Report sections for monitored probes (instruments over the rows the probes wrote; cf. Cockpit's split).
+
+Lives in ``report`` (it used to be ``monitor/report.py``): the monitor writes rows and never imports the report;
+the run report (:mod:`gradcond.report.run_report`) calls :func:`monitor_sections`.
+
+``labels`` (optional, logged module name -> display label, see :func:`gradcond.report.figures.layer_labels`)
+only changes what the figures and tables show; the rows keep the names they were logged with.
+"""
 
 from __future__ import annotations
 
 import html
 
-from ..report import figures
-from ..report.html import Figure, Section
+from . import figures
+from .html import Figure, Section
 
 # rows: label -> long-format metric rows; events: label -> event dicts
 
@@ -25,65 +32,72 @@ def _lowest_layer_series(rr: list[dict], probe: str, name: str):
 
 
 def _line_fig(rows, probe, name, title, ylabel, events, logy=False, reducer=None):
-    plt = figures._plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    fig, ax = figures.new_figure()
     for label, rr in rows.items():
         if reducer is None:
             xs, ys = figures.series(rr, probe, name, layer="", x="step")
         else:
             xs, ys = reducer(rr, probe, name)
         if xs:
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{label} run")
     figures.mark_events(ax, events, x="step")
     return figures.finish_axes(ax, title, "optimizer step", ylabel, logy)
 
 
-def _last_profile_fig(rows, probe, name, title, ylabel, logy=True):
-    plt = figures._plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+def _last_profile_fig(rows, probe, name, title, ylabel, logy=True, labels=None):
+    fig, ax = figures.new_figure()
+    ticks = []
     for label, rr in rows.items():
         sel = [r for r in rr if r["probe"] == probe and r["name"] == name]
         if not sel:
             continue
         last_step = sel[-1]["step"]
         prof = [r for r in sel if r["step"] == last_step]
-        ax.plot(range(len(prof)), [r["value"] for r in prof], marker=".", label=f"{label} (step {last_step})")
+        ax.plot(range(len(prof)), [r["value"] for r in prof], marker=".", label=f"{label} run (step {last_step})")
+        if len(prof) > len(ticks):
+            ticks = [figures.relabel(r["layer"], labels) for r in prof]
+    if 0 < len(ticks) <= 16:  # name the layers when they fit under the axis
+        ax.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right", fontsize=7)
     return figures.finish_axes(ax, title, "measured layer (forward order: input side first)", ylabel, logy)
 
 
-def _table(rows, probe):
+def _table(rows, probe, labels=None):
     out = []
     for label, rr in rows.items():
         for r in rr:
             if r["probe"] == probe:
-                out.append({"run": label, **{k: r[k] for k in ("step", "epoch", "layer", "name", "value")}})
+                out.append({"run": label, "step": r["step"], "epoch": r["epoch"],
+                            "layer": figures.relabel(r["layer"], labels), "module": r["layer"], "name": r["name"],
+                            "value": r["value"]})
     return out
 
 
-def _per_run_layer_figures(rows, events, probe, name, stem, title, ylabel, caption, logy=True) -> list[Figure]:
+def _per_run_layer_figures(rows, events, probe, name, stem, title, ylabel, caption, logy=True,
+                           labels=None) -> list[Figure]:
     """One per-layer time-series figure per run that has rows of ``probe``/``name``."""
-    return [Figure(f"{stem}_{label}", figures.per_layer(rr, probe, name, f"{title} ({label})", ylabel, logy=logy,
-                                                        events={label: events.get(label, [])}), caption)
+    return [Figure(f"{stem}_{label}", figures.per_layer(rr, probe, name, f"{title} ({label} run)", ylabel, logy=logy,
+                                                        events={label: events.get(label, [])}, labels=labels),
+                   f"{caption} ({label} run)")
             for label, rr in rows.items() if any(r["probe"] == probe and r["name"] == name for r in rr)]
 
 
-def monitor_sections(rows: dict, events: dict) -> list[Section]:
+def monitor_sections(rows: dict, events: dict, labels: dict | None = None) -> list[Section]:
     sections = []
     if _has(rows, "grad_norm"):
         sec = Section("Gradient norms per layer", "<p>Frobenius norm of each layer's weight gradient at the "
                       "training step (no extra computation). Layers are listed input side first.</p>")
         sec.figures += _per_run_layer_figures(rows, events, "grad_norm", "grad_norm", "grad_norm",
                                               "Per-layer gradient norm", "||dL/dW||_F",
-                                              "Per-layer gradient norm over training.")
-        sec.tables.append(("gradient norms (all rows)", _table(rows, "grad_norm")))
+                                              "Per-layer gradient norm over training.", labels=labels)
+        sec.tables.append(("gradient norms (all rows)", _table(rows, "grad_norm", labels)))
         sections.append(sec)
     if _has(rows, "weight_norm"):
         sec = Section("Weight norms and relative gradient size")
         sec.figures += _per_run_layer_figures(rows, events, "weight_norm", "grad_to_weight", "grad_to_weight",
                                               "||dW|| / ||W|| per layer", "relative gradient size",
                                               "Relative gradient size per layer (teleportation changes it layer by "
-                                              "layer while keeping the function).")
-        sec.tables.append(("weight norms", _table(rows, "weight_norm")))
+                                              "layer while keeping the function).", labels=labels)
+        sec.tables.append(("weight norms", _table(rows, "weight_norm", labels)))
         sections.append(sec)
     if _has(rows, "gsc"):
         sec = Section("Gradient scale coefficient (GSC)", "<p>GSC(l, 0) = ||J_l||_qm ||f_l|| / ||f_0|| (seed 003, "
@@ -93,21 +107,24 @@ def monitor_sections(rows: dict, events: dict) -> list[Section]:
                                                              "GSC(L, 0)", events, logy=True, reducer=_lowest_layer_series),
                                   "GSC of the lowest measured layer, over training."))
         sec.figures.append(Figure("gsc_profile", _last_profile_fig(rows, "gsc", "gsc", "GSC profile (last measurement)",
-                                                                   "GSC(l, 0)"), "GSC at every measured layer."))
+                                                                   "GSC(l, 0)", labels=labels),
+                                  "GSC at every measured layer."))
         if _has(rows, "gsc", "explosion_rate"):
             sec.figures.append(Figure("explosion_rate", _line_fig(rows, "gsc", "explosion_rate",
                                                                   "Fitted explosion rate per linear layer",
                                                                   "rate r (GSC growth per layer)", events),
-                                      "Rate r of log GSC(l, 0) vs linear-layer index; r > 1 means explosion."))
-        sec.tables.append(("GSC rows", _table(rows, "gsc")))
+                                      "Rate r of log GSC(l, 0) vs linear-layer index; r > 1 means explosion. The summary "
+                                      "gives a verdict only from a fit through at least 3 layers."))
+        sec.tables.append(("GSC rows", _table(rows, "gsc", labels)))
         sections.append(sec)
     if _has(rows, "domain"):
         sec = Section("Domain statistics", "<p>Pre-activation standard deviation and sign diversity per nonlinearity "
                       "(seed 003 §I.2): a collapsing domain shows as a falling sign diversity.</p>")
         sec.figures += _per_run_layer_figures(rows, events, "domain", "sign_diversity", "sign_diversity",
                                               "Sign diversity per nonlinearity", "sign diversity",
-                                              "0.5 = balanced signs; 0 = collapsed domain.", logy=False)
-        sec.tables.append(("domain rows", _table(rows, "domain")))
+                                              "0.5 = balanced signs; 0 = collapsed domain.", logy=False,
+                                              labels=labels)
+        sec.tables.append(("domain rows", _table(rows, "domain", labels)))
         sections.append(sec)
     if _has(rows, "conditioning"):
         names = sorted({r["name"] for rr in rows.values() for r in rr if r["probe"] == "conditioning"})
@@ -119,9 +136,10 @@ def monitor_sections(rows: dict, events: dict) -> list[Section]:
                                       f"{n.replace('_', ' ')} over training."))
         sec.tables.append(("conditioning rows", _table(rows, "conditioning")))
         sections.append(sec)
-    if _has(rows, "monitor"):
-        text = "<p>Share of the training time spent measuring, and measurements skipped to stay within budget.</p>"
-        failures = [e for evs in events.values() for e in evs if e.get("kind") == "probe_failed"]
+    failures = [e for evs in events.values() for e in evs if e.get("kind") == "probe_failed"]
+    if _has(rows, "monitor") or failures:  # timing rows may live in timings.csv: failures alone still get a section
+        text = "<p>Measurements skipped to stay within the time budget, and probes that failed (the summary at the " \
+               "top says what was measured and the share of training time it took).</p>"
         if failures:
             text += "<div class='finding'><b>Probe failures</b> (training continued):<ul>" + "".join(
                 f"<li>{html.escape(e['probe'])} at step {e['step']}: {html.escape(e['error'])}</li>" for e in failures) + "</ul></div>"

@@ -1,0 +1,245 @@
+"""Scaling the parameters of a model by a CoB (``V = factor * W``, seed 000 eq. 1), batched.
+
+:func:`gradcond.teleport.teleport` multiplies every ruled parameter by its factor with a fixed number of
+vectorised calls: the fast plan (:class:`_FastPlan`, cached per (structure, device, dtype) when all ruled
+parameters share a dtype and device), the general batched path (:func:`_scaled`, mixed dtypes) and the
+half-precision path (:func:`_scaled_half`: factors and products in float64, rounded once).  The model is checked
+against the structure once per model (:func:`_ruled_params`; later calls compare parameter identities and shapes).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradcond.graph import CoBStructure
+
+from .cob import CoB, _params_checked, _term_views, ext_device, weight_scale_factors
+
+__all__: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fast in-place path: everything that depends only on (structure, device, dtype) is built once and cached on the
+# structure; a teleport is then a fixed number of vectorised calls whatever the number of parameters:
+#   ext[1:n+1] <- tau; ext[n+2:] <- 1/tau           (2 calls, into a cached buffer)
+#   G <- ext[idx]                                    (1 index_select into a cached buffer; G holds every term)
+#   facs <- T1 * T2 (* T3 ...)                       (K-1 _foreach_mul calls over the multi-term parameters)
+#   params *= facs                                   (1 _foreach_mul_ / _foreach_mul)
+# T_k are views into G made once (parameters sorted by their number of terms, so each level is a list prefix).
+class _FastPlan:
+    __slots__ = ("names", "ext", "ext_tau", "ext_inv", "zeros", "idx", "G", "first", "levels", "n_multi", "singles",
+                 "scale_vars", "sign_vars", "_site_data")
+
+    def __init__(self, structure: CoBStructure, device, dtype):
+        n = structure.num_free
+        self.names = _rule_order(structure)
+        rules = [structure.rules[name] for name in self.names]
+        self.ext = torch.ones(2 * n + 2, dtype=dtype, device=device)
+        self.ext_tau = self.ext[1:n + 1]
+        self.ext_inv = self.ext[n + 2:]
+        self.zeros = torch.zeros_like(self.ext)
+        terms = [g for r in rules for g in r.gidx]
+        self.idx = (torch.cat([g.reshape(-1) for g in terms]) if terms
+                    else torch.zeros(0, dtype=torch.int64)).to(device)
+        self.G = torch.empty(self.idx.numel(), dtype=dtype, device=device)
+        views, k = [], 0
+        for g in terms:
+            views.append(self.G[k:k + g.numel()].view(g.shape))
+            k += g.numel()
+        per_rule, k = [], 0
+        for r in rules:
+            per_rule.append(views[k:k + len(r.gidx)])
+            k += len(r.gidx)
+        self.first = [v[0] for v in per_rule]
+        self.n_multi = sum(1 for v in per_rule if len(v) > 1)
+        self.singles = self.first[self.n_multi:]
+        # level j (j >= 1): the j-th term of every rule that has more than j terms (a prefix of the sorted rules)
+        depth = max((len(v) for v in per_rule), default=1)
+        self.levels = [[v[j] for v in per_rule if len(v) > j] for j in range(1, depth)]
+
+        def vars_of(sites):
+            if not sites:
+                return None
+            g = torch.cat([s.gidx.reshape(-1) for s in sites])
+            g = g[(g != 0) & (g != n + 1)]
+            v = torch.where(g <= n, g - 1, g - n - 2)
+            return torch.unique(v) if v.numel() else None  # indices into tau (CPU, like CoB taus)
+
+        self._site_data = None
+        self.scale_vars = vars_of([s for s in structure.sites if s.kind == "scale"])
+        self.sign_vars = vars_of([s for s in structure.sites if s.kind == "sign"])
+
+    def sites(self, structure: CoBStructure, tau: torch.Tensor):
+        """``(active, values)`` for every activation site: activity decided in tau's precision (float64: tau != 1
+        at scale sites, tau < 0 at sign sites), values (tau or sign(tau), in the parameters' dtype, each its own
+        tensor) for the active ones.  A fixed number of vectorised calls plus one small copy per active site."""
+        d = self._site_data
+        if d is None or d[0] != tau.device:
+            n = structure.num_free
+            idx = torch.cat([s.gidx.reshape(-1) for s in structure.sites]).to(tau.device)
+            sizes = [s.gidx.numel() for s in structure.sites]
+            starts = [0]
+            for k in sizes[:-1]:
+                starts.append(starts[-1] + k)
+            scale = torch.cat([torch.full((k,), s.kind == "scale") for s, k in zip(structure.sites, sizes)])
+            e64 = torch.ones(2 * n + 2, dtype=tau.dtype, device=tau.device)
+            kinds = {s.kind for s in structure.sites}
+            d = self._site_data = (tau.device, idx, sizes, starts, scale.to(tau.device), e64, e64[1:n + 1],
+                                   e64[n + 2:], kinds, [tuple(s.gidx.shape) for s in structure.sites])
+        _, idx, sizes, starts, scale, e64, e64_tau, e64_inv, kinds, shapes = d
+        e64_tau.copy_(tau)
+        torch.reciprocal(tau, out=e64_inv)
+        v = e64.take(idx)
+        if kinds == {"scale"}:
+            flag = v != 1
+        elif kinds == {"sign"}:
+            flag = v < 0
+        else:
+            flag = torch.where(scale, v != 1, v < 0)
+        active = np.logical_or.reduceat(flag.cpu().numpy(), starts).tolist()
+        if not any(active):
+            return active, []
+        vals = []
+        sv = torch.sign(v) if "sign" in kinds else None
+        for i, s in enumerate(structure.sites):
+            if active[i]:
+                src = v if s.kind == "scale" else sv
+                vals.append(src[starts[i]:starts[i] + sizes[i]].to(self.ext.dtype, copy=True).view(shapes[i]))
+            else:
+                vals.append(None)
+        return active, vals
+
+    def factors(self, tau: torch.Tensor) -> list:
+        """Per-parameter factors (order of ``self.names``); views into cached buffers, valid until the next call.
+        ``ValueError`` (nothing touched) when some tau or 1/tau is not finite in the buffers' dtype."""
+        self.ext_tau.copy_(tau)
+        if tau.device == self.ext.device:
+            torch.reciprocal(tau, out=self.ext_inv)  # computed in tau's dtype (float64), rounded once
+        else:
+            self.ext_inv.copy_(torch.reciprocal(tau))
+        # taus are validated when the CoB is made; this re-check also catches a tau tensor edited since, before any
+        # parameter is touched: dot(ext, 0) is NaN iff some entry of ext = [1, tau, 1, 1/tau] is inf or NaN (one
+        # call, vs three for isfinite(ext).all())
+        if not float(torch.dot(self.ext, self.zeros)) == 0.0:
+            raise ValueError("CoB tau must be finite and non-zero everywhere, with 1/tau finite in the parameters' "
+                             f"dtype {self.ext.dtype} (found 0, NaN, inf or an overflowing reciprocal).")
+        torch.index_select(self.ext, 0, self.idx, out=self.G)
+        if not self.levels:
+            return self.first
+        prods = torch._foreach_mul(self.first[:self.n_multi], self.levels[0])
+        for lv in self.levels[1:]:
+            torch._foreach_mul_(prods[:len(lv)], lv)
+        return [*prods, *self.singles]
+
+
+def _fast_plan(structure: CoBStructure, device, dtype) -> _FastPlan:
+    key = ("fast", device, dtype)
+    plan = structure._cache.get(key)
+    if plan is None:
+        plan = structure._cache[key] = _FastPlan(structure, device, dtype)
+    return plan
+
+
+def _rule_order(structure: CoBStructure) -> list:
+    """Names of the ruled parameters, most factor terms first (the order of :class:`_FastPlan`)."""
+    names = structure._cache.get("order")
+    if names is None:
+        names = structure._cache["order"] = [r.name for r in sorted(structure.rules.values(),
+                                                                      key=lambda r: -len(r.gidx))]
+    return names
+
+
+_SHAPE = operator.attrgetter("shape")
+
+
+def _walk_params(model: nn.Module) -> list:
+    """``list(model.parameters())`` without the generator machinery (same order: modules pre-order, each module's
+    ``_parameters`` in order, modules and parameters de-duplicated by identity).  Used only to *recognise* a model
+    already checked against the structure; any mismatch falls back to the full ``named_parameters`` check."""
+    out, seen = [], {id(model)}
+
+    def visit(m):
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        for c in m._modules.values():
+            if c is not None and id(c) not in seen:
+                seen.add(id(c))
+                visit(c)
+
+    visit(model)
+    return out
+
+
+def _ruled_params(model: nn.Module, structure: CoBStructure, names: list):
+    """``([parameters of model named names], same_dtype_and_device)`` after checking the model against the structure.
+
+    The full name/shape check (:func:`_params_checked`) runs once per model; later calls only compare the identities
+    and shapes of the model's parameters with those seen at that check (last model only, held by weak reference).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
+    plist = _walk_params(model)
+    last = structure._cache.get("last_model")
+    if last is not None and last[0]() is model:
+        _, ids, shapes, where, same = last
+        if ids == tuple(map(id, plist)) and shapes == list(map(_SHAPE, plist)):
+            return [plist[i] for i in where], same
+    params = _params_checked(model, structure)
+    ruled = [params[n] for n in names]
+    pos = {id(p): i for i, p in enumerate(plist)}
+    same = all(p.dtype == ruled[0].dtype and p.device == ruled[0].device for p in ruled)
+    if all(id(p) in pos for p in ruled):
+        structure._cache["last_model"] = (weakref.ref(model), tuple(map(id, plist)), list(map(_SHAPE, plist)),
+                                          tuple(pos[id(p)] for p in ruled), same)
+    return ruled, same
+
+
+def _scaled(structure: CoBStructure, cob: CoB, params: dict, inplace: bool) -> dict:
+    """Multiply every ruled parameter by its factor (in place, or into new tensors); batched with _foreach."""
+    by_dtype: dict = {}
+    for name, ks in structure._flat(ext_device(cob))["slots"]:
+        by_dtype.setdefault(params[name].dtype, []).append((name, ks))
+    out = {}
+    for dtype, slots_d in by_dtype.items():
+        _, views = _term_views(structure, cob.ext(dtype))
+        ps = [params[name] for name, _ in slots_d]
+        # multiply the (small, broadcastable) terms first, then touch each parameter once
+        facs = [views[ks[0]] for _, ks in slots_d]
+        multi = [i for i, (_, ks) in enumerate(slots_d) if len(ks) > 1]
+        if multi:
+            prods = torch._foreach_mul([facs[i] for i in multi], [views[slots_d[i][1][1]] for i in multi])
+            for i, f in zip(multi, prods):
+                for k in slots_d[i][1][2:]:
+                    f = f * views[k]
+                facs[i] = f
+        if inplace:
+            torch._foreach_mul_(ps, facs)
+            cur = ps
+        else:
+            cur = torch._foreach_mul(ps, facs)
+        for (name, _), v in zip(slots_d, cur):
+            out[name] = v
+    return out
+
+
+def _scaled_half(structure: CoBStructure, cob: CoB, model: nn.Module, inplace: bool) -> dict:
+    """Like :func:`_scaled` for float16 / bfloat16 parameters: factors and products in float64, rounded once."""
+    params = _params_checked(model, structure)
+    fac = weight_scale_factors(structure, CoB(structure, cob.tau.detach().to(torch.float64)))
+    out = {}
+    for name in structure.rules:
+        p = params[name]
+        v = (p.detach().to(torch.float64) * fac[name].to(p.device)).to(p.dtype)
+        if inplace:
+            p.copy_(v)
+            v = p
+        out[name] = v
+    return out
+
