@@ -3,6 +3,10 @@
 Every construct below either has an exact rule (the teleport preserves the function to float64 rounding) or is
 frozen with a reason in ``structure.frozen`` (its taus pinned); and whatever escapes the analysis is caught by
 teleport's self-check (``TeleportError``, model and optimizer unchanged).
+
+The two remaining variants of the issue's list live beside the tracing tests: nested ``nn.Transformer*`` composites
+(free taus > 0, function preserved) and ``torchvision.ops.stochastic_depth`` in ``tests/test_graph_composite.py``;
+the random-architecture property test is ``tests/test_teleport_core_property.py``.
 """
 
 from __future__ import annotations
