@@ -103,11 +103,13 @@ def test_repro_list_and_run(run_cli, tmp_path):
     assert rc == 0 and "lli-linear-at-init" in out
     rc, out, err = run_cli("repro", "run", "lli-linear-at-init", "--quick", "--out", str(tmp_path))
     assert rc == 0, err
-    assert "| claim | source | ours | holds? |" in out
+    assert "| claim | source | paper | ours | criterion | tolerance | verdict |" in out
+    assert "judged, 0 reported; HOLDS: all" in out
     import json
 
     res = json.loads((tmp_path / "lli-linear-at-init" / "result.json").read_text())
     assert res["holds"] and all(r["holds"] for r in res["rows"])
+    assert all(r["judged"] and r["paper"] and r["criterion"] and r["tolerance"] for r in res["rows"])
     assert (tmp_path / "lli-linear-at-init" / "lli_linear_at_init.png").stat().st_size > 1000
     rc, _, err = run_cli("repro", "run", "nope")
     assert rc == 2 and "unknown reproduction 'nope'" in err

@@ -288,6 +288,8 @@ def _check_rows(rows):
     assert rows and any(r.holds is not None for r in rows)  # at least one judged row
     for r in rows:
         assert r.claim and r.source and r.ours
+        assert r.criterion and r.source.startswith("seed 002"), (r.claim, r.source)  # cites the seed, states the test
+        assert r.holds is None or r.tolerance, r.claim  # a verdict says how close is close enough
 
 
 def test_repro_compression_bits_quick(tmp_path):

@@ -1,5 +1,8 @@
 """Seed-003 reproductions (gsc-table1, gsc-invariance, dilution-theorem3)."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -38,13 +41,64 @@ def test_lli_row_single_network():
     assert r["sign_div"][0] == pytest.approx(0.5, abs=0.01)
 
 
+def test_dilution_criterion_rejects_a_rate_of_one():
+    """A corrected ResNet that does not explode (rate 1.0 per layer, log10 GSC 0) must not pass, although its rate
+    is within 10 % of vanilla layer-tanh's (1.0 vs 10^(1.86/50) = 1.089), which the old criterion accepted."""
+    vanilla = math.log10(72.2)  # Table 1, vanilla layer-tanh
+    rate_one = 50 * math.log10(1.0)
+    assert abs(1.0 / 10 ** (vanilla / 50) - 1) <= 0.10  # the old per-layer-rate test passed this case
+    assert gsc_repro.judge_corrected_vs_vanilla(rate_one, vanilla)["holds"] is False
+    # half the explosion (corrected log10 GSC half the vanilla one) fails too
+    assert gsc_repro.judge_corrected_vs_vanilla(vanilla / 2, vanilla)["holds"] is False
+    # the paper's own values (Table 3 row (i) vs Table 1) pass
+    for label, van in (("layer-tanh", 72.2), ("batch-ReLU", 5728)):
+        assert gsc_repro.judge_corrected_vs_vanilla(gsc_repro.PAPER_CORRECTED_LOG10[label], math.log10(van))["holds"]
+    # a vanilla network that does not explode cannot confirm anything
+    assert gsc_repro.judge_corrected_vs_vanilla(0.0, 0.0)["holds"] is False
+
+
+def test_table1_judge_uses_the_standard_error():
+    """The Table 1 test: |mean rel. error| <= t_{0.975,n-1} * s * sqrt(1/n + 1/100), against scipy's t quantile."""
+    from scipy import stats
+
+    g = [1.10, 1.30, 1.20]
+    res = gsc_repro.judge_table1_gsc(g, 1.0)
+    rel = np.array(g) - 1
+    se = rel.std(ddof=1) * math.sqrt(1 / 3 + 1 / 100)
+    assert res["se"] == pytest.approx(se) and res["tol"] == pytest.approx(stats.t.ppf(0.975, 2) * se)
+    assert res["rel"] == pytest.approx(0.2) and res["holds"] is True  # 0.2 <= 4.30 * 0.058
+    # low-variance row with a systematic +5 % offset (the BN ResNet case): fails, while a 15 % band would pass it
+    assert gsc_repro.judge_table1_gsc([4.20, 4.21, 4.19, 4.22], 4.00)["holds"] is False
+    # the same offset with a large spread between networks is not significant
+    assert gsc_repro.judge_table1_gsc([3.2, 5.2, 4.0, 4.4], 4.00)["holds"] is True
+    assert gsc_repro.judge_table1_gsc([4.2], 4.0)["holds"] is None  # one network: no spread, not judged
+
+
+def test_every_row_carries_its_criterion(tmp_path):
+    rows = gsc_repro.run_invariance(True, tmp_path)
+    assert all(r.judged and r.paper and r.criterion and r.tolerance and "seed 003" in r.source for r in rows)
+
+
 @pytest.mark.slow
 def test_table1_full(tmp_path):
-    """Exploding and ResNet rows within 15% of Table 1 averaged over 6 networks; LLI rows 1.00 +- 0.01."""
+    """Every row judged over 20 networks (t-test on the standard error); LLI rows 1.00 +- 0.01. The rows that fail
+    at our scale are reported with their numbers; this asserts the rows expected to hold."""
     rows = gsc_repro.run_table1(False, tmp_path)
-    bad = [r.ours for r in rows if r.holds is False]
-    assert not bad, bad
-    assert all(r.data["n_networks"] >= 5 for r in rows)
+    assert all(r.judged and r.data["n_networks"] >= 20 and r.tolerance for r in rows)
+    lli = [r for r in rows if "LLI" in r.claim]
+    assert len(lli) == 3 and all(r.holds for r in lli), [r.ours for r in lli]
+    # exploding vanilla rows: within 15 % of the paper (the earlier 6-network full run); the verdict itself uses the
+    # standard-error test, which may say no for a small systematic offset, and REPRODUCTION.md reports that
+    exploding = [r for r in rows if r.data["group"] in ("vanilla", "width", "orthogonal") and r.data["paper_gsc"] > 5]
+    far = [r.ours for r in exploding if abs(r.data["rel_error"]) > 0.15]
+    assert len(exploding) == 14 and not far, far
+
+
+def test_theorem3_quick(tmp_path):
+    rows = gsc_repro.run_theorem3(True, tmp_path)
+    assert len(rows) == 6 and all(r.judged and r.paper and r.criterion and r.tolerance for r in rows)
+    corrected = [r for r in rows if "dilution-corrected" in r.claim]
+    assert all(abs(r.data["ratio"] - 1) <= gsc_repro.CORRECTED_REL_TOL for r in corrected if r.holds)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ def test_entries_registered():
 @pytest.mark.parametrize("fn", [R.checkerboard, R.lsd_depth, R.selection_entropy_depth, G.ga_vs_softmax])
 def test_quick_runs(fn, tmp_path):
     rows = fn(True, tmp_path)
-    assert rows and all(r.claim and r.ours and "criterion" in r.source for r in rows)
+    assert rows and all(r.claim and r.ours and r.criterion and r.source.startswith("seed 002") for r in rows)
     assert all(r.holds in (True, False) for r in rows)  # every row is judged: n/a is not a verdict here
     assert list(tmp_path.glob("*.png"))
 
@@ -28,7 +28,7 @@ def test_quick_runs(fn, tmp_path):
 def test_kfilter_tradeoff_quick(tmp_path):
     rows = R.kfilter_tradeoff(True, tmp_path)
     judged = [r for r in rows if r.holds is not None]
-    assert len(judged) == 2 and all("criterion" in r.source for r in judged)  # one verdict per dataset
+    assert len(judged) == 2 and all(r.criterion and r.tolerance for r in judged)  # one verdict per dataset
     assert all("kept" in r.ours for r in rows if r.holds is None)
     assert (tmp_path / "kfilter_tradeoff.png").exists()
 

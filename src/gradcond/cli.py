@@ -1,11 +1,12 @@
-"""The ``gradcond`` command line: ``run``, ``repro list|run``, ``diagnose``.
+"""The ``gradcond`` command line: ``run``, ``repro list|run|all``, ``diagnose``.
 
-Exit codes: 0 success; 1 ``repro run``: a checked claim does not hold; 2 bad input or an unusable run directory
-(one line ``gradcond: error: ...`` saying what was wrong and what is accepted; nothing half-written is left);
-3 training diverged (the loss became NaN or infinite); 130 interrupted (resumable with ``--resume``).
+Exit codes: 0 success; 1 ``repro run``/``repro all``: a judged claim does not hold (or an entry judges nothing);
+2 bad input or an unusable run directory (one line ``gradcond: error: ...`` saying what was wrong and what is
+accepted; nothing half-written is left); 3 training diverged (the loss became NaN or infinite); 130 interrupted
+(resumable with ``--resume``).
 Warnings are printed as one line ``gradcond: warning: ...``.
 
-``--device cpu|cuda|cuda:N|auto`` (``run``, ``diagnose``, ``repro run``; default cpu) is checked before any work:
+``--device cpu|cuda|cuda:N|auto`` (``run``, ``diagnose``, ``repro run|all``; default cpu) is checked before any work:
 CUDA on a machine without it is exit 2. Progress bars go to stderr only when it is a terminal (``--quiet``: none).
 """
 
@@ -45,20 +46,31 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_repro(args) -> int:
-    from .experiments import load_all, markdown_table, run_experiment
+    from .experiments import registry
 
-    exps = load_all()
+    exps = registry.load_all()
     if args.repro_cmd == "list":
+        # counts of judged/reported rows come from the last run found in --out (nothing is run to list)
         width = max(len(n) for n in exps) if exps else 0
         for name, exp in exps.items():
-            print(f"{name:<{width}}  {exp.claim}")
+            last = registry.last_counts(name, args.out)
+            counts = (f"{last['judged']} judged, {last['reported']} reported ({'quick' if last['quick'] else 'full'} "
+                      f"run, {'holds' if last['holds'] else 'FAILS'})" if last else "not run yet")
+            print(f"{name:<{width}}  [{counts}]  {exp.claim}")
         return 0
+    if args.repro_cmd == "all":
+        outcomes, report = registry.run_all(args.out, quick=args.quick, device=args.device)
+        for o in outcomes:
+            print(f"{o.name}: " + (f"FAILS: raised {o.error}" if o.error else registry.summary_line(o.rows)))
+        print(report)
+        return 0 if all(o.holds for o in outcomes) else 1
     if args.name not in exps:
         raise UserError(f"unknown reproduction {args.name!r}; accepted: {', '.join(exps)}.")
-    rows, out = run_experiment(args.name, args.out, quick=args.quick, device=args.device)
-    print(markdown_table(rows), end="")
+    rows, out = registry.run_experiment(args.name, args.out, quick=args.quick, device=args.device)
+    print(registry.markdown_table(rows), end="")
+    print(registry.summary_line(rows))
     print(out / "result.md")
-    return 0 if all(r.holds is not False for r in rows) else 1
+    return 0 if registry.entry_holds(rows) else 1
 
 
 def _cmd_diagnose(args) -> int:
@@ -100,20 +112,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_run)
 
     rp = sub.add_parser("repro", help="list or run reproductions of the sources' claims",
-                        description="Reproductions of the sources' claims: each prints claim | source | ours | holds?")
+                        description="Reproductions of the sources' claims: each prints claim | source | paper | ours | "
+                                    "criterion | tolerance | verdict. An entry holds when at least one row is judged "
+                                    "and no judged row fails.")
     rsub = rp.add_subparsers(dest="repro_cmd", metavar="ACTION", required=True)
-    rl = rsub.add_parser("list", help="list the registered reproductions", description="List the reproductions.")
+    rl = rsub.add_parser("list", help="list the registered reproductions",
+                         description="List the reproductions, with the 'k judged, m reported' counts of the last run "
+                                     "found in --out (nothing is run).")
+    rl.add_argument("--out", default="runs/repro",
+                    help="where to look for the last results (default: runs/repro, the default of `repro all`)")
     rl.set_defaults(func=_cmd_repro)
     rr = rsub.add_parser("run", help="run one reproduction",
                          description="Run one reproduction into OUT/NAME/ (result.json, result.md, figures). "
-                                     "Exit code 0 when every checked claim holds, 1 when one does not, 2 on bad input "
-                                     "(including an unwritable --out).")
+                                     "Exit code 0 when it holds, 1 when a judged claim does not hold or no row is "
+                                     "judged, 2 on bad input (including an unwritable --out).")
     rr.add_argument("name", help="reproduction name (see `gradcond repro list`)")
     rr.add_argument("--quick", action="store_true", help="a smaller version that finishes in minutes")
     rr.add_argument("--out", default="repro_out", help="output directory (default: repro_out)")
     _device_option(rr)
     rr.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     rr.set_defaults(func=_cmd_repro)
+    ra = rsub.add_parser("all", help="run every reproduction and write REPRODUCTION.md",
+                         description="Run every reproduction into OUT/NAME/ and write OUT/REPRODUCTION.md (one table: "
+                                     "entry | claim | source | paper value | ours | criterion | verdict, and a summary "
+                                     "line per entry). An entry that raises is recorded as failing and the others "
+                                     "still run. Exit code 0 when every entry holds, 1 when one does not, 2 on bad "
+                                     "input.")
+    ra.add_argument("--quick", action="store_true", help="the smaller version of every entry (minutes each)")
+    ra.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
+    _device_option(ra)
+    ra.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    ra.set_defaults(func=_cmd_repro)
 
     d = sub.add_parser("diagnose", help="one-shot gradient-health analysis of a model at its current weights",
                        description="Analyse MODEL (a zoo name, or path/to/file.py:factory) on DATA: GSC profile, "

@@ -203,7 +203,8 @@ DDP_DEFAULTS = {"hidden": [64], "seed": 0, "lr": 0.05, "batch_size": 32, "epochs
     "compression-ddp",
     claim="Entropy-coded gradient exchange (DDP comm hook, 2 gloo ranks) trains as well as plain DDP at a fraction "
           "of the bits; a rank that dies makes the other exit with a clear error.",
-    source=SOURCE + "; issue 16 (accuracy within 0.5 pp of uncompressed DDP; dead rank -> error within 60 s)",
+    source=SOURCE + "; §3.9 (no loss of accuracy); the dead-rank behaviour is a library requirement, not a "
+                    "source claim",
 )
 def run_compression_ddp(quick: bool, out_dir: Path) -> list[Row]:
     cfg = dict(DDP_DEFAULTS, modes=["plain", "hook", "local"], epochs=8 if quick else 30)
@@ -211,25 +212,36 @@ def run_compression_ddp(quick: bool, out_dir: Path) -> list[Row]:
     rows = []
     if any(c != 0 for c in res["exitcodes"]):
         errs = "; ".join(r.get("error", "no result") for r in res["ranks"])
-        return [Row("2 gloo ranks train", "runs", f"failed: exit codes {res['exitcodes']}: {errs}", False)]
+        return [Row("2 gloo ranks train", "library requirement (the DDP runs must complete)",
+                    f"failed: exit codes {res['exitcodes']}: {errs}", False,
+                    criterion="both ranks exit with code 0", tolerance="exact")]
     r0 = res["ranks"][0]
     plain, hook, local = r0["plain"], r0["hook"], r0["local"]
     diff = 100 * (hook["accuracy"] - plain["accuracy"])
     rows.append(Row(
         claim=f"DDP + entropy hook (c={cfg['c']}, M={cfg['M']}) vs plain DDP: final test accuracy, digits MLP",
-        source="within 0.5 pp (issue 16); the source reports no loss of accuracy (§3.9)",
+        source="seed 002 §3.9 (compressed exchange, no loss of accuracy)",
+        paper="no loss of accuracy",
+        criterion="|final test accuracy (hook) - (plain DDP)| <= 0.5 pp, same seed and data order",
+        tolerance="0.5 pp: 'no loss' read as within the run-to-run noise of one digits run (~0.3-0.5 pp); fixed "
+                  "before the run",
         ours=f"{100 * hook['accuracy']:.2f} % vs {100 * plain['accuracy']:.2f} % ({diff:+.2f} pp) at "
              f"{hook['bits_per_value']:.2f} bits/gradient value (vs 32)",
         holds=abs(diff) <= 0.5, data={"plain": plain, "hook": hook}))
     rows.append(Row(
         claim="replicas stay identical under the hook (all ranks decode and average in rank order)",
-        source="DDP invariant", ours=f"identical: {all(r['hook']['replicas_identical'] for r in res['ranks'])}",
+        source="DDP invariant (library requirement, not a source claim)",
+        criterion="every rank's parameters are bit-identical after training", tolerance="exact (bitwise)",
+        ours=f"identical: {all(r['hook']['replicas_identical'] for r in res['ranks'])}",
         holds=all(r["hook"]["replicas_identical"] for r in res["ranks"])))
     ldiff = 100 * (local["accuracy"] - plain["accuracy"])
     rows.append(Row(
         claim=f"local SGD with compressed weight sync every {cfg['every_steps']} steps vs plain DDP",
-        source="source's setting (weights, not gradients, synchronised); no loss of accuracy (§3.9); we require "
-               "within 2 pp",
+        source="seed 002 §3.6-3.9 (weights, not gradients, synchronised)",
+        paper="no loss of accuracy",
+        criterion="|final test accuracy (local SGD + compressed sync) - (plain DDP)| <= 2 pp and replicas identical",
+        tolerance="2 pp: local SGD syncs every few steps, so a larger gap than gradient exchange is expected at this "
+                  "scale; fixed before the run",
         ours=f"{100 * local['accuracy']:.2f} % ({ldiff:+.2f} pp) at {local['bits_per_value']:.2f} bits/param per "
              f"sync, {cfg['every_steps']}x fewer exchanges",
         holds=abs(ldiff) <= 2.0 and all(r["local"]["replicas_identical"] for r in res["ranks"]),
@@ -241,7 +253,10 @@ def run_compression_ddp(quick: bool, out_dir: Path) -> list[Row]:
     t = None if t0 is None or t1 is None else t0 - t1  # from rank 1's death to rank 0's exit
     rows.append(Row(
         claim="rank 1 killed at step 5: rank 0 exits with a clear error",
-        source="within 60 s (issue 16)",
+        source="library requirement (fault handling; not a claim of the source)",
+        criterion="rank 0 exits with code 1 and the message 'exchange of compressed packages failed' < 60 s after "
+                  "rank 1 dies",
+        tolerance="60 s: the gloo timeout budget the library promises",
         ours=f"rank 0 exit code {kres['exitcodes'][0]}, {t if t is None else round(t, 1)} s after rank 1 died: "
              f"{survivor[:160]}",
         holds=kres["exitcodes"][0] == 1 and t is not None and t < 60 and "exchange of compressed packages failed"
@@ -337,7 +352,11 @@ def run_compression_bits(quick: bool, out_dir: Path) -> list[Row]:
         b, pb = mean(s, "mean_bits"), mean(s, "mean_payload_bits")
         rows.append(Row(
             claim=f"{s[0]} = {s[1]}, M = 4: average bits/param over training (entropy-coded)",
-            source=f"{paper} bits/param (fig. 3.5); we require within 1 bit",
+            source="seed 002 §3.8-3.9, Fig. 3.5",
+            paper=f"{paper} bits/param",
+            criterion="mean coded-index bits/param over training within 1 bit of the source's value",
+            tolerance="1 bit: a different model and data set (digits MLP vs the source's networks) shift the entropy; "
+                      "fixed before the run",
             ours=f"{b:.2f} bits/param transmitted ({pb:.2f} for the coded indices alone), {len(seeds)} seed(s) x "
                  f"{epochs} epochs",
             holds=abs(pb - paper) <= 1.0, data={"bits": b, "payload_bits": pb}))
@@ -345,14 +364,20 @@ def run_compression_bits(quick: bool, out_dir: Path) -> list[Row]:
         a = mean(s, "best_acc")
         rows.append(Row(
             claim=f"{s}: best test accuracy vs float32",
-            source="no loss (8-bit matches the baseline, §3.2; c = 6 better than baseline, §3.9); we require within "
-                   "1 pp",
+            source="seed 002 §3.2, §3.9, Fig. 3.4",
+            paper="no loss (8-bit matches the baseline; c = 6 better than the baseline)",
+            criterion="best test accuracy >= float32's - 1 pp",
+            tolerance="1 pp: seed-to-seed spread of the best test accuracy on digits; fixed before the run",
             ours=f"{100 * a:.2f} % vs {100 * base_acc:.2f} % ({100 * (a - base_acc):+.2f} pp)",
             holds=(a - base_acc) >= -0.01, data={"best_acc": a, "float32": base_acc}))
     ep6 = mean("c6", "best_epoch")
     rows.append(Row(
         claim="c = 6: epochs to the best test accuracy vs float32",
-        source="20 % fewer (§3.9); we require at least 10 % fewer",
+        source="seed 002 §3.9",
+        paper="20 % fewer iterations than the baseline (c = 6, M = 4)",
+        criterion="full mode only (quick: 6 epochs, 1 seed, not judged): mean epoch of the best test accuracy <= "
+                  "0.9 x float32's",
+        tolerance="10 %: half the source's saving, to allow for the epoch granularity of a 40-epoch run",
         ours=f"{ep6:.1f} vs {base_ep:.1f} epochs ({100 * (ep6 - base_ep) / base_ep:+.0f} %)",
         holds=ep6 <= 0.9 * base_ep if not quick else None,
         data={"c6": ep6, "float32": base_ep}))

@@ -10,10 +10,11 @@ import torch
 
 from .registry import Row, register
 
-# (group, label, builder kwargs, paper GSC(L,0), paper std, paper sign div, checked-within-15%?)
-# Paper values: seed 003 Table 1 (notes/003 §3.1). "checked" = the rows the issue's Must-show names (exploding
-# vanilla/orthogonal rows and every ResNet row); non-exploding ReLU/tanh rows vary a lot between networks
-# (notes: single networks between 0.31 and 3.32) and are reported, not judged.
+# (group, label, builder kwargs, paper GSC(L,0), paper std, paper sign div, kind of check)
+# Paper values: seed 003 Table 1 (notes/003 §3.1). Every row is judged: "lli" rows against the exact values
+# 1 / 1 / 0.5; the others (the last field is True for exploding and ResNet rows, False for the non-exploding rows,
+# which vary a lot between networks: single networks between 0.31 and 3.32) by the standard-error test of
+# :func:`judge_table1_gsc`. The flag only labels the row; it does not change the test.
 _V = dict(kind="mlp")
 TABLE1 = [
     ("vanilla", "ReLU / none / Gauss", dict(_V, act="relu", norm="none", init="gaussian"), 1.52, 0.22, 0.030, False),
@@ -105,11 +106,44 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 100 else f"{v:.0f}"
 
 
+PAPER_NETWORKS = 100  # App. I.2: Table 1 averages over 100 (network, dataset) draws
+LLI_TOL = 0.01
+
+
+def judge_table1_gsc(gsc: list[float], paper: float, paper_networks: int = PAPER_NETWORKS) -> dict:
+    """Two-sided test of "our mean GSC(L,0) equals the paper's" on the relative scale ``g_i / paper - 1``.
+
+    The standard error of the difference of the two means is ``s * sqrt(1/n + 1/paper_networks)``, with ``s`` the
+    sample standard deviation (ddof 1) of our ``n`` per-network relative values, used for the paper's draws too
+    (it prints no spread); the tolerance is ``t_{0.975, n-1}`` (Student t, 95 % two-sided) times that standard
+    error, so it is wide for high-variance rows or few networks and tight for low-variance rows. Needs ``n >= 2``
+    (with one network there is no spread: ``holds`` None). Returns ``holds``, the mean relative error ``rel``, ``tol``,
+    ``se``, ``t`` and ``n``.
+
+    The level is per row: over Table 1's 34 rows about 1.5 of the 31 t-tested rows are expected to fail by chance
+    alone when every mean matches, so a single marginal failure is weak evidence; a failure far outside the bound
+    (e.g. the Gaussian-skip BN ResNet rows, +5...+9 % with a spread of ~1 %) is a systematic difference.
+    """
+    from scipy.stats import t as student_t
+
+    rel = np.asarray(gsc, dtype=float) / paper - 1
+    n = len(rel)
+    if n < 2:
+        return {"holds": None, "rel": float(rel.mean()) if n else float("nan"), "tol": float("nan"),
+                "se": float("nan"), "t": float("nan"), "n": n}
+    se = float(rel.std(ddof=1) * math.sqrt(1 / n + 1 / paper_networks))
+    tq = float(student_t.ppf(0.975, n - 1))
+    m = float(rel.mean())
+    return {"holds": bool(abs(m) <= tq * se), "rel": m, "tol": tq * se, "se": se, "t": tq, "n": n}
+
+
 @register(
     "gsc-table1",
     claim="Gaussian-noise protocol at initialisation: GSC(L,0), pre-activation std and sign diversity per Table-1 "
-          "architecture; exploding and ResNet rows within 15% of the paper, looks-linear rows exactly 1 / 1 / 0.5.",
-    source="seed 003, Table 1 and App. I.2 (width 100, compositional depth 50, 10,000 points in one BN batch)",
+          "architecture; every row's mean GSC equals the paper's within 95 % Student-t bounds of the standard error, "
+          "looks-linear rows exactly 1 / 1 / 0.5.",
+    source="seed 003, Table 1, Sec. 3 and App. I.1-I.2 (width 100, compositional depth 50, 10,000 points in one "
+           "BN batch, 100 networks)",
 )
 def run_table1(quick: bool, out_dir: Path) -> list[Row]:
     from matplotlib.figure import Figure
@@ -117,7 +151,9 @@ def run_table1(quick: bool, out_dir: Path) -> list[Row]:
     from ..utils import progress
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    n_net = 2 if quick else 6
+    # quick: 3 networks per row (the smallest count with a usable spread; t_{0.975,2} = 4.3 makes the bounds wide);
+    # full: 20 per row, enough for t ~ 2.1 and a standard error ~ s / 4.5 on the high-variance rows
+    n_net = 3 if quick else 20
     n_samples = 10000
     rows, md = [], ["| architecture | paper GSC | ours GSC (mean ± std, min-max) | paper std | ours std | paper sign div | "
                     "ours sign div | networks | verdict |", "|---|---|---|---|---|---|---|---|---|"]
@@ -127,14 +163,20 @@ def run_table1(quick: bool, out_dir: Path) -> list[Row]:
         gm, gs = float(np.mean(r["gsc"])), float(np.std(r["gsc"]))
         sm, dm = float(np.mean(r["std"])), float(np.mean(r["sign_div"]))
         rel = gm / p_gsc - 1
+        judge = judge_table1_gsc(r["gsc"], p_gsc)
         if checked == "lli":
-            holds = abs(gm - 1) <= 0.01 and abs(sm - 1) <= 0.01 and abs(dm - 0.5) <= 0.01
-            crit = "GSC 1.00±0.01, std 1.00±0.01, sign div 0.50±0.01"
-        elif checked:
-            holds = abs(rel) <= 0.15
-            crit = "within 15%"
+            holds = (abs(gm - 1) <= LLI_TOL and abs(sm - 1) <= LLI_TOL and abs(dm - 0.5) <= LLI_TOL)
+            crit = (f"mean GSC, pre-activation std and sign diversity over {n_net} networks equal 1, 1 and 0.5 "
+                    "(the paper's values: LLI makes the network exactly linear at init)")
+            tol = f"{LLI_TOL} absolute on each (sampling error of 10,000 points; float rounding is far smaller)"
         else:
-            holds, crit = None, "reported (non-exploding, high variance between networks)"
+            holds = judge["holds"]
+            kind = "exploding/ResNet row" if checked else "non-exploding row (high variance between networks)"
+            crit = (f"|mean(GSC_i / paper - 1)| <= t * SE over {n_net} networks ({kind}); std and sign diversity "
+                    "reported")
+            tol = (f"{judge['tol']:.1%} = t_0.975,{n_net - 1} ({judge['t']:.2f}) x SE {judge['se']:.2%}, "
+                   f"SE = sample std of our per-network values x sqrt(1/{n_net} + 1/{PAPER_NETWORKS}) (our draws "
+                   f"and the paper's {PAPER_NETWORKS})")
         verdict = {True: "holds", False: "FAILS", None: "reported"}[holds]
         md.append(f"| {label} | {_fmt(p_gsc)} | {_fmt(gm)} ± {_fmt(gs)} ({_fmt(min(r['gsc']))}-{_fmt(max(r['gsc']))}) | "
                   f"{p_std} | {sm:.3f} | {p_sd} | {dm:.3f} | {n_net} | {verdict} |")
@@ -142,13 +184,14 @@ def run_table1(quick: bool, out_dir: Path) -> list[Row]:
                 "gsc_min": float(min(r["gsc"])), "gsc_max": float(max(r["gsc"])), "gsc_per_network": r["gsc"],
                 "rel_error": rel, "rate_mean": float(np.mean(r["rate"])), "paper_std": p_std, "std_mean": sm,
                 "paper_sign_div": p_sd, "sign_div_mean": dm, "n_networks": n_net, "n_samples": n_samples,
-                "criterion": crit}
+                "judge": judge}
         results.append(data)
         rows.append(Row(
-            claim=f"Table 1 {label}: GSC(L,0) at init ({crit})",
-            source=f"GSC {p_gsc}, std {p_std}, sign div {p_sd}",
-            ours=f"GSC {_fmt(gm)} ± {_fmt(gs)} over {n_net} nets ({rel:+.1%}); std {sm:.3f}; sign div {dm:.3f}",
-            holds=holds, data=data))
+            claim=f"Table 1 {label}: GSC(L,0) at initialisation",
+            source="seed 003, Table 1",
+            paper=f"GSC {p_gsc}, std {p_std}, sign div {p_sd} (mean of {PAPER_NETWORKS} networks)",
+            ours=f"GSC {_fmt(gm)} ± {_fmt(gs)} over {n_net} networks ({rel:+.1%}); std {sm:.3f}; sign div {dm:.3f}",
+            criterion=crit, tolerance=tol, holds=holds, data=data))
     table = "\n".join(md) + "\n"
     (out_dir / "table1.md").write_text(table)
     print(table)
@@ -184,7 +227,7 @@ def rescale_linear_(model, gammas) -> None:
     "gsc-invariance",
     claim="Prop. 4: the GSC profile is unchanged by function-preserving per-layer scalar rescalings (bias-free ReLU "
           "nets; weights before normalisation layers) while raw gradient norms change by orders of magnitude.",
-    source="seed 003, Proposition 4 (E.4); GSC equal to float precision (we require rel. < 1e-6 in float64)",
+    source="seed 003, Proposition 4 (proof in App. E.4)",
 )
 def run_invariance(quick: bool, out_dir: Path) -> list[Row]:
     from matplotlib.figure import Figure
@@ -228,11 +271,18 @@ def run_invariance(quick: bool, out_dir: Path) -> list[Row]:
         span = float(np.log10(gr.max() / gr.min()))
         if invariant:
             holds = rel < 1e-6 and span > 2 and out_diff < 1e-10
-            src = "GSC unchanged (rel. < 1e-6); gradient norms change"
+            paper = "GSC unchanged; raw gradient norms change"
+            crit = ("max over layers of |GSC_after / GSC_before - 1| below tol, raw gradient-norm ratios spanning "
+                    "more than 10^2, output unchanged (rel. < 1e-10)")
+            tol = ("1e-6 relative in float64: exact invariance up to rounding through 2 x depth layers (observed "
+                   "errors are ~1e-13); the 10^2 span shows the rescaling is not a no-op")
         else:
             holds = rel > 1e-2
-            src = "GSC changes (Prop. 4 does not cover tanh weight scaling)"
-        rows.append(Row(claim=label, source=src,
+            paper = "not covered by Prop. 4 (tanh is not positively homogeneous)"
+            crit = "control: the GSC changes by more than tol, so the invariance test can fail"
+            tol = "1e-2 relative: 10^4 x the invariant cases' tolerance"
+        rows.append(Row(claim=label, source="seed 003, Proposition 4 (proof in App. E.4)", paper=paper,
+                        criterion=crit, tolerance=tol,
                         ours=f"max rel. GSC change {rel:.1e}; raw grad-norm ratios span 10^{span:.1f}; "
                              f"output change {out_diff:.1e}",
                         holds=holds, data={"max_rel_gsc_change": rel, "grad_ratio_log10_span": span,
@@ -251,11 +301,32 @@ def run_invariance(quick: bool, out_dir: Path) -> list[Row]:
 # ------------------------------------------------------------------------------------------------ Theorem 3
 
 
+# Table 3 row (i) of seed 003 (standard initialisation of the residual weights) prints log10 GSC(L,0) corrected for
+# dilution; the vanilla values are Table 1's. The paper's corrected/vanilla gap: 4.23 vs 3.76 (+12 %), 2.17 vs 1.86
+# (+17 %).
+PAPER_CORRECTED_LOG10 = {"layer-tanh": 2.17, "batch-ReLU": 4.23}
+CORRECTED_REL_TOL = 0.30
+
+
+def judge_corrected_vs_vanilla(corrected_log10: float, vanilla_log10: float, tol: float = CORRECTED_REL_TOL) -> dict:
+    """Theorem 3 / Fig. 3C: the dilution-corrected log10 GSC(L,0) of the ResNet tracks the vanilla network's.
+
+    ``holds`` when ``|corrected / vanilla - 1| <= tol`` on the log10 scale (the vanilla network must explode:
+    ``vanilla_log10 > 0``). ``tol`` = 0.30: twice the paper's own gap (+12 %, +17 %), while a corrected network that
+    does not explode (rate 1.0, log10 0) is 100 % off, so the test separates "recovers the explosion" from "no
+    explosion" (a per-layer-rate test does not: rate 1.0 vs 1.089 for layer-tanh is within 10 %).
+    """
+    if not vanilla_log10 > 0:
+        return {"holds": False, "ratio": float("nan"), "reason": "the vanilla network does not explode"}
+    ratio = corrected_log10 / vanilla_log10
+    return {"holds": bool(abs(ratio - 1) <= tol), "ratio": ratio, "reason": ""}
+
+
 @register(
     "dilution-theorem3",
-    claim="Theorem 3: per residual block the GSC growth is sqrt((k^2+r^2)/(k^2+1)); dilution-correcting ResNet "
-          "growth recovers (slightly exceeds) the vanilla explosion rate; Prop. 7 composed dilution.",
-    source="seed 003, Theorem 3 (F.3), Fig. 3C / Table 3 (corrected GSC), Proposition 7; notes/003 §4 item 8",
+    claim="Theorem 3: per residual block the GSC growth is sqrt((k^2+r^2)/(k^2+1)); the dilution-corrected ResNet "
+          "GSC recovers (slightly exceeds) the vanilla explosion; Prop. 7 composed dilution.",
+    source="seed 003, Theorem 3 (App. F.3), Fig. 3C, Table 3 row (i), Proposition 7 (App. E.7)",
 )
 def run_theorem3(quick: bool, out_dir: Path) -> list[Row]:
     from ..data import load_dataset
@@ -286,25 +357,40 @@ def run_theorem3(quick: bool, out_dir: Path) -> list[Row]:
         err = max(errs)
         rows.append(Row(
             claim=f"identity-skip ResNet {label}: Theorem-3 predicted vs measured per-block GSC growth",
-            source="|measured - predicted| <= 0.03 per block (notes re-computed 0.001-0.023)",
+            source="seed 003, Theorem 3 (App. F.3), Fig. 3",
+            paper="growth per block sqrt((k^2 + r^2)/(k^2 + 1)) (Theorem 3, up to O((r-1)^2))",
             ours=f"max |error| over {len(last.blocks)} blocks x {n_net} nets = {err:.4f}; block 1: k={last.k[0]:.2f}, "
                  f"r={last.r[0]:.3f}, measured {last.growth[0]:.4f}, predicted {last.predicted[0]:.4f}",
+            criterion="max over blocks and networks of |measured growth - predicted growth| <= tol",
+            tolerance="0.03: the size of the theorem's O((r-1)^2) remainder for these blocks (the notes' independent "
+                      "recomputation found errors 0.001-0.023)",
             holds=err <= 0.03, data={"max_abs_error": err, "per_network": errs, "blocks": last.to_frame()}))
         c, v = float(np.mean(corr)), float(np.mean(van))
-        rate_c, rate_v = 10 ** (c / 50), 10 ** (v / 50)
+        judge = judge_corrected_vs_vanilla(c, v)
+        pc, pv = PAPER_CORRECTED_LOG10[label], math.log10(paper_vanilla)
         rows.append(Row(
-            claim=f"{label}: dilution-corrected log10 GSC(L,0) of the ResNet vs the vanilla network",
-            source=f"corrected rate tracks the vanilla rate, 'slightly higher' (Fig. 3C); vanilla paper log10 "
-                   f"{math.log10(paper_vanilla):.2f}; our criterion: per-linear-layer rates within 10%",
-            ours=f"raw {np.mean(raw):.3f}, corrected {c:.2f}, vanilla {v:.2f} (rates {rate_c:.4f} vs {rate_v:.4f})",
-            holds=abs(rate_c / rate_v - 1) <= 0.10,
-            data={"raw_log10": raw, "corrected_log10": corr, "vanilla_log10": van, "rate_corrected": rate_c,
-                  "rate_vanilla": rate_v}))
+            claim=f"{label}: dilution-corrected log10 GSC(L,0) of the ResNet recovers the vanilla network's "
+                  "(slightly higher)",
+            source="seed 003, Fig. 3C (vs Fig. 1A), Table 3 row (i), Table 1",
+            paper=f"corrected {pc:.2f} vs vanilla {pv:.2f} (ratio {pc / pv:.2f})",
+            ours=f"raw {np.mean(raw):.3f}, corrected {c:.2f}, vanilla {v:.2f} (ratio {judge['ratio']:.2f}) over "
+                 f"{n_net} network(s) of {n_samples} points",
+            criterion="|log10 GSC corrected / log10 GSC vanilla - 1| <= tol (vanilla must explode)",
+            tolerance=f"{CORRECTED_REL_TOL:.2f}: twice the paper's own gap (+12 %, +17 %); a non-exploding corrected "
+                      "network (rate 1.0) is 100 % off",
+            holds=judge["holds"],
+            data={"raw_log10": raw, "corrected_log10": corr, "vanilla_log10": van, "ratio": judge["ratio"],
+                  "rate_corrected": 10 ** (c / 50), "rate_vanilla": 10 ** (v / 50), "paper_corrected_log10": pc,
+                  "paper_vanilla_log10": pv}))
         kpm, kmm = float(np.mean(kp)), float(np.mean(km))
         rows.append(Row(
             claim=f"{label}: Prop. 7 composed dilution of all 25 blocks, predicted vs measured end-to-end",
-            source="((prod(1 + 1/k_b^2)) - 1)^(-1/2); our criterion: within 10% of the measured value",
+            source="seed 003, Proposition 7 (App. E.7)",
+            paper="((prod_b (1 + 1/k_b^2)) - 1)^(-1/2)",
             ours=f"predicted {kpm:.4f}, measured {kmm:.4f} ({kpm / kmm - 1:+.1%})",
+            criterion="|predicted / measured - 1| <= tol",
+            tolerance="0.10: the proposition holds in expectation ('under certain conditions'); 10 % allows for the "
+                      "finite batch and the correlation between skip and residual at init",
             holds=abs(kpm / kmm - 1) <= 0.10, data={"predicted": kp, "measured": km}))
         fig = last.plot()
         fig.savefig(out_dir / f"dilution_{label}.png", dpi=120)

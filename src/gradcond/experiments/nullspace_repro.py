@@ -14,6 +14,16 @@ teleported run to reach the baseline's final training loss, final train/test los
 teleports with the gradient-norm gain and held-out loss change. CPU-scale settings (ours, the
 source's Table 1 is illegible): teleport in the first 5 epochs (quick: 3), b = 32 (quick: 4)
 batches of n samples, t = 8 steps, tau = 1, primary batch size 32.
+
+The teleport arms run with EVERY guard off (``max_loss_change=None``, ``batch_loss_tol``,
+``held_out_tol`` and ``max_weight_growth`` None): a guard rolls back any step that breaks the loss
+bound, so a guarded run would make the exactness row pass by construction. The held-out batch
+(256 training samples set aside per teleport) is still measured, only not enforced. The
+eta/CAP/teleport-batch-size sweep on a validation split asked for by the source's illegible Table 1
+is done for the MLP entry in full mode only (8 settings, one SGD run each on a 20 % validation split
+of the training set; the lowest final validation loss among the settings whose teleports keep the batch
+and held-out loss). Quick mode and the CNN and Transformer entries (about a minute or more in quick
+mode already) do NOT sweep; every entry reports the setting used in a row.
 """
 
 from __future__ import annotations
@@ -36,6 +46,114 @@ OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam")
 SEEDS = (0, 1, 2)
 SOURCE_CURVES = "seed 001 Figs. 2-4: teleport converges faster (train and test loss), sometimes to a lower loss"
 
+
+# ---- judging functions (pure: the tests feed them counter-examples) --------------------------------
+
+EXACT_TOL = 1e-4
+EXACT_TOL_WHY = ("1e-4 relative: float32 rounding of a loss over 32 samples after 8 steps is ~1e-6, two orders "
+                 "below; the source (Sec. 3, Fig. 6b) claims the loss is unchanged, so any larger change is a real "
+                 "error")
+HELD_OUT_TOL = 0.05
+HELD_OUT_TOL_WHY = ("5 % relative on a held-out batch of 256 training samples the teleport does not move on: the "
+                    "library's default held-out guard, i.e. the largest change we would still call 'the function is "
+                    "kept off the teleport batch'; chosen before the run, measured with that guard off")
+FASTER_MARGIN = 0.10
+FASTER_MARGIN_WHY = ("teleport must save at least 10 % of the epoch budget (mean minus one std over the seeds): the "
+                     "source's Figs. 2-4 show teleport curves separated from the baselines by a visible fraction of "
+                     "the run, not a fraction of an epoch")
+SETTING_NAMES = ("max_loss_change", "batch_loss_tol", "held_out_tol", "max_weight_growth")
+
+
+def guards_on(settings: dict) -> list[str]:
+    """Names of the guards that are switched on in ``settings`` (a teleporter's keyword arguments or
+    :func:`teleporter_guards`); a missing guard counts as on, because the library turns it on by default."""
+    return [k for k in SETTING_NAMES if settings.get(k, "default") is not None]
+
+
+def teleporter_guards(tp: NullSpaceTeleport) -> dict:
+    """The guard settings of a built teleporter, as the keyword names of its constructor."""
+    return {"max_loss_change": tp.max_loss_change, "batch_loss_tol": tp.guards.batch_loss_tol,
+            "held_out_tol": tp.guards.held_out_tol, "max_weight_growth": tp.guards.max_weight_growth}
+
+
+def judge_exactness(max_rel_changes: list[float], grad_gains: list[float], n_failed: int, settings: dict,
+                    tol: float = EXACT_TOL) -> tuple[bool, str]:
+    """Verdict of "tau = 1 keeps the teleport-batch loss while the gradient norm rises".
+
+    Holds iff no guard was on in ``settings`` (a guard rolls back steps that break the bound, so a
+    guarded run is no evidence), at least one teleport ran, none failed (non-finite), every teleport's
+    largest relative batch-loss change is < ``tol`` and every batch's gradient-norm gain is > 1.
+    Returns (holds, reason in words). Cost: O(number of teleports)."""
+    on = guards_on(settings)
+    if on:
+        return False, f"not evidence: guards {on} were on and roll back any step that breaks the bound"
+    fin = [r for r in max_rel_changes if math.isfinite(r)]
+    if not fin or n_failed or len(fin) < len(max_rel_changes):
+        return False, f"{n_failed + len(max_rel_changes) - len(fin)} failed teleports, {len(fin)} finite"
+    mx = max(fin)
+    gmin = min(grad_gains) if grad_gains else float("nan")
+    if not mx < tol:
+        return False, f"largest relative batch-loss change {mx:.2e} >= {tol:g}"
+    if not gmin > 1.0:
+        return False, f"smallest gradient-norm gain {gmin:.3f} <= 1"
+    return True, f"largest relative batch-loss change {mx:.2e} < {tol:g}; gradient gain >= {gmin:.3f}"
+
+
+def judge_held_out(changes: list[float], settings: dict, tol: float = HELD_OUT_TOL) -> tuple[bool, str]:
+    """Verdict of "a teleport keeps the held-out loss": holds iff no guard was on, at least one
+    held-out change was measured and every relative held-out loss change ``|after/before - 1|`` is
+    <= ``tol``. Returns (holds, reason)."""
+    on = guards_on(settings)
+    if on:
+        return False, f"not evidence: guards {on} were on"
+    if not changes:
+        return False, "no held-out loss was measured"
+    worst = max(abs(c) if math.isfinite(c) else math.inf for c in changes)
+    if worst <= tol:
+        return True, f"largest |relative held-out change| {worst:.2e} <= {tol:g}"
+    return False, f"largest |relative held-out change| {worst:.2e} > {tol:g}"
+
+
+def epochs_saved(reach: list[float | None], epochs: int) -> list[float]:
+    """Epochs saved per seed: the baseline reaches its own final train loss at ``epochs``; a teleported
+    run that reached it at fractional epoch r saved ``epochs - r``; one that never did saved 0."""
+    return [0.0 if r is None else max(0.0, epochs - r) for r in reach]
+
+
+def judge_faster(reach: list[float | None], epochs: int, margin: float = FASTER_MARGIN) -> tuple[bool, dict]:
+    """Verdict of "teleport speeds up training": holds iff every seed reached the baseline's final
+    train loss and mean(saved) - std(saved) >= ``margin * epochs`` (population std over seeds).
+    Returns (holds, numbers)."""
+    saved = epochs_saved(reach, epochs)
+    mean = statistics.mean(saved) if saved else 0.0
+    sd = statistics.pstdev(saved) if len(saved) > 1 else 0.0
+    need = margin * epochs
+    ok = bool(saved) and all(r is not None for r in reach) and mean - sd >= need
+    return ok, {"saved": saved, "mean": mean, "std": sd, "needed": need}
+
+
+def judge_error_control(recs: dict, tol: float) -> tuple[bool, str]:
+    """Verdict of Fig. 6b's two-part claim for ``recs = {1.0: rec, 0.99: rec}`` (``BatchRecord``s with
+    ``steps`` and ``loss_trace``/``grad_norm_trace``: entry i is the point after i steps).
+
+    Both taus are compared after the SAME number of steps k = the smaller of their step counts (a
+    teleport stops early at its CAP, so end-of-teleport numbers would compare unequal step counts):
+    holds iff k >= 1, tau = 0.99's gradient-norm gain at step k exceeds tau = 1's AND tau = 0.99's
+    relative batch-loss change at step k is <= ``tol``. Returns (holds, reason)."""
+    r1, r99 = recs[1.0], recs[0.99]
+    # trace[i] is the point after i steps for i <= steps (a capped teleport appends its last point twice)
+    k = min(r1.steps, r99.steps, len(r1.grad_norm_trace) - 1, len(r99.grad_norm_trace) - 1, len(r99.loss_trace) - 1)
+    if k < 1:
+        return False, f"no common teleport step to compare ({r1.steps} and {r99.steps} steps)"
+    g1 = r1.grad_norm_trace[k] / r1.grad_norm_trace[0]
+    g99 = r99.grad_norm_trace[k] / r99.grad_norm_trace[0]
+    l0, lk = r99.loss_trace[0], r99.loss_trace[k]
+    rel = abs(lk - l0) / max(abs(l0), 1e-30)
+    faster = g99 > g1
+    flat = math.isfinite(rel) and rel <= tol
+    return faster and flat, (f"after {k} steps each: ascends faster: {'yes' if faster else 'no'} (gradient norm "
+                             f"x{g99:.2f} at tau 0.99 vs x{g1:.2f} at tau 1); loss kept within {tol:g}: "
+                             f"{'yes' if flat else 'no'} (tau 0.99 batch loss {l0:.4f} -> {lk:.4f}, rel {rel:.2e})")
 
 def _ms(xs) -> str:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
@@ -70,18 +188,21 @@ def _arm(build, data, opt, lr, epochs, seed, callback=None):
     return h
 
 
-def _compare(name, build, datasets, lrs, epochs, tele_kw, cb_kw, out_dir: Path, quick: bool) -> list[Row]:
+def _compare(name, build, datasets, lrs, epochs, tele_kw, cb_kw, out_dir: Path, quick: bool,
+             sweep: list | None = None, sweep_note: str = "") -> list[Row]:
     rows: list[Row] = []
     curves = {}
     all_rel, gains, held = [], [], []
-    reverted = stopped = 0
     refused: dict[str, int] = {}
+    settings = None
     for dname, data in datasets.items():
         for opt in OPTIMIZERS:
             base, tele, reach, base_final = [], [], [], []
             for seed in SEEDS:
                 hb = _arm(build, data, opt, lrs[opt], epochs, seed)
-                cb = NullSpaceTeleportCallback(NullSpaceTeleport(**tele_kw), seed=seed, **cb_kw)
+                tp = NullSpaceTeleport(**tele_kw)
+                settings = teleporter_guards(tp)
+                cb = NullSpaceTeleportCallback(tp, seed=seed, **cb_kw)
                 ht = _arm(build, data, opt, lrs[opt], epochs, seed, cb)
                 base.append(hb.rows)
                 tele.append(ht.rows)
@@ -89,63 +210,142 @@ def _compare(name, build, datasets, lrs, epochs, tele_kw, cb_kw, out_dir: Path, 
                 base_final.append(target)
                 reach.append(_reach(ht.rows, target))
                 for res in cb.results:
-                    stopped += res.stopped_by is not None
                     all_rel.append(res.max_rel_loss_change)
                     gains += [b.grad_norm_after / b.grad_norm_before for b in res.batches]
-                    reverted += sum(b.reverted for b in res.batches)
                     if res.held_out_rel_change is not None:
                         held.append(res.held_out_rel_change)
                 for e in ht.events:
                     if e["kind"] == "teleport_failed":
-                        # non-finite values count as failures; a refusal by a default guard (issue 20:
-                        # batch loss, held-out loss, weight growth) is reported next to them
                         refused[e.get("reason", "non_finite")] = refused.get(e.get("reason", "non_finite"), 0) + 1
             curves[(dname, opt)] = (base, tele)
             fb = [r[-1]["train_loss"] for r in base]
             ft = [r[-1]["train_loss"] for r in tele]
             tb = [r[-1].get("test_loss") for r in base]
             tt = [r[-1].get("test_loss") for r in tele]
-            reached = [r for r in reach if r is not None]
-            faster = len(reached) == len(SEEDS) and max(reached) < epochs - 0.05
-            ep = ", ".join(f"{e:.2f}" for e in reached)
-            if faster:
-                verdict = f"faster: reached the baseline's final train loss at epoch {ep} of {epochs}"
-            elif reached:
-                verdict = f"reached it in {len(reached)}/{len(SEEDS)} seeds (epochs {ep} of {epochs})"
-            else:
-                verdict = f"never reached the baseline's final train loss in {epochs} epochs"
+            faster, num = judge_faster(reach, epochs)
+            ep = ", ".join("never" if e is None else f"{e:.2f}" for e in reach)
             rows.append(Row(
                 claim=f"{name} on {dname}, {opt}: teleport speeds up training",
                 source=SOURCE_CURVES,
-                ours=(f"{verdict}; final train {_ms(ft)} (teleport) vs {_ms(fb)} (baseline); "
+                paper="teleport curves below the baselines in every panel (3 runs each, no epochs-saved figure given)",
+                ours=(f"epochs saved {num['mean']:.2f}+-{num['std']:.2f} of {epochs} (per seed "
+                      f"{', '.join(f'{x:.2f}' for x in num['saved'])}; baseline's final train loss reached at epoch "
+                      f"{ep}); final train {_ms(ft)} (teleport) vs {_ms(fb)} (baseline); "
                       f"final test {_ms(tt)} vs {_ms(tb)}"),
                 holds=faster,
-                data={"epochs_to_reach": reach, "final_train_teleport": ft, "final_train_baseline": fb,
-                      "final_test_teleport": tt, "final_test_baseline": tb, "lr": lrs[opt],
-                      "epochs": epochs, "seeds": list(SEEDS)},
+                criterion=("every seed's teleported run reaches the baseline's final train loss, and the epochs saved "
+                           "(budget minus the interpolated epoch of reaching it), mean minus std over seeds, are "
+                           f">= {FASTER_MARGIN:.0%} of the budget ({num['needed']:.1f} epochs)"),
+                tolerance=FASTER_MARGIN_WHY + f"; {len(SEEDS)} seeds (same init and data order per arm)",
+                data={"epochs_to_reach": reach, "epochs_saved": num["saved"], "final_train_teleport": ft,
+                      "final_train_baseline": fb, "final_test_teleport": tt, "final_test_baseline": tb,
+                      "lr": lrs[opt], "epochs": epochs, "seeds": list(SEEDS)},
             ))
+    settings = settings or dict(tele_kw)
+    n_fail = sum(refused.values())
     finite_rel = [r for r in all_rel if math.isfinite(r)]
-    n_fail = len(all_rel) - len(finite_rel) + refused.get("non_finite", 0)
-    guard_refusals = {k: v for k, v in refused.items() if k != "non_finite"}
     mx = max(finite_rel) if finite_rel else float("nan")
     gmin = min(gains) if gains else float("nan")
+    ok, why = judge_exactness(all_rel, gains, n_fail, settings)
     rows.insert(0, Row(
-        claim=f"{name}: with tau = 1 each teleport keeps the teleport-batch loss (< 1e-4 relative) while the gradient norm increases",
-        source="seed 001 Sec. 3 / Fig. 6b: exact null space keeps the loss constant; issue 4 Must show",
-        ours=(f"max relative loss change over {len(finite_rel)} teleports: {mx:.2e}; gradient-norm gain per batch "
-              f"min {gmin:.3f}, median {statistics.median(gains) if gains else float('nan'):.3f}; held-out loss change "
-              f"median {statistics.median(held) if held else float('nan'):+.2e}, max |.| "
-              f"{max((abs(h) for h in held), default=float('nan')):.2e}; failed (non-finite) teleports: {n_fail}; "
-              f"batches whose last step was undone by the 1e-4 loss guard: {reverted} of {len(gains)}; teleports "
-              f"ended early by a default guard (issue 20): {stopped} of {len(all_rel)}; teleports refused by a default "
-              f"guard: {sum(guard_refusals.values())} {guard_refusals or ''}"),
-        holds=bool(finite_rel) and mx < 1e-4 and gmin > 1.0 and n_fail == 0,
-        data={"max_rel_loss_change": mx, "grad_gain_min": gmin, "held_out_rel_change": held, "failed": n_fail,
-              "reverted_batches": reverted, "batches": len(gains), "stopped_early": stopped,
-              "refused_by_guard": guard_refusals},
+        claim=f"{name}: with tau = 1 each teleport keeps the teleport-batch loss while the gradient norm increases",
+        source="seed 001 Sec. 3 (Eq. 3 with tau = 1: exact input null space) and Sec. 4.5, Fig. 6b",
+        paper="loss constant during teleportation at tau = 1 (Fig. 6b, no number given)",
+        ours=(f"all guards off; max relative batch-loss change over {len(finite_rel)} teleports: {mx:.2e}; "
+              f"gradient-norm gain per batch min {gmin:.3f}, median "
+              f"{statistics.median(gains) if gains else float('nan'):.3f}; failed teleports: {n_fail} {refused or ''}"
+              f"; {why}"),
+        holds=ok,
+        criterion=("with every guard off (max_loss_change, batch_loss_tol, held_out_tol, max_weight_growth None), "
+                   "each teleport's largest relative teleport-batch loss change < tolerance, every batch's "
+                   "gradient-norm gain > 1 and no teleport failed"),
+        tolerance=EXACT_TOL_WHY,
+        data={"max_rel_loss_change": mx, "grad_gain_min": gmin, "failed": refused, "batches": len(gains),
+              "guards": settings},
+    ))
+    hok, hwhy = judge_held_out(held, settings)
+    rows.insert(1, Row(
+        claim=f"{name}: a tau = 1 teleport keeps the loss on data it did not teleport on (held-out batch)",
+        source=("seed 001 Sec. 3 (teleport moves on the level set of the teleport-batch loss; Figs. 2-4 report "
+                "test loss)"),
+        paper="not stated: the source claims loss invariance on the teleport batch only",
+        ours=(f"held-out relative loss change over {len(held)} teleports: median "
+              f"{statistics.median(held) if held else float('nan'):+.2e}, max |.| "
+              f"{max((abs(h) for h in held), default=float('nan')):.2e} (guard off); {hwhy}"),
+        holds=hok,
+        criterion="with every guard off, every teleport's |held-out loss after / before - 1| <= tolerance",
+        tolerance=HELD_OUT_TOL_WHY,
+        data={"held_out_rel_change": held, "guards": settings},
+    ))
+    rows.insert(2, Row(
+        claim=f"{name}: teleport setting used (the source's Table 1 hyper-parameters are illegible)",
+        source="seed 001 Table 1 (hyper-parameters; illegible in the seed text)",
+        ours=(f"teleporter {tele_kw}; callback {cb_kw}; learning rates {lrs}; {epochs} epochs. " + (
+            "Chosen on a validation split (20 % of the training set, SGD, seed 0, guards off): lowest final "
+            "validation loss among the settings whose teleports kept the batch and held-out loss; " + "; ".join(
+                f"eta {t['eta']:g} CAP {t['cap_ratio']:g} n {t['batch_size']}: val {t['val_loss']:.4f}"
+                + ("" if t["admissible"] else f" (not admissible: {t['why']})") for t in sweep)
+            + ("" if any(t["admissible"] for t in sweep) else "; none admissible: the default setting is kept")
+            if sweep else sweep_note)),
+        holds=None, criterion="reported, not judged",
+        data={"teleporter": {k: v for k, v in tele_kw.items()}, "callback": dict(cb_kw), "lrs": dict(lrs),
+              "sweep": list(sweep or [])},
     ))
     _plot(name, curves, out_dir)
     return rows
+
+
+SWEEP_GRID = {"eta": (0.05, 0.2), "cap_ratio": (3.0, 10.0), "batch_size": (32, 128)}
+
+
+def validation_split(data, fraction: float = 0.2, seed: int = 0):
+    """A copy of ``data`` whose ``train`` is ``1 - fraction`` of the training set and whose ``test`` is the
+    rest (the validation split); the test set is never used. Deterministic in ``seed``."""
+    import dataclasses  # noqa: PLC0415
+
+    from torch.utils.data import TensorDataset  # noqa: PLC0415
+
+    X, Y = data.train.tensors
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(len(X) * fraction))
+    va, tr = perm[:n_val], perm[n_val:]
+    return dataclasses.replace(data, train=TensorDataset(X[tr], Y[tr]), test=TensorDataset(X[va], Y[va]))
+
+
+def sweep_setting(build, data, lr: float, epochs: int, tele_kw: dict, cb_kw: dict, grid: dict = SWEEP_GRID):
+    """Choose eta, CAP ratio and teleport batch size on a validation split (20 % of the training set).
+
+    For every grid point: one SGD run (seed 0) with null-space teleport (guards off) trained on the other
+    80 %. A setting is admissible only if its teleports stay teleports on that run: no failure, every
+    teleport's relative batch-loss change < ``EXACT_TOL`` and held-out change within ``HELD_OUT_TOL``
+    (a large eta speeds training up by changing the loss, which is not what the source claims). Among the
+    admissible settings the lowest final validation loss wins; with none admissible the given setting is
+    kept. Cost: ``prod(len(v) for v in grid.values())`` training runs of ``epochs`` epochs.
+    Returns (teleporter kwargs, callback kwargs, table of dicts: setting, val_loss, admissible, why)."""
+    import itertools  # noqa: PLC0415
+
+    val = validation_split(data)
+    table = []
+    for eta, cap, bs in itertools.product(grid["eta"], grid["cap_ratio"], grid["batch_size"]):
+        tk = {**tele_kw, "eta": eta, "cap_ratio": cap}
+        ck = {**cb_kw, "batch_size": bs}
+        tp = NullSpaceTeleport(**tk)
+        cb = NullSpaceTeleportCallback(tp, seed=0, **ck)
+        h = _arm(build, val, "sgd", lr, epochs, 0, cb)
+        failed = sum(e["kind"] == "teleport_failed" for e in h.events)
+        gains = [b.grad_norm_after / b.grad_norm_before for r in cb.results for b in r.batches]
+        ex, why = judge_exactness([r.max_rel_loss_change for r in cb.results], gains, failed, teleporter_guards(tp))
+        ho, hwhy = judge_held_out([r.held_out_rel_change for r in cb.results if r.held_out_rel_change is not None],
+                                  teleporter_guards(tp))
+        table.append({"eta": eta, "cap_ratio": cap, "batch_size": bs,
+                      "val_loss": h.rows[-1].get("test_loss", float("nan")), "admissible": ex and ho,
+                      "why": why if not ex else hwhy})
+    ok = [t for t in table if t["admissible"] and math.isfinite(t["val_loss"])]
+    if not ok:
+        return dict(tele_kw), dict(cb_kw), table
+    best = min(ok, key=lambda t: t["val_loss"])
+    return ({**tele_kw, "eta": best["eta"], "cap_ratio": best["cap_ratio"]},
+            {**cb_kw, "batch_size": best["batch_size"]}, table)
 
 
 def _plot(name, curves, out_dir: Path) -> None:
@@ -176,6 +376,14 @@ def _plot(name, curves, out_dir: Path) -> None:
     plt.close(fig)
 
 
+SWEEP_NOTE = ("The eta/CAP/batch-size sweep on a validation split is NOT done for this entry: its quick mode already "
+              "takes about a minute or more on 2 cores, and a sweep multiplies the cost by the number of settings")
+QUICK_SWEEP_NOTE = ("Quick mode: the eta/CAP/batch-size sweep on a validation split is NOT done (it runs in full mode "
+                    "only, 8 more training runs); the default setting is used")
+
+# every guard off: a guard would roll back the steps the exactness row is meant to catch
+GUARDS_OFF = dict(max_loss_change=None, batch_loss_tol=None, held_out_tol=None, max_weight_growth=None)
+
 LRS = {"sgd": 0.05, "momentum": 0.01, "adagrad": 0.01, "adam": 1e-3}
 
 
@@ -193,10 +401,15 @@ def run_mlp(quick: bool, out_dir: Path) -> list[Row]:
 
     rows = []
     for dname, d in datasets.items():
-        rows += _compare(f"nullspace-mlp[{width}x{width}]", build_for(d), {dname: d}, LRS, epochs,
-                         dict(eta=0.05, steps=8, tau=1.0, cap_ratio=3.0, max_loss_change=1e-4),
-                         dict(schedule=3 if quick else 5, num_batches=4 if quick else 32, batch_size=32),
-                         out_dir / dname, quick)
+        tk = dict(eta=0.05, steps=8, tau=1.0, cap_ratio=3.0, **GUARDS_OFF)
+        ck = dict(schedule=3 if quick else 5, num_batches=4 if quick else 32, batch_size=32)
+        table = None
+        if not quick:
+            # eta, CAP and the teleport batch size chosen on a validation split (the source's Table 1 is
+            # illegible); quick mode skips it to stay fast (8 more training runs)
+            tk, ck, table = sweep_setting(build_for(d), d, LRS["sgd"], epochs, tk, ck)
+        rows += _compare(f"nullspace-mlp[{width}x{width}]", build_for(d), {dname: d}, LRS, epochs, tk, ck,
+                         out_dir / dname, quick, sweep=table, sweep_note=QUICK_SWEEP_NOTE if quick else SWEEP_NOTE)
     return rows
 
 
@@ -207,9 +420,9 @@ def run_cnn(quick: bool, out_dir: Path) -> list[Row]:
     lrs = {"sgd": 0.1, "momentum": 0.02, "adagrad": 0.02, "adam": 2e-3}
     return _compare("nullspace-cnn", lambda: zoo.simple_cnn(in_channels=1, num_classes=10, image_size=8),
                     {"digits-image": d}, lrs, 8 if quick else 20,
-                    dict(eta=0.02, steps=8, tau=1.0, cap_ratio=1.5, max_loss_change=1e-4),
+                    dict(eta=0.02, steps=8, tau=1.0, cap_ratio=1.5, **GUARDS_OFF),
                     dict(schedule=3 if quick else 5, num_batches=4 if quick else 32, batch_size=32, warmup_steps=40),
-                    out_dir, quick)
+                    out_dir, quick, sweep_note=SWEEP_NOTE)
 
 
 @register("nullspace-transformer", claim="Null-space teleport accelerates Transformer training",
@@ -220,9 +433,9 @@ def run_transformer(quick: bool, out_dir: Path) -> list[Row]:
     return _compare("nullspace-transformer",
                     lambda: zoo.transformer(in_features=8, seq_len=8, d_model=64, nhead=2, num_layers=2, dim_ff=128),
                     {"digits-seq": d}, lrs, 6 if quick else 20,
-                    dict(eta=0.02, steps=8, tau=1.0, cap_ratio=2.0, max_loss_change=1e-4),
+                    dict(eta=0.02, steps=8, tau=1.0, cap_ratio=2.0, **GUARDS_OFF),
                     dict(schedule=3 if quick else 5, num_batches=2 if quick else 32, batch_size=4),
-                    out_dir, quick)
+                    out_dir, quick, sweep_note=SWEEP_NOTE)
 
 
 @register("nullspace-error-control",
@@ -241,38 +454,73 @@ def run_error_control(quick: bool, out_dir: Path) -> list[Row]:
             warnings.simplefilter("ignore")
             try:
                 # the source's Fig. 6b lets tau < 1 change the loss: this measures that error, so the
-                # default guards (issue 20) are off here
+                # default guards are off here
                 rec = NullSpaceTeleport("cross_entropy", eta=0.01, steps=steps, tau=tau, cap_ratio=50.0,
                                         batch_loss_tol=None, held_out_tol=None, max_weight_growth=None).teleport(
                     model, (X[:8], Y[:8])).batches[0]
             except FloatingPointError as e:
-                rows.append(Row(claim=f"tau={tau}", source="Fig. 6b", ours=f"teleport failed: {e}", holds=None))
+                rows.append(Row(claim=f"tau = {tau}: teleport steps", source="seed 001 Sec. 4.5, Fig. 6b",
+                                ours=f"teleport failed: {e}", holds=False if tau in (1.0, 0.99) else None,
+                                criterion="the teleport must run (non-finite values are a failure)",
+                                tolerance="none: a failed teleport fails the row"))
                 continue
         traces[tau] = rec
         kept = sum(rec.ranks.values())
         total = sum(rec.dims.values())
-        rows.append(Row(
-            claim=f"tau = {tau}: loss and gradient norm during {rec.steps} teleport steps",
-            source="Fig. 6b: tau = 1 loss constant, gradient norm rises; tau = 0.99 rises much faster with the loss still constant",
-            ours=(f"rank kept {kept}/{total} input dims; grad norm {rec.grad_norm_before:.3f} -> {rec.grad_norm_after:.3f} "
-                  f"(x{rec.grad_norm_after / rec.grad_norm_before:.2f}); batch loss {rec.loss_before:.5f} -> "
-                  f"{rec.loss_after:.5f} (rel {rec.rel_loss_change:.1e})"),
-            holds=(rec.rel_loss_change < 1e-4 and rec.grad_norm_after > rec.grad_norm_before) if tau == 1.0 else None,
-            data={"loss_trace": rec.loss_trace, "grad_norm_trace": rec.grad_norm_trace, "ranks": rec.ranks},
-        ))
+        ours = (f"rank kept {kept}/{total} input dims; grad norm {rec.grad_norm_before:.3f} -> "
+                f"{rec.grad_norm_after:.3f} "
+                f"(x{rec.grad_norm_after / rec.grad_norm_before:.2f}); batch loss {rec.loss_before:.5f} -> "
+                f"{rec.loss_after:.5f} (rel {rec.rel_loss_change:.1e}) in {rec.steps} steps, guards off")
+        if tau == 1.0:
+            ok, why = judge_exactness([rec.rel_loss_change], [rec.grad_norm_after / rec.grad_norm_before], 0,
+                                      {**GUARDS_OFF})
+            rows.append(Row(
+                claim=f"tau = 1: the loss stays constant during {rec.steps} teleport steps while the gradient "
+                      "norm rises",
+                source="seed 001 Sec. 4.5, Fig. 6b", paper="loss constant, gradient norm rises steadily (no numbers)",
+                ours=f"{ours}; {why}", holds=ok,
+                criterion=("guards off: relative batch-loss change after all steps < tolerance and gradient-norm "
+                           "gain > 1"),
+                tolerance=EXACT_TOL_WHY,
+                data={"loss_trace": rec.loss_trace, "grad_norm_trace": rec.grad_norm_trace, "ranks": rec.ranks}))
+        else:
+            rows.append(Row(
+                claim=f"tau = {tau}: loss and gradient norm during {rec.steps} teleport steps",
+                source="seed 001 Sec. 4.5, Fig. 6b", paper="loss constant for tau >= 0.99 (no numbers)",
+                ours=ours, holds=None, criterion="reported, not judged (tau = 0.99 is judged in the next row)",
+                data={"loss_trace": rec.loss_trace, "grad_norm_trace": rec.grad_norm_trace, "ranks": rec.ranks}))
     if 1.0 in traces and 0.99 in traces:
-        g1 = traces[1.0].grad_norm_after / traces[1.0].grad_norm_before
-        g99 = traces[0.99].grad_norm_after / traces[0.99].grad_norm_before
-        rows.append(Row(claim="smaller tau (0.99) ascends the gradient norm faster than tau = 1",
-                        source="Fig. 6b", ours=f"gain x{g99:.2f} (tau 0.99, loss rel change "
-                        f"{traces[0.99].rel_loss_change:.1e}) vs x{g1:.2f} (tau 1)", holds=g99 > g1))
+        ok, why = judge_error_control(traces, ERROR_CONTROL_TOL)
+        rows.append(Row(
+            claim=("smaller tau (0.99) ascends the gradient norm faster than tau = 1 AND keeps the loss roughly "
+                   "constant"),
+            source="seed 001 Sec. 4.5, Fig. 6b",
+            paper="'a remarkable increase in the gradient norm ascending speed ... at 0.99, with the loss still "
+                  "remaining constant'",
+            ours=why, holds=ok,
+            criterion=(f"guards off, up to {steps} steps per tau, compared after the same number of steps (the smaller "
+                       "step count: a teleport stops at its CAP): gradient-norm gain(tau 0.99) > gain(tau 1) and the "
+                       "relative teleport-batch loss change at tau 0.99 <= tolerance"),
+            tolerance=ERROR_CONTROL_TOL_WHY,
+            data={"gain_tau1": traces[1.0].grad_norm_after / traces[1.0].grad_norm_before,
+                  "gain_tau099": traces[0.99].grad_norm_after / traces[0.99].grad_norm_before,
+                  "rel_loss_change_tau099": traces[0.99].rel_loss_change,
+                  "steps": [traces[1.0].steps, traces[0.99].steps],
+                  "loss_trace_tau099": traces[0.99].loss_trace}))
+    else:
+        rows.append(Row(claim="smaller tau (0.99) ascends faster and keeps the loss roughly constant",
+                        source="seed 001 Sec. 4.5, Fig. 6b", ours="a teleport failed (see the rows above)",
+                        holds=False, criterion="both teleports must run to be compared",
+                        tolerance=ERROR_CONTROL_TOL_WHY))
     # loss change per teleport: null space vs symmetry (exact and published first-order), same MLP
     Xf, Yf = load_dataset("digits", form="flat").train.tensors
     side = {}
+    sym_off = dict(batch_loss_tol=None, held_out_tol=None, max_weight_growth=None)
     for dtype in (torch.float32, torch.float64):
-        for tp in (NullSpaceTeleport("cross_entropy", eta=0.05), SymmetryTeleport("cross_entropy", eta=0.05),
-                   # the published first-order action changes the batch loss by design: guard off to measure it
-                   SymmetryTeleport("cross_entropy", eta=0.05, action="first_order", batch_loss_tol=None)):
+        # guards off for all three: a guard would undo exactly the loss changes this row measures
+        for tp in (NullSpaceTeleport("cross_entropy", eta=0.05, **GUARDS_OFF),
+                   SymmetryTeleport("cross_entropy", eta=0.05, **sym_off),
+                   SymmetryTeleport("cross_entropy", eta=0.05, action="first_order", **sym_off)):
             torch.manual_seed(0)
             m = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LeakyReLU(0.1), torch.nn.Linear(128, 128),
                                     torch.nn.LeakyReLU(0.1), torch.nn.Linear(128, 10)).to(dtype)
@@ -287,12 +535,22 @@ def run_error_control(quick: bool, out_dir: Path) -> list[Row]:
     ex = side[("float64", "symmetry")].max_rel_loss_change
     rows.append(Row(
         claim="loss change per teleport: null space and exact symmetry action keep the batch loss; the published first-order action does not",
-        source="issue 4 (authors' W(I-T) keeps the loss only to first order); seed 001 Fig. 1",
+        source="seed 001 Fig. 1 and Sec. 1 (linear approximation of the level set is prone to error; null-space "
+               "projection is accurate)",
+        paper="qualitative (Fig. 1)",
         ours=txt, holds=exact_ok and fo > 10 * max(ex, 1e-15),
+        criterion=("guards off, float32 and float64: null space and exact symmetry action keep every batch's relative "
+                   "loss change < 1e-4, and the first-order action's float64 change is > 10x the exact action's"),
+        tolerance=EXACT_TOL_WHY + "; 10x: an order of magnitude separates a first-order error from rounding",
         data={f"{k[0]}/{k[1]}": v.summary() for k, v in side.items()},
     ))
     _plot_error(traces, out_dir)
     return rows
+
+
+ERROR_CONTROL_TOL = 1e-2
+ERROR_CONTROL_TOL_WHY = ("1 % relative: Fig. 6b's loss curves for tau >= 0.99 are flat at plot resolution, so 1 % is "
+                         "a generous reading of 'remaining constant'; fixed before the run")
 
 
 def _plot_error(traces, out_dir: Path) -> None:

@@ -114,7 +114,7 @@ def _src(cell) -> str:
     "platonic-spirals",
     claim="A 2-32-32-32-32-1 tanh MLP fitted in closed form (Platonic projections, no gradients) classifies the "
           "two spirals: 99.99% in float64 with one try; float32 is fragile (Table 7.1); backprop needs 75 epochs.",
-    source="seed 002, sec. 7.6, Table 7.1, Fig. 7.9",
+    source="seed 002 §7.6, Table 7.1, Fig. 7.9",
 )
 def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) -> list[Row]:
     X, Y, y = (t.to(device or "cpu") for t in spirals_data())
@@ -127,8 +127,12 @@ def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) 
     med = statistics.median(accs)
     rows.append(Row(
         claim="two spirals, 5,000 points, float64, N_tries = 1, alpha 0.1, beta 10, pinv: train accuracy",
-        source="99.99% in 0.1 s (one run); we require the median of 5 seeded fits >= 99% (the issue's bar)",
+        source="seed 002 §7.6.2 (text: switching to double precision gives 99.99 %, N_tries = 1)",
+        paper="99.99 % in 0.1 s (one run)",
         ours=f"median {_pct(med)} (min {_pct(min(accs))}), median fit time {statistics.median(times):.3f} s",
+        criterion="median train accuracy of 5 seeded fits >= 99 %",
+        tolerance="1 pp below 100 %: one run in the source gives no spread; 99 % separates a fit from a near-miss "
+                  "(backprop stuck at chance is ~50 %); fixed before the run",
         holds=med >= 0.99, data={"accuracies": accs, "seconds": times}))
     runs = 5 if quick else 50
     for (alpha, beta), solvers in TABLE_7_1.items():
@@ -160,7 +164,11 @@ def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) 
             rows.append(Row(
                 claim=f"Table 7.1 CPU, alpha {alpha:g}, beta {beta:g}, {solver}: accuracy % over {runs} runs "
                       "[fp32 default tol | fp32 tol 1e-5 | fp64]",
-                source=f"{_src(src[0])} | {_src(src[1])} | {_src(src[2])} over 1,000 runs; criterion: {crit}",
+                source="seed 002 §7.6.2, Table 7.1 (CPU columns)",
+                paper=f"{_src(src[0])} | {_src(src[1])} | {_src(src[2])} over 1,000 runs",
+                criterion=crit,
+                tolerance="2 standard deviations of the source's 1,000-run spread (our run count is smaller, so the "
+                          "source's spread is the reference); 'no singular run' is exact",
                 ours=" | ".join(_cell(c) for c in cols), holds=holds,
                 data={"runs": runs, "accuracies": {"fp32": cols[0], "fp32_tol1e-5": cols[1], "fp64": cols[2]}}))
     # backprop baseline in the same run
@@ -169,14 +177,19 @@ def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) 
     judged = not quick
     rows.append(Row(
         claim=f"backprop baseline 2-32-32-32-32-1 tanh, SGD, {epochs} epochs: train accuracy",
-        source="99.17% after 75 epochs (52 s on an RTX 4080); criterion (full mode only): >= 98%",
+        source="seed 002 §7.6.1, Fig. 7.9",
+        paper="99.17 % after 75 epochs (52 s on an RTX 4080)",
+        criterion="full mode only (quick mode trains 8 epochs and is not judged): train accuracy >= 98 %",
+        tolerance="~1.2 pp below the source's single run: SGD run-to-run spread on this task, no spread given",
         ours=f"{_pct(bp_acc)} in {bp_sec:.1f} s" + ("" if judged else " (quick mode: 8 epochs, not judged)"),
         holds=(bp_acc >= 0.98) if judged else None, data={"accuracy": bp_acc, "seconds": bp_sec}))
     fit_med = statistics.median(times)
     reach = f"{bp_reach:.1f} s to first reach 99%" if bp_reach is not None else "99% not reached"
     rows.append(Row(
         claim="time: closed-form fit vs backprop on the same data, same run",
-        source="0.1 s (fp64 fit) vs 52 s (backprop); timing is reported, not judged",
+        source="seed 002 §7.6.1, Fig. 7.9 (backprop) and §7.6.2 (fit)",
+        paper="0.1 s (fp64 fit) vs 52 s (backprop)",
+        criterion="reported, not judged (timings depend on the hardware)",
         ours=f"fit {fit_med:.3f} s vs backprop {bp_sec:.1f} s ({reach}); ratio {fit_med / bp_sec:.4f}x",
         holds=None, data={"fit_seconds": fit_med, "backprop_seconds": bp_sec, "backprop_to_99": bp_reach}))
     return rows
@@ -207,7 +220,11 @@ def run_sine(quick: bool, out_dir: Path, device: torch.device | None = None) -> 
         med = statistics.median(mses)
         rows.append(Row(
             claim=f"sine, 1-16-16-1 CELU, alpha = beta = 1 (Fig. 7.3), float64, N_tries = {tries}: train MSE",
-            source="MSE 2e-5 (one fit); criterion: median over the seeds <= 1e-4",
+            source="seed 002 §7.5, Fig. 7.3",
+            paper="MSE 2e-5 (one fit)",
+            criterion="median train MSE over the seeds <= 1e-4",
+            tolerance="5x the source's single fit: one fit gives no spread, a sinusoid fitted with MSE 1e-4 is still "
+                      "visually exact; fixed before the run",
             ours=f"median {med:.2e} over {seeds} seeds (best {min(mses):.2e})", holds=med <= 1e-4,
             data={"mse": mses, "n_tries": tries}))
     depth = 300 if quick else 10_000
@@ -226,8 +243,10 @@ def run_sine(quick: bool, out_dir: Path, device: torch.device | None = None) -> 
     rows.append(Row(
         claim=f"sine, {depth} hidden layers of width 8, CELU, alpha 0.1, beta 10: lowest LSD over the layers, "
               "1 vs 5 tries",
-        source="Figs. 7.5-7.6 (10,000 layers): 5 tries reach a lower error than 1; criterion: lowest LSD(5) < "
-               "lowest LSD(1) over the layers fitted",
+        source="seed 002 §7.5.1, Figs. 7.5-7.6 (10,000 layers)",
+        paper="5 tries reach a lower error than 1 (Fig. 7.6)",
+        criterion="lowest LSD over the layers fitted with 5 tries < with 1 try",
+        tolerance="strict inequality (ordering claim, one deterministic run per setting)",
         ours=f"1 try {low[1]:.2e}, 5 tries {low[5]:.2e} (last layer: {curves[1][-1]:.2e}, {curves[5][-1]:.2e})"
              + (" (quick mode: 300 layers)" if quick else "")
              + (f" ({'; '.join(notes)})" if notes else ""),
@@ -273,7 +292,10 @@ def run_checkerboard(quick: bool, out_dir: Path, device: torch.device | None = N
             claim=f"checkerboard, {n_train} points, 4 x {width} ReLU, float64, N_tries = 1, alpha {alpha:g}, "
                   f"beta {beta:g}: train accuracy" + (" (quick: width/points ratio of the source, fewer points)"
                                                       if quick else ""),
-            source="99.88-100% (4 x 2500, 5,000 points); criterion: >= 99.8%",
+            source="seed 002 §7.7, Fig. 7.10",
+            paper="99.88-100 % (4 x 2500, 5,000 points)",
+            criterion="train accuracy >= 99.8 %",
+            tolerance="0.08 pp below the source's lower value (about 4 of 5,000 points), fixed before the run",
             ours=f"{_pct(acc)}, MSE {rep.mse:.2e}, {sec:.1f} s", holds=acc >= 0.998,
             data={"accuracy": acc, "mse": rep.mse, "lsd": rep.lsd, "seconds": sec}))
     return rows
@@ -329,15 +351,19 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
         rows.append(Row(
             claim=f"digits, one hidden layer of width {width} (ReLU, ridge {ridge:.0f}): test accuracy, platonic "
                   "methods vs random W",
-            source="Table 7.2: all three platonic methods beat random W at every width; criterion: each available "
-                   "platonic method's mean test accuracy > random W's",
+            source="seed 002 §7.9.2, Table 7.2",
+            paper="all three platonic methods beat random W at every width",
+            criterion="each available platonic method's mean test accuracy > random W's (mean over the random trials)",
+            tolerance="strict inequality (ordering claim as the source states it)",
             ours=text, holds=beat, data={"test_accuracy": acc, "trials_random": trials}))
         if wi > 0:
             best = max((v, k) for k, v in acc.items() if v is not None)[1]
             rows.append(Row(
                 claim=f"digits, width {width}: Sorted PCA has the highest test accuracy",
-                source="Table 7.2: Sorted PCA is best for all widths but the narrowest; criterion: Sorted PCA's "
-                       "test accuracy is the highest of the four",
+                source="seed 002 §7.9.2, Table 7.2",
+                paper="Sorted PCA is best for all widths but the narrowest",
+                criterion="Sorted PCA's test accuracy is the highest of the four methods",
+                tolerance="strict ordering (as the source states it)",
                 ours=f"best: {best} ({_pct(acc[best])}); Sorted PCA {_pct(acc['Sorted PCA'])}",
                 holds=best == "Sorted PCA", data={"test_accuracy": acc}))
     archs = DIGITS_DEEP[::2] if quick else DIGITS_DEEP
@@ -364,7 +390,10 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
         rows.append(Row(
             claim=f"digits, deterministic deeper nets (Sorted PCA + weighted Platonic PCA, lambda_EMA 0.2, beta 1e6, "
                   f"ridge 0.1), {len(archs)} architectures: {split} accuracy vs #params",
-            source=f"Table 7.3: {split} accuracy strictly increasing in #params; criterion: strictly increasing",
+            source="seed 002 §7.9.3, Table 7.3",
+            paper=f"{split} accuracy increases with #params",
+            criterion=f"{split} accuracy strictly increasing in #params over the architectures, none singular",
+            tolerance="strict monotonicity (ordering claim)",
             ours=text if split == "train" else ", ".join(_pct(v) for v in vals), holds=inc,
             data={"results": [list(map(str, r)) for r in results]}))
     return rows

@@ -46,7 +46,8 @@ def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
     claim="Teleportation moves the weights far along a loss level curve: 100 inter-landscape teleports (sigma 0.9) of "
           "a trained MLP leave the loss unchanged up to float error while the weights move by a distance comparable "
           "to their size.",
-    source="seed 000, Sec. 4.2 / Fig. 2 (MLP; loss change ~1e-10, mean |W - V| 0.08 vs weight scale 0.18)",
+    source="seed 000, Sec. 4.2 (text; the level-curve picture is Fig. 3) (MLP; loss change ~1e-10, mean |W - V| "
+           "0.08 vs weight scale 0.18)",
 )
 def level_curve(quick: bool, out_dir: Path) -> list[Row]:
     from ..graph import analyze
@@ -77,14 +78,22 @@ def level_curve(quick: bool, out_dir: Path) -> list[Row]:
     fig.tight_layout()
     fig.savefig(out_dir / "teleport_level_curve.png", dpi=100)
     plt.close(fig)
+    src = "seed 000, Sec. 4.2 (text, no figure of its own; Fig. 3 illustrates level curves)"
     return [
-        Row("loss change of 100 inter teleports (sigma 0.9), float64", "~1e-10 (float error)",
+        Row("loss change of 100 inter teleports (sigma 0.9), float64", src,
             f"max {max(dl):.2e}, mean {np.mean(dl):.2e} (loss {L0:.4f}; digits MLP 64-64-64-10)",
-            max(dl) < 1e-10, {"loss_changes": dl, "loss": L0}),
-        Row("distance travelled vs weight scale", "mean |W - V| 0.08 vs weight scale 0.18 (ratio 0.44)",
+            max(dl) < 1e-10, {"loss_changes": dl, "loss": L0},
+            paper="average loss difference 'in the order of 1e-10, no more than a floating point error'",
+            criterion="the largest |L(V) - L(W)| over the 100 teleports (full training set, float64) is below 1e-10",
+            tolerance="1e-10: the source's own float-error figure (applied to the worst teleport, not the mean)"),
+        Row("distance travelled vs weight scale", src,
             f"mean |W - V| {np.mean(mad):.4f} vs mean |W| {wscale:.4f} (ratio {np.mean(mad) / wscale:.2f}); "
-            f"||V - W|| / ||W|| = {np.mean(dist):.2f}", np.mean(mad) / wscale > 0.2,
-            {"mean_abs_diff": mad, "rel_dist": dist, "weight_scale": wscale}),
+            f"||V - W|| / ||W|| = {np.mean(dist):.2f}", bool(np.mean(mad) / wscale > 0.2),
+            {"mean_abs_diff": mad, "rel_dist": dist, "weight_scale": wscale},
+            paper="mean |W - V| 0.08 vs weight magnitude 0.18 (ratio 0.44)",
+            criterion="mean over teleports of mean |W - V|, divided by mean |W|, exceeds 0.2",
+            tolerance="0.2 = about half the source's ratio 0.44: 'a distance comparable to the weights' size' on a "
+                      "different (smaller, digits) MLP; chosen before the run, not tuned"),
     ]
 
 
@@ -93,32 +102,29 @@ def level_curve(quick: bool, out_dir: Path) -> list[Row]:
     "teleport-grad-scaling",
     claim="E[tau_a^2 / tau_b^2] = (sigma^2 + 3) / (3 (1 - sigma^2)) for independent intra CoBs, and the gap "
           "| ||dW||/||W|| - ||dV||/||V|| | grows with the CoB-range sigma.",
-    source="seed 000, Sec. 4.1 (expectation formula) and Sec. 5 / Fig. (20 teleports per sigma, 4 models)",
+    source="seed 000, Sec. 5.1 (expectation formula after Theorem 5.1) and Fig. 6 (appendix Fig. 18; 20 teleports "
+           "per sigma, 4 models)",
 )
 def grad_scaling(quick: bool, out_dir: Path) -> list[Row]:
     from ..graph import analyze
     from ..teleport import random_cob, teleport
 
     sigmas = [0.1, 0.3, 0.5, 0.7, 0.9, 0.99]
+    X, y, _, _ = _data(dtype=torch.float64)
+    # the Monte Carlo samples the library's own CoBs (random_cob, intra as in the formula's derivation) on the MLP's
+    # structure: tau_a and tau_b are two different free neurons of one CoB (independent by construction)
+    cob_structure = analyze(_model("mlp", dtype=torch.float64), X[:2])
     g = torch.Generator().manual_seed(0)
     n = 200_000 if quick else 2_000_000
-    mc, rows = [], []
-    ok = True
-    for s in sigmas:
-        a = 1 + s * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
-        b = 1 + s * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
-        r = a * a / (b * b)
-        m, se = float(r.mean()), float(r.std() / math.sqrt(n))
-        th = (s * s + 3) / (3 * (1 - s * s))
-        mc.append((s, m, se, th))
-        # heavy tail at sigma -> 1 (E[1/tau^4] ~ (1 - sigma)^-3): judge within 4 standard errors
-        ok &= abs(m - th) <= 4 * se + 1e-12
-    rows.append(Row("E[tau_a^2/tau_b^2] (Monte Carlo, %d pairs per sigma)" % n,
-                    "(sigma^2+3)/(3(1-sigma^2)): " + ", ".join(f"{t:.3g}" for _, _, _, t in mc),
-                    ", ".join(f"sigma {s}: {m:.4g} +- {se:.2g}" for s, m, se, _ in mc), ok,
-                    {"mc": mc}))
+    mc = [_mc_tau_ratio(cob_structure, s, n, g) for s in sigmas]
+    rows = [Row(f"E[tau_a^2/tau_b^2] over pairs of free neurons of random_cob(sigma, 'intra') CoBs ({n} pairs per "
+                "sigma, digits MLP structure)", "seed 000, Sec. 5.1 (equation after Theorem 5.1)",
+                ", ".join(f"sigma {s}: {m:.4g} +- {se:.2g}" for s, m, se, _ in mc), _judge_mc(mc), {"mc": mc},
+                paper="(sigma^2+3)/(3(1-sigma^2)): " + ", ".join(f"{t:.4g}" for _, _, _, t in mc),
+                criterion="for every sigma, |Monte-Carlo mean - formula| <= 4 Monte-Carlo standard errors",
+                tolerance="4 standard errors of the sample mean (6 sigmas: a false alarm has probability ~4e-4 "
+                          "under the formula); heavy tail at sigma -> 1, E[1/tau^4] ~ (1 - sigma)^-3")]
 
-    X, y, _, _ = _data(dtype=torch.float64)
     Xi, _, _, _ = _data(form="image", dtype=torch.float64)
     models = {"mlp": (_model("mlp", dtype=torch.float64), X), "cnn": (_model("cnn", dtype=torch.float64), Xi)}
     if not quick:
@@ -154,11 +160,47 @@ def grad_scaling(quick: bool, out_dir: Path) -> list[Row]:
     fig.savefig(out_dir / "teleport_grad_scaling.png", dpi=100)
     plt.close(fig)
     for name, v in res.items():
-        mono = all(b >= a for a, b in zip(v, v[1:]))
         rows.append(Row(f"gap grows with sigma ({name}, digits, {reps} teleports per sigma)",
-                        "grows with sigma (4 models, CIFAR)",
-                        ", ".join(f"{s}: {d:.3g}" for s, d in zip(sigmas, v)), mono, {"sigmas": sigmas, "gap": v}))
+                        "seed 000, Sec. 5.1 / Fig. 6 (appendix Fig. 18)",
+                        ", ".join(f"{s}: {d:.3g}" for s, d in zip(sigmas, v)), _judge_monotone(v),
+                        {"sigmas": sigmas, "gap": v},
+                        paper="'a larger CoB-range leads to a larger difference' (4 models, CIFAR-10/100, 20 "
+                              "teleports per sigma; plotted, no numbers)",
+                        criterion="the mean gap | ||dW||/||W|| - ||dV||/||V|| | over the teleports does not decrease "
+                                  "from one sigma to the next (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)",
+                        tolerance="none: exact ordering of the means (the source's plot shows the same ordering)"))
     return rows
+
+
+def _mc_tau_ratio(structure, sigma: float, n: int, gen: torch.Generator) -> tuple[float, float, float, float]:
+    """``(sigma, mean, standard error, formula)`` of ``tau_a^2 / tau_b^2`` over ``n`` pairs of distinct free neurons
+    of CoBs drawn by :func:`gradcond.teleport.random_cob` (intra) on ``structure``; each CoB gives
+    ``num_free // 2`` disjoint pairs.  Cost: ``n / (num_free // 2)`` CoB draws."""
+    from ..teleport import random_cob
+
+    half = structure.num_free // 2
+    if half < 1:
+        raise ValueError("the Monte Carlo needs a structure with at least 2 free neurons.")
+    chunks, got = [], 0
+    while got < n:
+        tau = random_cob(structure, sigma, "intra", gen).tau.detach().to(torch.float64)
+        a, b = tau[:half], tau[half:2 * half]
+        chunks.append(a * a / (b * b))
+        got += half
+    r = torch.cat(chunks)[:n]
+    th = (sigma * sigma + 3) / (3 * (1 - sigma * sigma))
+    return sigma, float(r.mean()), float(r.std() / math.sqrt(n)), th
+
+
+def _judge_mc(mc, k: float = 4.0) -> bool:
+    """Whether every ``(sigma, mean, se, formula)`` has ``|mean - formula| <= k * se`` (``k`` standard errors)."""
+    return all(abs(m - th) <= k * se for _, m, se, th in mc)
+
+
+def _judge_monotone(values) -> bool:
+    """Whether ``values`` never decrease (the gap-vs-sigma ordering); NaN anywhere fails."""
+    v = [float(x) for x in values]
+    return all(math.isfinite(x) for x in v) and all(b >= a for a, b in zip(v, v[1:]))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -166,7 +208,8 @@ def grad_scaling(quick: bool, out_dir: Path) -> list[Row]:
     "micro-teleport-angle",
     claim="Micro-teleportation vectors (intra CoB, sigma 1e-3) are perpendicular to back-propagated gradients for "
           "any batch size (a Dirac at 90 degrees), while random vectors are only quasi-orthogonal to them.",
-    source="seed 000, Sec. 4.3 / Fig. 3 (MLP, VGG, ResNet, DenseNet; CIFAR; batch 8 and 64; 100 micro-teleports)",
+    source="seed 000, Sec. 4.3 / Fig. 4 and appendix Figs. 14-16 (MLP, VGG, ResNet, DenseNet; CIFAR; batch 8 and "
+           "64; 100 micro-teleports)",
 )
 def micro_angle(quick: bool, out_dir: Path) -> list[Row]:
     from ..graph import analyze
@@ -196,10 +239,17 @@ def micro_angle(quick: bool, out_dir: Path) -> list[Row]:
             out[(name, bs)] = a
             dev = {k: float(np.mean(np.abs(np.array(v) - 90))) for k, v in a.items()}
             rows.append(Row(f"{name}, batch {bs}: mean |angle - 90| (deg), {reps} micro-teleports",
-                            "micro vs gradient: Dirac at 90; gradient vs random: spread",
+                            "seed 000, Sec. 4.3 / Fig. 4 (appendix Figs. 14-16)",
                             ", ".join(f"{k} {d:.3g}" for k, d in dev.items()),
-                            dev["micro-grad"] < 0.1 and dev["grad-random"] > 3 * dev["micro-grad"],
-                            {"angles": a, "mean_abs_dev": dev, "num_params": int(_flat(model).numel())}))
+                            bool(dev["micro-grad"] < 0.1 and dev["grad-random"] > 3 * dev["micro-grad"]),
+                            {"angles": a, "mean_abs_dev": dev, "num_params": int(_flat(model).numel())},
+                            paper="micro-teleport vs gradient: a Dirac at 90 degrees; gradient vs random vectors: a "
+                                  "spread around 90 (histograms, no numbers)",
+                            criterion="mean |angle(micro-teleport vector, gradient) - 90| < 0.1 degree, and the "
+                                      "gradient-vs-random mean deviation is more than 3x larger",
+                            tolerance="0.1 degree: above the O(sigma) curvature term of a finite sigma = 1e-3 "
+                                      "micro-teleport, far below the several-degree spread of random angles at "
+                                      "these sizes; 3x separates a Dirac from a spread"))
     plt = _plt()
     fig, axes = plt.subplots(len(models), 2, figsize=(9, 2.6 * len(models)))
     for i, name in enumerate(models):
@@ -220,7 +270,8 @@ def micro_angle(quick: bool, out_dir: Path) -> list[Row]:
     "teleport-flatness",
     claim="Teleportation sharpens the landscape: the 1-D loss interpolation between two trained MLPs (small vs large "
           "batch) gets sharper as the CoB-range sigma grows (0.6, 0.9, 0.99).",
-    source="seed 000, Sec. 4.4 / Fig. 4 (5-hidden-layer MLP and VGG on CIFAR-10, batch 8 vs 1024)",
+    source="seed 000, Sec. 4.4 / Fig. 5 (MLP; VGG in appendix Fig. 17) (5-hidden-layer MLP on CIFAR-10, batch 8 "
+           "vs 1024)",
 )
 def flatness(quick: bool, out_dir: Path) -> list[Row]:
     from ..graph import analyze
@@ -278,11 +329,18 @@ def flatness(quick: bool, out_dir: Path) -> list[Row]:
     ends = (float(curves[0.0][int(np.argmin(np.abs(alphas)))]), float(curves[0.0][int(np.argmin(np.abs(alphas - 1)))]))
     return [Row("local sharpness (mean loss rise at alpha +-0.1 around both solutions) vs sigma (digits, MLP 5x64, "
                 f"intra CoBs, {reps} CoB pairs per sigma; end losses {ends[0]:.3g} / {ends[1]:.3g})",
-                "sharper as sigma grows (0.6 < 0.9 < 0.99)",
+                "seed 000, Sec. 4.4 / Fig. 5",
                 ", ".join(f"sigma {s}: {v:.3g}" for s, v in zip(sigmas, vals)),
                 all(b > a for a, b in zip(vals, vals[1:])),
                 {"alphas": alphas.tolist(), "curves": {str(k): v.tolist() for k, v in curves.items()},
-                 "sharpness": dict(zip(map(str, sigmas), vals))}),
-            Row("loss barrier between the two solutions vs sigma", "(shown in the source's curves, not quantified)",
+                 "sharpness": dict(zip(map(str, sigmas), vals))},
+                paper="'the landscape becomes sharper as the CoB-range increases' (curves for sigma 0, 0.6, 0.9, "
+                      "0.99; no numbers)",
+                criterion="the local sharpness strictly increases along sigma 0 < 0.6 < 0.9 < 0.99",
+                tolerance=f"none: strict ordering of means over {reps} CoB pairs per sigma"),
+            Row("loss barrier between the two solutions vs sigma", "seed 000, Sec. 4.4 / Fig. 5 (curves only)",
                 ", ".join(f"sigma {s}: {barrier[s]:.3g}" for s in sigmas), None,
-                {"barrier": {str(k): v for k, v in barrier.items()}})]
+                {"barrier": {str(k): v for k, v in barrier.items()}},
+                paper="(shown in the source's curves, not quantified)",
+                criterion="reported only: max interior loss minus the mean of the two end losses",
+                tolerance="-")]

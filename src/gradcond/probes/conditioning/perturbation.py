@@ -103,8 +103,10 @@ def step_consistency(
     Def 2.7 ``±η ḡ/‖ḡ‖_∞``, n = 2), or explicit ``directions`` (an (n, m) tensor). ``norm`` ("inf"|"2") only sets
     how directions are scaled to size η; the ratio always uses Euclidean norms (the source's ‖·‖_𝕎), so with
     ``norm="inf"`` ‖ω‖₂ can reach η√m (notes §1.3). ``mode="jvp"`` replaces the finite difference by the exact
-    directional derivative Hω (forward-over-reverse), the η → 0 limit; both are lower bounds of the exact κ =
-    ‖H‖₂‖w‖/‖ḡ‖ (Def 2.4) up to o(η). ‖w‖ covers all trainable parameters, unmasked.
+    directional derivative Hω (forward-over-reverse), the η → 0 limit; the jvp value is a lower bound of the exact
+    κ = ‖H‖₂‖w‖/‖ḡ‖ (Def 2.4). The finite difference is one only up to o(η) in smooth networks: in ReLU/BN
+    networks activation switches inside the step can make it exceed κ (measured: exact 922, finite difference
+    1318 and 7052), so it is an estimate, not a bound. ‖w‖ covers all trainable parameters, unmasked.
 
     Cost: one batch forward+backward for ḡ plus one per direction (an HVP ≈ 2-3 backward passes in jvp mode); the
     targeted sampler adds one per-sample pass over the n chosen samples. details: ``ratios`` per direction,
