@@ -3,6 +3,10 @@
 Use as a trainer callback (``fit(..., callbacks=[Monitor()])``, or ``[monitor]`` in a run config) or from a plain
 loop with :meth:`Monitor.step`. Each probe has a configured schedule (``every:N`` steps, ``epoch``, ``log``).
 
+Under DDP (``torch.distributed``, more than one rank) every probe is measured **on rank 0 only**, on rank 0's probe
+batch, on the inner module (``model.module``): the other ranks' monitors do nothing, and no probe calls a
+collective (see :mod:`gradcond.distributed`). Rank 0's plan and rows are the run's.
+
 The schedule is decided once, deterministically
 -----------------------------------------------
 ``budget`` is the share of the training time the monitor may spend measuring. With ``budget < 1`` the monitor
@@ -50,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import is_main, unwrap
 from ..train.run import RunLogger
 from ..train.trainer import Callback, TrainState
 from ..utils import atomic_write_text
@@ -427,7 +432,7 @@ class Monitor(Callback):
         for _ in range(2):
             t = time.perf_counter()
             try:
-                PROBES[name](state.model, state.loss_fn, self._probe_batch(state), state)
+                PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
             except Exception as exc:
                 self._fail(name, exc, state)
                 return None
@@ -496,7 +501,7 @@ class Monitor(Callback):
                 x, y = ds.tensors[0][: self.probe_batch_size], ds.tensors[1][: self.probe_batch_size]
             else:
                 x, y = state.batch
-            p = next(state.model.parameters())  # the dataset's tensors may sit on the CPU: move them to the model
+            p = next(unwrap(state.model).parameters())  # the dataset's tensors may sit on the CPU: move them to the model
             dtype, dev = p.dtype, p.device
             self.batch = (x.to(dev, dtype) if x.is_floating_point() else x.to(dev),
                           y.to(dev, dtype) if y.is_floating_point() else y.to(dev))
@@ -507,7 +512,7 @@ class Monitor(Callback):
             return
         t = time.perf_counter()
         try:
-            rows = PROBES[name](state.model, state.loss_fn, self._probe_batch(state), state)
+            rows = PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
         except Exception as exc:  # a failing probe must not stop training
             self._fail(name, exc, state)
             return
@@ -521,6 +526,8 @@ class Monitor(Callback):
 
     # ---- callback hooks ---------------------------------------------------------------------------------------
     def on_train_start(self, state: TrainState) -> None:
+        if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
+            return
         self._t0 = time.perf_counter()
         if self._tb_dir is not None and self._tb is None:
             try:
@@ -552,6 +559,8 @@ class Monitor(Callback):
             self._plan_written = True
 
     def on_step_end(self, state: TrainState) -> None:
+        if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
+            return
         t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
         if self._t0 is None:
             self._t0 = t
@@ -570,6 +579,8 @@ class Monitor(Callback):
         self.spent += self._last_end - t
 
     def on_epoch_end(self, state: TrainState) -> None:
+        if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
+            return
         t = time.perf_counter()
         self._ensure_written(state)
         if self.plan is None:

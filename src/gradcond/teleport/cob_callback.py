@@ -17,6 +17,7 @@ import torch
 
 from gradcond.graph import analyze
 from gradcond.callbacks import Callback
+from gradcond.distributed import active as _dist_active, is_main, run_on_main, sync_after_teleport, unwrap, world_size
 
 from .errors import TeleportError
 from .apply import teleport
@@ -68,6 +69,11 @@ class TeleportCallback(Callback):
     seconds)`` -- before/after values measured by autograd on the model itself (buffers untouched) on the
     objective batches -- and metrics (probe ``teleport``) ``objective_before``, ``objective_after``,
     ``loss_before``, ``loss_after``, ``seconds``.  ``self.events`` keeps the event dicts.
+
+    DDP (``torch.distributed`` with more than one rank): the teleport is computed on rank 0 only, on
+    ``model.module``; parameters, buffers and optimizer state are then broadcast from rank 0 and every replica is
+    checked bit-identical (a ``replicas_identical`` event on rank 0; a mismatch raises ``ReplicaMismatchError``).
+    ``rewrite=True`` is refused there (it would change rank 0's module structure only).
 
     Safety: every teleport is self-checked (:func:`~gradcond.teleport.teleport`: original vs teleported
     outputs on the analysis example and on the first objective batch, one forward pass each).  When the check
@@ -130,14 +136,31 @@ class TeleportCallback(Callback):
         e = state.epoch
         if (e in self.at_epoch or (self._default_once() and e == 0)) and ("e", e) not in self._done:
             self._done.add(("e", e))
-            self.teleport_now(state)
+            self._teleport_synced(state)
 
     def on_step_start(self, state) -> None:
         s = state.step
         due = s in self.at_step or (self.every is not None and s > 0 and s % self.every == 0)
         if due and ("s", s) not in self._done:
             self._done.add(("s", s))
-            self.teleport_now(state)
+            self._teleport_synced(state)
+
+    def _teleport_synced(self, state):
+        """:meth:`teleport_now`, made DDP-safe: under ``torch.distributed`` (more than one rank) the teleport is
+        computed on rank 0 only (on ``model.module``), then parameters, buffers and optimizer state are broadcast
+        from rank 0 and every replica is checked bit-identical (:func:`gradcond.distributed.sync_after_teleport`,
+        which raises ``ReplicaMismatchError`` naming the first differing tensor); rank 0 logs a
+        ``replicas_identical`` event (``tensors`` checked, ``world_size``). Single process: just ``teleport_now``."""
+        if not _dist_active():
+            return self.teleport_now(state)
+        if self.rewrite:  # a rewrite swaps submodules on rank 0 only: replicas would differ in structure
+            raise ValueError("TeleportCallback under torch.distributed needs rewrite=False (mode='intra'): an "
+                             "activation rewrite changes the module structure on rank 0 only.")
+        record = run_on_main(self.teleport_now, state)
+        n = sync_after_teleport(state.model, state.optimizer)
+        if is_main():
+            state.log_event("replicas_identical", after="teleport", tensors=n, world_size=world_size())
+        return record
 
     # ------------------------------------------------------------------------------------------------------
     def _objective_batches(self, state, dtype):
@@ -154,7 +177,7 @@ class TeleportCallback(Callback):
             items = [ds[int(j)] for j in idx]
             x = torch.stack([it[0] for it in items])
             y = torch.stack([torch.as_tensor(it[1]) for it in items])
-            dev = next(state.model.parameters()).device  # the dataset may sit on the CPU, the model elsewhere
+            dev = next(unwrap(state.model).parameters()).device  # the dataset may sit on the CPU, the model elsewhere
             out.append((x.to(dev, dtype) if x.is_floating_point() else x.to(dev),
                         y.to(dev, dtype) if y.is_floating_point() else y.to(dev)))
         return out
@@ -162,7 +185,7 @@ class TeleportCallback(Callback):
     def teleport_now(self, state) -> dict:
         """Teleport ``state.model`` in place now and transport/reset/keep ``state.optimizer``; returns the event."""
         t0 = time.perf_counter()
-        model, opt = state.model, state.optimizer
+        model, opt = unwrap(state.model), state.optimizer  # the inner module of a DDP wrapper: no collectives
         check_optimizer_supported(opt, self.optimizer_state)  # before touching anything
         dtype = next(model.parameters()).dtype
         batches = self._objective_batches(state, dtype)

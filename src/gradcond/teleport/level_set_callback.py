@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 from gradcond.callbacks import Callback
+from gradcond.distributed import active as _dist_active, is_main, run_on_main, sync_after_teleport, unwrap, world_size
 
 from .errors import TeleportError
 from .level_set import OPTIMIZER_STATE_POLICIES, sample_batches, split_held_out
@@ -49,6 +50,10 @@ class LevelSetTeleportCallback(Callback):
         "warn" (default: a ``teleport_failed`` event with ``reason`` and ``error``, a
         ``RuntimeWarning`` the first time only, training goes on) or "raise". (The name predates
         the guards; it covers every refusal.)
+
+    Under ``torch.distributed`` (more than one rank): the teleport is computed on rank 0 only, then parameters,
+    buffers and optimizer state are broadcast from rank 0 and all replicas are checked bit-identical
+    (:func:`gradcond.distributed.sync_after_teleport`); rank 0 logs a ``replicas_identical`` event.
 
     Guards: the teleporter's ``batch_loss_tol``, ``held_out_tol`` and ``max_weight_growth`` (on by
     default; pass them to this callback or to the teleporter, ``None`` disables one). A guard that
@@ -107,10 +112,17 @@ class LevelSetTeleportCallback(Callback):
         e = state.epoch
         if e in self.schedule and e not in self._done and state.step >= self.warmup_steps:
             self._done.add(e)
-            self._fire(state)
+            if not _dist_active():
+                self._fire(state)
+                return
+            # DDP: computed on rank 0 only (inner module), then broadcast from rank 0 and checked bit-identical
+            run_on_main(self._fire, state)
+            n = sync_after_teleport(state.model, state.optimizer)
+            if is_main():
+                state.log_event("replicas_identical", after="teleport", tensors=n, world_size=world_size())
 
     def _fire(self, state) -> None:
-        model = state.model
+        model = unwrap(state.model)  # the inner module of a DDP wrapper: its gradients trigger no collective
         dtype = next(model.parameters()).dtype
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._count)
         self._count += 1

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback  # noqa: F401  (the protocol lives in gradcond.callbacks; re-exported here)
+from ..distributed import active as _dist_active, is_main
 from ..utils import TrainingDiverged, UserError, module_device, resolve_device
 from ..utils import progress as progress_bar_factory
 from .losses import get_loss
@@ -209,6 +210,13 @@ def fit(
     device with ``.to(device, non_blocking=True)``, so loaders may yield CPU tensors; callbacks see the moved batch
     in ``state.batch`` and the device in ``state.device``.
 
+    DDP (``torch.distributed`` initialised, more than one rank; ``model`` may be wrapped in
+    ``DistributedDataParallel``): only rank 0 writes ``run`` (metrics, events, checkpoints); other ranks log in
+    memory (give them ``run=None``: a ``RunLogger`` with a path creates its directory when built). The logged
+    ``train/*`` rows are rank 0's shard; ``test/*`` rows are evaluated on rank 0's replica. ``resume=True`` is
+    refused. Callbacks see the wrapped model; the monitor and teleports work on ``model.module``
+    (:mod:`gradcond.distributed`).
+
     Progress: a bar over the optimizer steps (epoch and loss in its postfix) on stderr when stderr is a terminal,
     not :func:`~gradcond.utils.set_quiet`, and training lasts over a second (:func:`gradcond.utils.progress`);
     ``progress=False`` (or the older ``progress_bar=False``) turns it off.
@@ -227,6 +235,12 @@ def fit(
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(schedule, opt, **(schedule_kwargs or {}))
     run = run if run is not None else RunLogger(None)
+    if _dist_active():
+        if resume:
+            raise UserError("resume=True is not supported under torch.distributed (only rank 0 holds the checkpoint); "
+                            "resume in a single process or start a fresh run.")
+        if not is_main():
+            run = RunLogger(None)  # one writer: ranks other than 0 log in memory only (pass run=None there)
     callbacks = list(callbacks)
     state = TrainState(model, opt, loss_fn, train_loader, test_loader, run, dict(config or {}), task=task, epochs=epochs,
                        device=device)

@@ -1,0 +1,173 @@
+"""Small helpers that make the trainer, the monitor and the teleports behave under ``torch.distributed`` (DDP).
+
+Contract (docs: methods/compression.md, "Monitor and teleports under DDP"):
+
+* **One writer.** Only rank 0 (:func:`is_main`) writes the run directory; :func:`gradcond.train.fit` gives the
+  other ranks an in-memory :class:`~gradcond.train.RunLogger` whatever ``run`` they pass.
+* **Monitor on rank 0 only.** Every probe of :class:`~gradcond.monitor.Monitor` is measured on rank 0 only, on
+  rank 0's probe batch, on the inner module (``model.module``) so that no probe triggers a DDP collective; the
+  other ranks' monitors do nothing. Probes never call collectives.
+* **Teleports computed on rank 0, broadcast.** A teleport callback computes its change of basis / level-set update
+  on rank 0 only (on the inner module), then :func:`sync_after_teleport` broadcasts the parameters, buffers and the
+  optimizer state from rank 0 and checks with :func:`assert_replicas_identical` that every rank holds the same
+  bytes.
+
+When ``torch.distributed`` is not initialised (or the world has one rank) every helper here is a no-op or returns
+the single-process answer, at the cost of one ``is_initialized()`` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+__all__ = ["active", "rank", "world_size", "is_main", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
+           "replica_digests", "assert_replicas_identical", "sync_after_teleport", "run_on_main",
+           "ReplicaMismatchError"]
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Replicas of a model (or of its optimizer state) differ across ranks where they must be bit-identical."""
+
+
+def active() -> bool:
+    """True when ``torch.distributed`` is available, initialised and has more than one rank."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when torch.distributed is not initialised)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 when torch.distributed is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a single process."""
+    return rank() == 0
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (``model.module``), else ``model``.
+
+    Measurements and teleports run on the inner module: calling the DDP wrapper with gradients would register a
+    backward all-reduce that only one rank takes part in (a hang)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+
+
+def _state_tensors(model: torch.nn.Module):
+    """``(name, tensor)`` of every parameter and buffer, in the module's order (the same on every replica)."""
+    yield from unwrap(model).named_parameters()
+    yield from unwrap(model).named_buffers()
+
+
+@torch.no_grad()
+def broadcast_module_(model: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every parameter and buffer of ``model`` in place with rank ``src``'s values (one ``broadcast`` per
+    tensor; cost: the model's size sent once). Assumes every rank's module has the same structure (names, shapes,
+    dtypes) -- teleports that rewrite modules are refused under DDP for that reason. No-op without a group."""
+    if not active():
+        return
+    for _, t in _state_tensors(model):
+        torch.distributed.broadcast(t.data, src=src)
+
+
+def broadcast_optimizer_state_(optimizer, src: int = 0) -> None:
+    """Replace ``optimizer``'s state (momentum buffers, Adam moments, steps, hyper-parameters) on every rank by rank
+    ``src``'s, exactly (``state_dict`` sent with ``broadcast_object_list`` between the job's own processes, then
+    ``load_state_dict``). Handles a state that rank ``src`` reset or created. No-op without a group or optimizer."""
+    if optimizer is None or not active():
+        return
+    box = [optimizer.state_dict() if rank() == src else None]
+    torch.distributed.broadcast_object_list(box, src=src)
+    if rank() != src:
+        optimizer.load_state_dict(box[0])
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def replica_digests(model: torch.nn.Module, optimizer=None) -> dict[str, str]:
+    """SHA-256 of the bytes of each parameter and buffer (and, with ``optimizer``, of each tensor of its state,
+    keyed ``optimizer:<param name>.<key>``) of this rank's replica. Cost: one pass over the model's bytes."""
+    out = {name: _digest([(name, t)]) for name, t in _state_tensors(model)}
+    if optimizer is not None:
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        for p, st in optimizer.state.items():
+            for k, v in sorted(st.items()):
+                key = f"optimizer:{names.get(id(p), '?')}.{k}"
+                out[key] = _digest([(key, v)]) if torch.is_tensor(v) else repr(v)
+    return out
+
+
+def assert_replicas_identical(model: torch.nn.Module, optimizer=None, what: str = "model") -> int:
+    """Check that every rank holds bit-identical parameters and buffers (and optimizer state with ``optimizer``).
+
+    Each rank hashes its tensors (:func:`replica_digests`); the digests are ``all_gather_object``-ed and compared
+    with rank 0's. Raises :class:`ReplicaMismatchError` naming the first differing tensor and the ranks, on every
+    rank. Returns the number of tensors compared (0 without a process group: nothing to check). Collective: every
+    rank must call it."""
+    if not active():
+        return 0
+    mine = replica_digests(model, optimizer)
+    everyone: list = [None] * world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    ref = everyone[0]
+    for r, d in enumerate(everyone[1:], start=1):
+        for name in [*ref, *(n for n in d if n not in ref)]:  # rank 0's order: the first differing tensor
+            if ref.get(name) != d.get(name):
+                how = (f"missing on rank {0 if name not in ref else r}" if name not in ref or name not in d
+                       else "different bytes")
+                raise ReplicaMismatchError(
+                    f"{what} replicas differ across ranks: {name!r} on rank {r} is not bit-identical to rank 0 "
+                    f"({how}); replicas must stay identical under DDP.")
+    return len(ref)
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Call ``fn`` on rank 0 only and tell every rank whether it succeeded (one small broadcast).
+
+    Returns ``fn``'s result on rank 0 and None elsewhere. When ``fn`` raises on rank 0, the exception is re-raised
+    there and the other ranks raise :class:`RuntimeError` naming it -- no rank is left waiting in a later
+    collective. Without a process group it just calls ``fn``."""
+    if not active():
+        return fn(*args, **kwargs)
+    err, result = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 -- told to the other ranks, then re-raised
+            err = exc
+    box = [None if err is None else f"{type(err).__name__}: {err}"]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if err is not None:
+        raise err
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__qualname__', fn)!s}: {box[0]}")
+    return result
+
+
+def sync_after_teleport(model: torch.nn.Module, optimizer=None) -> int:
+    """After rank 0 changed ``model`` (and ``optimizer``'s state) in place: broadcast both from rank 0 and check
+    that every replica is now bit-identical (:func:`assert_replicas_identical`, optimizer state included).
+    Returns the number of tensors checked (0 without a process group). Collective."""
+    if not active():
+        return 0
+    broadcast_module_(model, src=0)
+    broadcast_optimizer_state_(optimizer, src=0)
+    return assert_replicas_identical(model, optimizer, what="teleported model")
