@@ -461,3 +461,17 @@ def test_self_check_restores_buffers_a_forward_writes():
     calls = float(model[1].calls)
     teleport(model, random_cob(s, 0.9, "intra", torch.Generator().manual_seed(0)), inplace=True, check_inputs=x)
     assert float(model[1].calls) == calls
+
+
+def test_unverifiable_teleport_warns():
+    """A structure without an analysis example (hand-made) and no batch: the teleport says it was not verified."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    s = analyze(m, x[:2])
+    s.example_input = None
+    cob = random_cob(s, 0.5, "intra", torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="teleport could not verify the function"):
+        teleport(m, cob)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        teleport(m, cob, check_inputs=x)  # verified on the batch: no warning

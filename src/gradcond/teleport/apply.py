@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -85,7 +86,9 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False, *, check: bool =
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
     _ruled_params(model, structure, _rule_order(structure))  # model vs structure first (ValueError, cached)
     inputs = _check_inputs(model, structure, check_inputs)
-    if not inputs:
+    if not inputs:  # a hand-made structure without an example, and no batch: say so rather than pass silently
+        warnings.warn("teleport could not verify the function: the structure keeps no analysis example and no "
+                      "check_inputs were given; pass check_inputs=<a batch> to verify.", RuntimeWarning, stacklevel=2)
         return _teleport(model, cob, inplace)
     ref = []
     for where, x in inputs:
@@ -125,7 +128,6 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False, *, check: bool =
             "please report it."
         )
     if dtype in (torch.float16, torch.bfloat16) and worst is not None and not structure._cache.get("half_warned"):
-        import warnings
         structure._cache["half_warned"] = True
         warnings.warn(f"teleport of a {str(dtype).replace('torch.', '')} model: parameters scaled in float64 and "
                       f"rounded once to {str(dtype).replace('torch.', '')}; measured relative output change "
