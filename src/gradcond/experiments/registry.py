@@ -146,6 +146,20 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` and check it can be written, before any computation: an unusable ``--out`` is bad input
+    (:class:`UserError`, exit 2), not a claim that fails (exit 1)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output directory {path} cannot be created or written ({exc.strerror or exc}); "
+                        "pass a writable --out.") from None
+    return path
+
+
 def takes_device(fn) -> bool:
     """Whether an experiment function accepts a ``device`` keyword (it can compute on a GPU)."""
     try:
@@ -168,15 +182,7 @@ def _prepare(name: str, out_dir: str | Path, device) -> tuple[Experiment, object
         warnings.warn(f"reproduction {name!r} computes on the CPU only; --device {device} is not used for it.",
                       stacklevel=3)
         dev = resolve_device("cpu")
-    out = Path(out_dir) / name
-    try:  # before any computation: an unusable --out is bad input (exit 2), not a claim that fails (exit 1)
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output directory {out} cannot be created or written ({exc.strerror or exc}); "
-                        "pass a writable --out.") from None
+    out = _writable_dir(Path(out_dir) / name)
     return exp, dev, kwargs, out
 
 
@@ -287,15 +293,7 @@ def run_all(out_dir: str | Path = "runs/repro", quick: bool = False, device=None
         if name not in exps:
             raise UserError(f"unknown reproduction {name!r}; accepted: {', '.join(exps)}.")
     resolve_device("cpu" if device is None else device)
-    root = Path(out_dir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output directory {root} cannot be created or written ({exc.strerror or exc}); "
-                        "pass a writable --out.") from None
+    root = _writable_dir(Path(out_dir))
     outcomes = []
     bar = progress(names, desc="repro all", delay=0)
     for name in bar:
