@@ -13,7 +13,7 @@ $(BIN)/python:
 # extra installed here so its integration is tested, needs no other torch).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,lightning,docs]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,lightning,docs,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)
