@@ -35,7 +35,7 @@ def _cmd_run(args) -> int:
     cfg = config.resolve(user, sets)
     if args.config is None and not user and not any(s.split("=")[0].strip() == "name" for s in sets):
         cfg = config.resolve(config.DEMO, sets)
-    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device)
+    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device, nproc=args.nproc)
     if not report.exists():  # stopped early (e.g. a stop_after callback): the run stays partial and resumable
         print(f"gradcond: run stopped before its last epoch; it is kept in {report.parent} - continue with --resume",
               file=sys.stderr)
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, metavar="N",
                    help="seed of the run (overrides the config's seed; the same as --set seed=N)")
     _device_option(r)
+    r.add_argument("--nproc", default="1", metavar="N",
+                   help="train with N local processes (PyTorch DDP: gloo on the CPU, NCCL with one GPU per rank; each "
+                        "rank trains on 1/N of the data with data.batch_size per rank; rank 0 writes the run; "
+                        "default 1; --resume needs 1)")
     r.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     r.set_defaults(func=_cmd_run)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import config as cfgmod
+from . import distributed as _dist
 from .utils import TrainingDiverged, UserError, atomic_write_text, is_quiet, resolve_device
 # which data form and size keywords a zoo model takes live with the zoo (gradcond.diagnose uses them too)
 from .zoo import CNN_MODELS, input_form, model_kwargs_for  # noqa: F401  (CNN_MODELS re-exported)
@@ -131,9 +132,16 @@ def train_into(job: Job, run_path: Path, resume: bool, extra_callbacks=(), desc:
 
     cfg = job.cfg
     train_loader, test_loader = job.bundle.loaders(cfg["data"]["batch_size"], seed=cfg["seed"])
-    run = RunLogger(run_path)
+    model, run = job.model, None
+    if _dist.active():  # a rank of `gradcond run --nproc N`: DDP on this rank's shard, rank 0 writes the run
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_loader = _shard_loader(job.bundle.train, cfg, _dist.rank(), _dist.world_size())
+        model = DistributedDataParallel(job.model, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+    if _dist.is_main():
+        run = RunLogger(run_path)
     return fit(
-        job.model, train_loader, test_loader, loss=job.loss, optimizer=cfg["optim"]["name"], lr=cfg["optim"]["lr"],
+        model, train_loader, test_loader, loss=job.loss, optimizer=cfg["optim"]["name"], lr=cfg["optim"]["lr"],
         momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"], epochs=cfg["train"]["epochs"],
         schedule=cfg["schedule"]["name"], schedule_kwargs=_schedule_kwargs(cfg["schedule"]),
         callbacks=list(job.callbacks) + list(extra_callbacks), seed=cfg["seed"], progress=not is_quiet(), run=run,
@@ -147,7 +155,7 @@ def train_into(job: Job, run_path: Path, resume: bool, extra_callbacks=(), desc:
 RESUMABLE_KEYS = frozenset({"train.epochs"})
 
 
-def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu") -> Path:
+def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu", nproc=1) -> Path:
     """Run a resolved config into ``out/<name>/`` and return the path of its ``report.html``.
 
     One writer per run: an exclusive lock on ``out/.<name>.lock`` is held from before the partial directory is
@@ -162,7 +170,15 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu")
     ``compare_teleport``); CUDA on a machine without it raises :class:`UserError` before anything is written. It is
     not part of the config, so ``resume=True`` may continue on another device (results then differ in the last
     bits, as between any two devices).
+
+    ``nproc`` > 1 trains with that many local DDP ranks (:func:`run_ranks`); 1 (the default) is this process alone.
     """
+    nproc = check_nproc(nproc, device)
+    if nproc > 1:
+        return run_ranks(cfg, out, nproc, resume=resume, device=device)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not _dist.active():
+        raise UserError("gradcond run was started by torchrun (WORLD_SIZE is set), which would make every process "
+                        "train its own copy of the run; start it once with --nproc N instead.")
     out = Path(out)
     job = build_job(cfg, device=device)  # validates everything before the disk is touched
     _check_writable(out)
@@ -174,6 +190,7 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu")
             if not (source / "checkpoints" / "last.pt").exists():
                 raise UserError(f"nothing to resume in {out}: no checkpoint for run {name!r}; run without --resume first.")
             check_resume_config(saved_config(source), cfg, source)
+            _refuse_multirank_checkpoint(source / "checkpoints" / "last.pt", name)
             if source == final:
                 done = _epochs_done(final)
                 if done >= cfg["train"]["epochs"] and _compare_done(final, cfg):
@@ -433,3 +450,248 @@ def _publish(partial: Path, final: Path) -> None:
         final.rename(old)
     partial.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ gradcond run --nproc N
+# Local ranks are started with torch.multiprocessing (spawn) + init_process_group on a free loopback port rather
+# than with torch.distributed.run's elastic agent: `gradcond run` has already validated the config, holds the run's
+# lock and owns the partial directory in this (parent) process, and it needs each rank's exception as data (to keep
+# the CLI's one-line errors and exit codes); the elastic agent's rendezvous, restarts and log redirection add nothing
+# for ranks on one machine. `ProcessContext.join` ends the other ranks as soon as one fails, so nothing is left
+# waiting; collectives are bounded by the group's timeout (DDP_TIMEOUT_S).
+
+DDP_TIMEOUT_S = 60  # process-group timeout of `gradcond run --nproc`: a hung rank ends the run within a minute
+
+
+def check_nproc(nproc, device="cpu") -> int:
+    """``nproc`` as an int, or :class:`UserError` (one sentence) when it is not an integer >= 1, exceeds the CPU
+    cores (gloo on the CPU) or the GPUs (NCCL: one GPU per rank), or when the backend is unavailable. Cheap."""
+    try:
+        n = int(nproc) if isinstance(nproc, (int, str)) and not isinstance(nproc, bool) else None
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise UserError(f"--nproc must be an integer >= 1 (the number of local training processes); got {nproc!r}.")
+    if n == 1:
+        return 1
+    dev = resolve_device(device)
+    dist = torch.distributed
+    if not dist.is_available():
+        raise UserError("--nproc > 1 needs torch.distributed, which this PyTorch build does not include; run with "
+                        "--nproc 1.")
+    if dev.type == "cuda":
+        if not dist.is_nccl_available():
+            raise UserError("--nproc > 1 on CUDA needs the NCCL backend, which this PyTorch build does not include; "
+                            "use --device cpu (gloo) or --nproc 1.")
+        gpus = torch.cuda.device_count()
+        if n > gpus:
+            raise UserError(f"--nproc {n} on CUDA needs one GPU per rank but this machine has {gpus}; pass --nproc "
+                            f"{gpus}{' or fewer' if gpus > 1 else ''}, or --device cpu.")
+    else:
+        if not dist.is_gloo_available():
+            raise UserError("--nproc > 1 on the CPU needs the gloo backend, which this PyTorch build does not "
+                            "include; run with --nproc 1.")
+        cores = os.cpu_count() or 1
+        if n > cores:
+            raise UserError(f"--nproc {n} is more than this machine's {cores} CPU core(s); pass --nproc {cores} or "
+                            "fewer (each rank is one training process).")
+    return n
+
+
+def _shard_loader(train, cfg: dict, rank: int, world: int):
+    """This rank's training loader: samples ``rank, rank + world, ...`` truncated to ``len(train) // world`` (every
+    rank then makes the same number of steps, which DDP needs), shuffled by ``seed + rank``; ``data.batch_size`` is
+    per rank."""
+    from torch.utils.data import DataLoader, Subset
+
+    per = len(train) // world
+    idx = list(range(rank, len(train), world))[:per]
+    return DataLoader(Subset(train, idx), batch_size=cfg["data"]["batch_size"], shuffle=True,
+                      generator=torch.Generator().manual_seed(cfg["seed"] + rank))
+
+
+def _refuse_multirank_checkpoint(ck: Path, name: str) -> None:
+    """A checkpoint written under ``--nproc > 1`` holds the DDP wrapper's keys (``module.*``): refuse to resume it."""
+    if not ck.exists():
+        return
+    from .train import load_checkpoint
+
+    if any(k.startswith("module.") for k in load_checkpoint(ck)["model"]):
+        raise UserError(f"run {name!r} was trained with --nproc > 1 and cannot be resumed (resuming is single-process "
+                        "only); run it again without --resume.")
+
+
+def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, device="cpu") -> Path:
+    """``gradcond run --nproc N``: train ``cfg`` with ``nproc`` local DDP ranks into ``out/<name>/``.
+
+    This process validates everything first (bad input is :class:`UserError` before anything is written), takes the
+    run's lock (:class:`RunLock`: exactly one writer), then spawns the ranks (gloo on the CPU, NCCL with one GPU
+    per rank on CUDA; ``tcp://127.0.0.1:<free port>``, timeout :data:`DDP_TIMEOUT_S`). Every rank builds the same
+    model (same seed), wraps it in ``DistributedDataParallel`` and trains on its shard of the training set
+    (``data.batch_size`` per rank: the global batch is ``nproc`` times larger); **rank 0 alone writes** the partial
+    run directory, its metrics (rank 0's shard; test metrics on rank 0's replica) and the report; the monitor and
+    teleports follow :mod:`gradcond.distributed`. When every rank has finished this process publishes the run.
+    A failing rank ends the others; its error is re-raised here (:class:`UserError`,
+    :class:`~gradcond.utils.TrainingDiverged`, else ``RuntimeError`` naming the rank) and a fresh run's partial
+    directory is removed. ``resume`` is refused (only single-process runs resume).
+    """
+    import json
+    import logging
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    from .utils import is_quiet
+
+    nproc = check_nproc(nproc, device)
+    if resume:
+        raise UserError("--resume is not supported with --nproc > 1 (only single-process runs are resumed); run "
+                        "without --resume, or resume with --nproc 1 a run that was trained in one process.")
+    out = Path(out)
+    dev = resolve_device(device)
+    job = build_job(cfg, device="cpu")  # the same checks as a single-process run, before the disk is touched
+    if len(job.bundle.train) < nproc:
+        raise UserError(f"--nproc {nproc} exceeds the {len(job.bundle.train)} training samples; every rank needs at "
+                        "least one.")
+    del job
+    _check_writable(out)
+    name = cfg["name"]
+    final, partial = out / name, out / f".{name}.partial"
+    with RunLock(out, name), tempfile.TemporaryDirectory(prefix="gradcond-ranks-") as errdir:
+        shutil.rmtree(partial, ignore_errors=True)
+        port = _free_port()
+        ctx = mp.start_processes(_rank_main, args=(nproc, port, cfg, str(partial), str(dev), is_quiet(), errdir),
+                                 nprocs=nproc, join=False, start_method="spawn")
+        # torch logs a warning per rank it terminates after a failure; the CLI reports the failure in one line
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
+        try:
+            while not ctx.join():
+                pass
+        except ProcessException as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise _rank_failure(Path(errdir), exc) from None
+        except BaseException:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            spawn_log.setLevel(level)
+        if not (partial / "report.html").exists():  # stopped early (stop_after): kept partial
+            return partial / "report.html"
+        report = json.loads((Path(errdir) / "report.json").read_text())["report"]
+        _publish(partial, final)
+        return final / report
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_failure(errdir: Path, exc: BaseException) -> BaseException:
+    """The error to raise in the parent for a failed rank: the earliest error a rank recorded (the cause; the other
+    ranks' errors are usually about the lost peer), mapped back to its kind."""
+    import json
+
+    errs = []
+    for f in errdir.glob("rank*.json"):
+        try:
+            errs.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    if not errs:
+        return RuntimeError(f"a training rank failed without reporting an error ({' '.join(str(exc).split())}).")
+    e = min(errs, key=lambda e: e["time"])
+    if e["kind"] == "user":
+        return UserError(e["message"])
+    if e["kind"] == "diverged":
+        return TrainingDiverged(e["message"])
+    return RuntimeError(f"rank {e['rank']} of {e['world']} failed: {e['type']}: {e['message']}\n"
+                        f"{e['traceback']}")
+
+
+def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device: str, quiet: bool,
+               errdir: str) -> None:
+    """One rank of :func:`run_ranks` (runs in a spawned process). Errors are recorded in ``errdir`` for the parent
+    and re-raised (a non-zero exit ends the other ranks)."""
+    import json
+    import warnings
+    from datetime import timedelta
+
+    from .utils import set_quiet
+
+    set_quiet(quiet)
+    if rank != 0:
+        warnings.simplefilter("ignore")  # rank 0 reports the warnings once
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", rank)
+            torch.cuda.set_device(dev)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                             timeout=timedelta(seconds=DDP_TIMEOUT_S))
+        job = build_job(cfg, device=dev)
+        report = _rank_body(job, cfg, Path(partial))
+        if rank == 0 and report is not None:
+            atomic_write_text(Path(errdir) / "report.json", json.dumps({"report": report}))
+    except BaseException as exc:
+        kind = ("user" if isinstance(exc, UserError) else "diverged" if isinstance(exc, TrainingDiverged)
+                else "other")
+        import traceback
+
+        atomic_write_text(Path(errdir) / f"rank{rank}.json", json.dumps(
+            {"rank": rank, "world": world, "time": time.time(), "kind": kind, "type": type(exc).__name__,
+             "message": " ".join(str(exc).split()), "traceback": traceback.format_exc()}))
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _rank_body(job: Job, cfg: dict, partial: Path) -> str | None:
+    """What every rank runs (the DDP counterpart of ``_run_locked``): rank 0 writes ``config.toml``, its run files
+    and the report into ``partial``; the others train with in-memory logs. Returns the report's file name on rank 0
+    (None when stopped early or on other ranks)."""
+    import warnings
+
+    from .report.run_report import write_run_report
+    from .train.callbacks import build_callback
+    from .train.trainer import UnreachableCallbackWarning, unreachable_schedules
+
+    main = _dist.is_main()
+    if main:
+        per_rank = len(job.bundle.train) // _dist.world_size()
+        steps = math.ceil(per_rank / cfg["data"]["batch_size"])
+        msgs = unreachable_schedules(job.callbacks, cfg["train"]["epochs"], steps)
+        if cfg.get("compare_teleport"):
+            msgs += [f"compare_teleport: {m}" for m in
+                     unreachable_schedules([build_callback(_TELEPORT_COPY)], cfg["train"]["epochs"], steps)]
+        for msg in msgs:
+            warnings.warn(msg, UnreachableCallbackWarning, stacklevel=2)
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(partial / "config.toml", cfgmod.dumps(cfg))
+    t0 = time.perf_counter()
+    runs = {"plain": partial}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreachableCallbackWarning)
+        hist = train_into(job, partial, False)
+        if len(hist.rows) < cfg["train"]["epochs"]:
+            return None
+        if cfg.get("compare_teleport"):
+            runs["teleport"] = _train_teleport_copy(cfg, partial, False, job.device)
+            if runs["teleport"] is None:
+                return None
+    if not main:
+        return None
+    return write_run_report(partial, cfg, runs, seconds=time.perf_counter() - t0).name

@@ -1,0 +1,270 @@
+"""Seed 002, §6.8: deep partition-wise learning (DPL) on real ``torch.distributed`` ranks (``dpl-partitions``).
+
+Two partitions of an MLP on ``digits`` are trained concurrently by two gloo ranks on the loopback interface
+(:func:`gradcond.train.layerwise.dpl.fit_partitionwise`), against the same partitions trained bottom-up in one
+process (``schedule="sequential"``: single-process DLL over the partitions) -- test accuracy and training
+throughput -- plus a partition killed mid-run, after which its neighbours must exit with an error naming it.
+
+:func:`run_dpl` is the launcher (``torch.multiprocessing`` spawn context, one process per rank, optionally
+SIGKILL-ing one rank once it has made a given number of steps); :func:`dpl_worker` is the per-rank program;
+:func:`build` makes the partitions and heads.  All three are reused by ``tests/test_layerwise_dpl.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .compression_repro import free_port
+from .registry import Row, register
+
+SOURCE = "seed 002 (Øland 2024, CMU-CS-24-147), ch. 6, §6.8 (DPL), Table 6.6 and §6.8.4"
+
+DPL_DEFAULTS = {"hidden": 128, "blocks": 4, "sizes": [2, 2], "seed": 0, "epochs": 20, "batch_size": 64,
+                "lr": 2e-3, "lr_drops": [0.5, 0.75], "optimizer": "adam", "timeout_s": 30, "loss_filter": None,
+                "threads": 1}
+
+
+def _digits():
+    from ..data import load_dataset
+
+    return load_dataset("digits", form="flat", seed=0, dtype=torch.float32)
+
+
+def build(cfg: dict):
+    """``(partitions, heads)``: an MLP of ``cfg["blocks"]`` Linear+ReLU blocks of width ``cfg["hidden"]`` on the
+    64 digits inputs, grouped by ``cfg["sizes"]``, one linear head (width -> 10) per partition; seeded by
+    ``cfg["seed"]`` (the same modules on every rank), on ``cfg.get("device", "cpu")``."""
+    from ..train.layerwise.dpl import make_partitions
+
+    torch.manual_seed(cfg["seed"])
+    w = cfg["hidden"]
+    blocks = [nn.Sequential(nn.Linear(64 if i == 0 else w, w), nn.ReLU()) for i in range(cfg["blocks"])]
+    parts = make_partitions(blocks, cfg["sizes"])
+    heads = [nn.Linear(w, 10) for _ in parts]
+    dev = torch.device(cfg.get("device", "cpu"))
+    return [p.to(dev) for p in parts], [h.to(dev) for h in heads]
+
+
+def loaders(cfg: dict):
+    b = _digits()
+    return b.loaders(cfg["batch_size"], seed=cfg["seed"])
+
+
+def digest(modules) -> str:
+    """SHA-256 of the bytes of every parameter and buffer of ``modules`` (for bit-identity checks)."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in m.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _loss_filter(cfg):
+    from ..train import LossFilter
+
+    f = cfg.get("loss_filter")
+    return None if f is None else LossFilter(fraction=f["fraction"], from_epoch=f["from_epoch"])
+
+
+def fit_local(cfg: dict, schedule: str):
+    """The single-process run of the same configuration (``concurrent`` simulation or ``sequential`` DLL)."""
+    from ..train.layerwise.dpl import fit_partitionwise
+
+    parts, heads = build(cfg)
+    train, test = loaders(cfg)
+    return fit_partitionwise(parts, heads, train, test, epochs=cfg["epochs"], optimizer=cfg["optimizer"],
+                             lr=cfg["lr"], lr_drops=cfg["lr_drops"], loss_filter=_loss_filter(cfg), schedule=schedule,
+                             seed=cfg["seed"])
+
+
+def _one_seed(rank: int, cfg: dict, out_dir: str, hooks: bool) -> dict:
+    """Build, train (:func:`fit_partitionwise`) and summarise one seed's run on this rank."""
+    from ..train.layerwise.dpl import fit_partitionwise
+
+    parts, heads = build(cfg)
+    if hooks and cfg.get("progress_at") and rank < len(parts):
+        calls = [0]
+
+        def tick(mod, inp, out):
+            calls[0] += 1
+            if calls[0] == cfg["progress_at"]:
+                Path(out_dir, f"progress{rank}").write_text(str(time.time()))
+                if cfg.get("hang_rank") == rank:  # alive but silent: the neighbours must time out
+                    time.sleep(cfg.get("hang_seconds", 120))
+
+        parts[rank].register_forward_hook(tick)
+    train, test = loaders(cfg)
+    r = fit_partitionwise(parts, heads, train, test, epochs=cfg["epochs"], optimizer=cfg["optimizer"], lr=cfg["lr"],
+                          lr_drops=cfg["lr_drops"], loss_filter=_loss_filter(cfg), seed=cfg["seed"],
+                          timeout_s=cfg["timeout_s"],
+                          out=cfg.get("out"))
+    return {"seed": cfg["seed"], "accuracy": r.accuracy, "seconds": r.seconds,
+            "samples_per_second": r.samples_per_second, "history": r.history, "world_size": r.world_size,
+            "has_model": r.model is not None, "extra": r.extra,
+            "digest": digest([*parts, *heads]) if rank == 0 else None}
+
+
+def dpl_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
+    """One rank: join the gloo group on 127.0.0.1, run :func:`fit_partitionwise`, write ``rank{r}.json``.
+
+    With ``cfg["progress_at"]`` the rank touches ``progress{r}`` after that many training forwards of its partition
+    (the launcher's cue to kill it); with ``cfg["hang_rank"] == r`` it then sleeps ``cfg["hang_seconds"]`` (a hung
+    peer).  ``cfg["seeds"]`` (a list) repeats the training for each seed in the same process group (results in
+    ``per_seed``); otherwise ``cfg["seed"]``'s results are at the top level.  A failure is written as
+    ``{"error": ...}`` and the process exits with code 1.
+    """
+    import torch.distributed as dist
+
+    torch.set_num_threads(cfg.get("threads", 1))
+    res: dict = {"rank": rank}
+    code = 0
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=cfg["timeout_s"]))
+        if cfg.get("seeds"):
+            res["per_seed"] = [_one_seed(rank, dict(cfg, seed=s, out=cfg.get("out") and f"{cfg['out']}/seed{s}"),
+                                         out_dir, hooks=False) for s in cfg["seeds"]]
+        else:
+            res.update(_one_seed(rank, cfg, out_dir, hooks=True))
+    except Exception as exc:  # report, then exit non-zero
+        res["error"] = f"{type(exc).__name__}: {exc}"
+        res["traceback"] = traceback.format_exc()
+        code = 1
+    finally:
+        res["exit_time"] = time.time()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    if code:
+        os._exit(code)  # skip destroy_process_group: a peer may be gone
+    dist.destroy_process_group()
+
+
+def run_dpl(cfg: dict, out_dir, world: int = 2, join_timeout: float = 300.0, kill_rank: int | None = None) -> dict:
+    """Start ``world`` ranks of :func:`dpl_worker` on a free loopback port and wait (at most ``join_timeout`` s).
+
+    With ``kill_rank`` (and ``cfg["progress_at"]``), that rank is sent SIGKILL as soon as it reports progress.
+    Returns ``{"exitcodes", "exit_after_kill" (seconds from the kill to each rank's exit, None if not measured),
+    "killed_at", "ranks"}``; a rank still alive after ``join_timeout`` is terminated (exit code None).
+    """
+    import torch.multiprocessing as mp
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in out_dir.glob("rank*.json"):
+        f.unlink()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=dpl_worker, args=(r, world, port, cfg, str(out_dir)), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + join_timeout
+    killed_at, exited = None, [None] * world
+    while time.monotonic() < deadline and any(e is None for e in exited):
+        if kill_rank is not None and killed_at is None and (out_dir / f"progress{kill_rank}").exists():
+            os.kill(procs[kill_rank].pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+        for r, p in enumerate(procs):
+            if exited[r] is None and not p.is_alive():
+                exited[r] = time.monotonic()
+        time.sleep(0.02)
+    codes = []
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+            codes.append(None)
+        else:
+            p.join()
+            codes.append(p.exitcode)
+    ranks = []
+    for r in range(world):
+        f = out_dir / f"rank{r}.json"
+        ranks.append(json.loads(f.read_text()) if f.exists() else {})
+    after = [None if killed_at is None or e is None else e - killed_at for e in exited]
+    return {"exitcodes": codes, "exit_after_kill": after, "killed_at": killed_at, "ranks": ranks}
+
+
+@register(
+    "dpl-partitions",
+    claim="Deep partition-wise learning: 2 partitions trained concurrently on 2 processes (torch.distributed, gloo "
+          "on localhost) reach the accuracy of the same partitions trained bottom-up in one process, faster; a "
+          "killed partition ends the job with an error naming it.",
+    source=SOURCE,
+)
+def run_dpl_partitions(quick: bool, out_dir: Path) -> list[Row]:
+    seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
+    epochs = 20 if quick else 30
+    rows: list[Row] = []
+    cfg = dict(DPL_DEFAULTS, seeds=seeds, epochs=epochs)
+    res = run_dpl(cfg, out_dir / "ranks", world=2, join_timeout=600)
+    if res["exitcodes"] != [0, 0]:
+        errs = "; ".join(r.get("error", "no result") for r in res["ranks"])
+        return [Row("2 gloo ranks train their partitions", "library requirement (the DPL run must complete)",
+                    f"failed: exit codes {res['exitcodes']}: {errs}", False,
+                    criterion="both ranks exit with code 0", tolerance="exact")]
+    dpl = [r["accuracy"][-1] for r in res["ranks"][0]["per_seed"]]
+    dpl_sps = [r["samples_per_second"] for r in res["ranks"][0]["per_seed"]]
+    seq, seq_sps = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same per-process threading as each rank: throughput compares like with like
+    try:
+        for s in seeds:
+            ref = fit_local(dict(cfg, seed=s), "sequential")
+            seq.append(ref.accuracy[-1])
+            seq_sps.append(ref.samples_per_second)
+    finally:
+        torch.set_num_threads(threads)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    diff = 100 * (mean(dpl) - mean(seq))
+    rows.append(Row(
+        claim="2-partition DPL (concurrent, 2 processes) vs the same partitions trained bottom-up in one process "
+              "(DLL): final test accuracy of the full network, digits MLP (4 blocks of 128, 2 per partition)",
+        source="seed 002 §6.8.1 (CINIC10+: 90.70 % bottom-up DPL vs 90.97 % backprop) and §6.8.4 (ImageNet: "
+               "81.81 % two-partition DPL vs 81.78 % backprop)",
+        paper="DPL within 0.3 pp of its reference",
+        criterion=f"|mean test accuracy (DPL, 2 ranks) - (sequential DLL)| <= 1 pp over seeds {seeds}",
+        tolerance="1 pp (issue 15's bar; about 3 test samples of 360 on digits); fixed before the run",
+        ours=f"{100 * mean(dpl):.2f} % vs {100 * mean(seq):.2f} % ({diff:+.2f} pp); per seed DPL "
+             f"{[round(100 * a, 2) for a in dpl]}, DLL {[round(100 * a, 2) for a in seq]}",
+        holds=abs(diff) <= 1.0, data={"dpl": dpl, "sequential": seq}))
+    speed = mean(dpl_sps) / mean(seq_sps)
+    rows.append(Row(
+        claim="DPL trains faster than bottom-up training of the same partitions (throughput, samples/s entering the "
+              "network, one thread per process)",
+        source="seed 002 §6.8.1 (bottom-up DPL with feednet 8h50m vs DPL with filtering/round-robin 4h30m) and "
+               "Table 6.6 (DPL vs DDP throughput, +4 % to +279 %)",
+        paper="+4 % to +279 % (Table 6.6, vs DDP on 4-8 GPUs)",
+        criterion="throughput(DPL, 2 processes) / throughput(sequential DLL, 1 process) > 1",
+        tolerance="none beyond > 1: the concurrent schedule has no feednet and runs the partitions in parallel; "
+                  "fixed before the run (a loaded machine can make it fail: then 'no' at our scale)",
+        ours=f"{speed:.2f}x ({mean(dpl_sps):.0f} vs {mean(seq_sps):.0f} samples/s)",
+        holds=speed > 1.0, data={"dpl": dpl_sps, "sequential": seq_sps}))
+    rows.append(Row(
+        claim="Table 6.6's speed-ups against DDP on 4-8 GPUs", source=SOURCE,
+        paper="+4 % to +279 %", ours="not measured: this machine has no GPUs and the comparison is DPL vs DLL",
+        holds=None, criterion="reported, not judged", tolerance="-"))
+    kcfg = dict(DPL_DEFAULTS, sizes=[1, 2, 1], epochs=10_000, progress_at=20, seed=0)
+    kres = run_dpl(kcfg, out_dir / "kill", world=3, join_timeout=180, kill_rank=1)
+    errs = [kres["ranks"][r].get("error", "") for r in (0, 2)]
+    after = [kres["exit_after_kill"][r] for r in (0, 2)]
+    ok = (all(kres["exitcodes"][r] == 1 for r in (0, 2)) and all(a is not None and a < 60 for a in after)
+          and all("lost rank 1" in e for e in errs))
+    rows.append(Row(
+        claim="partition 1 of 3 killed (SIGKILL) mid-run: ranks 0 and 2 exit non-zero naming rank 1",
+        source="library requirement (fault handling; not a claim of the source)",
+        criterion="ranks 0 and 2 exit with code 1 within 60 s of the kill, each error saying 'lost rank 1'",
+        tolerance="60 s (issue 15); fixed before the run",
+        ours=f"exit codes {kres['exitcodes']}, {[None if a is None else round(a, 1) for a in after]} s after the "
+             f"kill: {errs[0][:140]}", holds=ok, data={"after": after, "errors": errs}))
+    return rows
