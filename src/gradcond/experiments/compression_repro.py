@@ -1,10 +1,12 @@
 """Seed 002, chapter 3: entropy-coded weight compression (``compression-bits``) and its use on real
 ``torch.distributed`` ranks (``compression-ddp``).
 
-``compression-bits`` is the source's experiment simulated in one process: the tanh MLP (source: 784-392-50-10 on
-MNIST; here the same hidden sizes on the ``digits`` inputs, 64-392-50-10) trained with MSE, all weights quantised
-by the codec after every epoch (:class:`~gradcond.compression.CompressedWeightSync` with ``every_epochs=1``), for
-c in {5, 6}, M = 4, against fixed 8-bit quantisation and float32.
+``compression-bits`` is the source's experiment simulated in one process: the source's 784-392-50-10 tanh MLP
+trained with MSE for 100 epochs on MNIST-shaped inputs (:func:`digits28`: ``digits`` upsampled and padded to 28x28,
+as MNIST is not bundled), all weights quantised by the codec after every epoch
+(:class:`~gradcond.compression.CompressedWeightSync` with ``every_epochs=1``), for c in {5, 6}, M = 4, against fixed
+8-bit quantisation and float32 (protocol: :data:`SIM_DEFAULTS`; why the bit rate comes out as it does:
+:func:`run_compression_bits`).
 
 ``compression-ddp`` runs 2 gloo ranks on the loopback interface (``tcp://127.0.0.1:<free port>``): plain DDP, DDP
 with :func:`~gradcond.compression.entropy_compress_hook`, and local SGD with a compressed weight sync every k steps;
@@ -265,7 +267,86 @@ def run_compression_ddp(quick: bool, out_dir: Path) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# compression-bits: the one-process simulation of §3.8-3.9
+# compression-bits: the one-process simulation of §3.7-3.9
+#: The simulation's protocol.  Given by the source (§3.1, §3.7): the 784-392-50-10 MLP, tanh on every layer, MSE,
+#: 100 epochs, all weights quantised after every epoch, M = 4, c in {5, 6}.  Not given: the learning rate, batch
+#: size, optimizer, initialisation and targets.  Ours: PyTorch's default initialisation, one-hot (0/1) targets, SGD
+#: with momentum 0.9, batch 4 and learning rate 0.05.  Batch 4 gives 360 steps per epoch on the 1438 training
+#: images of ``digits`` -- 36 000 steps in 100 epochs, the count of an MNIST run (60 000 images) at batch ~170 --
+#: so "100 epochs" means about as much training as in the source (whose batch size is not stated either).  The
+#: bit rate depends on how far training has moved the weights (steps x learning rate, see the ``compression-bits``
+#: docstring), so the full run also reports the rate at learning rate 0.02 (reported, not judged).
+SIM_DEFAULTS = {"hidden": (392, 50), "lr": 0.05, "momentum": 0.9, "batch_size": 4, "epochs": 100,
+                "seeds": (0, 1, 2), "quick_epochs": 20, "quick_seeds": (0,), "sensitivity_lr": 0.02}
+
+
+def digits28(dtype=torch.float32):
+    """``digits`` laid out like MNIST: each 8x8 image bilinearly upsampled to 20x20 and zero-padded to 28x28
+    (MNIST centres its digits in a 20x20 box of a 28x28 frame), flattened to 784 inputs in [0, 1].
+
+    Returns ``(x_train, y_train, x_test, y_test)`` (the fixed 80/20 split of ``load_dataset("digits")``).
+    Why not the 64 raw inputs: as in MNIST, the border pixels are always 0, so the first layer's weights from them
+    never receive a gradient and keep their initial values while the weights from the digit's pixels grow; that
+    first layer holds 94 % of the parameters, and its weight histogram (the quantity the codec compresses) is shaped
+    by exactly this.  Cost: one interpolation of 1797 images, well under a second.
+    """
+    bundle = _digits(dtype)
+    out = []
+    for split in ("train", "test"):
+        x, y = _tensors(bundle, split)
+        up = torch.nn.functional.interpolate(x.reshape(-1, 1, 8, 8), size=(20, 20), mode="bilinear",
+                                             align_corners=False)
+        out += [torch.nn.functional.pad(up, (4, 4, 4, 4)).reshape(len(x), 784), y]
+    return tuple(out)
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in model if isinstance(m, torch.nn.Linear)]
+
+
+def _flat(layer: torch.nn.Linear) -> torch.Tensor:
+    # one package per layer, bias folded in: the source's W_i includes the bias row (ch. 2)
+    return torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()])
+
+
+def layer_entropy(w: torch.Tensor, M: int = 4) -> float:
+    """Entropy in bits of the ``2^M``-bin uniform histogram of **all** of ``w`` over ``[min, max]`` (the source's
+    Fig. 3.3 quantity; the codec estimates it from a fraction F).  O(n)."""
+    from ..compression import quantize_indices
+
+    lo, hi = float(w.min()), float(w.max())
+    p = torch.bincount(quantize_indices(w, lo, hi, M), minlength=2 ** M).double() / w.numel()
+    p = p[p > 0]
+    return float(-(p * torch.log2(p)).sum())
+
+
+def train_source_mlp(epochs: int, seed: int, lr: float = SIM_DEFAULTS["lr"],
+                     batch_size: int = SIM_DEFAULTS["batch_size"], after_epoch=None, data=None):
+    """Train the source's 784-392-50-10 tanh MLP with MSE on :func:`digits28` (protocol: :data:`SIM_DEFAULTS`).
+
+    ``after_epoch(epoch, model)`` runs after every epoch (the simulation quantises there).  Returns the model.  The
+    global RNG is left untouched (initialisation and batch order come from ``seed``).  Cost: ``epochs`` x 360 SGD
+    steps of a 330 k-parameter MLP, about 0.3 s per epoch on one core.
+    """
+    xtr, ytr, _, _ = data if data is not None else digits28()
+    with torch.random.fork_rng(devices=[]):
+        model = _mlp([784, *SIM_DEFAULTS["hidden"], 10], seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=SIM_DEFAULTS["momentum"])
+    g = torch.Generator().manual_seed(seed)
+    target = torch.nn.functional.one_hot(ytr, 10).to(xtr.dtype)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), batch_size):
+            idx = perm[i:i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            # tanh on the output too: "the activation functions of all neurons were tanh" (§3.1)
+            torch.nn.functional.mse_loss(torch.tanh(model(xtr[idx])), target[idx]).backward()
+            opt.step()
+        if after_epoch is not None:
+            after_epoch(epoch, model)
+    return model
+
+
 def _quantize_fixed(model: torch.nn.Module, bits: int) -> None:
     """Fixed N-bit uniform quantisation of each module's weights+bias to bin centres (the source's §3.2)."""
     from ..compression import quantize_indices
@@ -285,101 +366,182 @@ def _quantize_fixed(model: torch.nn.Module, bits: int) -> None:
                 p.copy_(v.reshape(p.shape))
 
 
-def simulate(setting: str, epochs: int, seed: int, hidden=(392, 50), lr: float = 0.1) -> dict:
-    """Train the tanh MLP with MSE on one-hot digits targets; quantise all weights after every epoch per ``setting``
-    (``"float32"``, ``"fixed8"``, ``"c5"``, ``"c6"``).  Returns per-epoch test accuracies and bits/param."""
-    from ..compression import CompressedWeightSync
+def simulate(setting: str, epochs: int, seed: int, lr: float = SIM_DEFAULTS["lr"], data=None) -> dict:
+    """The source's simulation for one ``setting`` (``"float32"``, ``"fixed8"``, ``"c5"``, ``"c6"``): train with
+    :func:`train_source_mlp`; after every epoch quantise all weights per ``setting`` (the weights keep training
+    from the quantised values) and record the test accuracy and the bit rates.
 
-    bundle = _digits()
-    xtr, ytr = _tensors(bundle, "train")
-    xte, yte = _tensors(bundle, "test")
-    model = _mlp([xtr.shape[1], *hidden, 10], seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    sync = None
-    if setting in ("c5", "c6"):
-        sync = CompressedWeightSync(every_epochs=1, c=int(setting[1]), M=4, seed=seed)
+    Per epoch: ``bits`` (transmitted bits/param, headers included), ``payload`` (coded indices alone, the source's
+    Fig. 3.5 quantity), ``n_bits`` (N averaged over parameters: the quantisation-only rate), ``H`` (per layer, the
+    M = 4 entropy of all weights, Fig. 3.3).  For ``float32``/``fixed8`` the codec (c = 5 and 6) is also run on the
+    weights as a measurement only (``codec_c5``/``codec_c6`` payload bits/param; nothing is applied).
+    """
+    from ..compression import CompressedWeightSync, encode
+
+    data = data if data is not None else digits28()
+    _, _, xte, yte = data
+    rec = {"setting": setting, "seed": seed, "lr": lr, "acc": [], "bits": [], "payload": [], "n_bits": [], "H": [],
+           "codec_c5": [], "codec_c6": []}
+    sync = CompressedWeightSync(every_epochs=1, c=int(setting[1]), M=4, seed=seed) if setting in ("c5", "c6") \
+        else None
+    g_measure = torch.Generator().manual_seed(10_000 + seed)  # measurement-only samples: never touch training
 
     class _S:  # the minimal TrainState the callback reads (model; no run logger)
         run = None
 
-    st = _S()
-    st.model = model
-    accs, bits = [], []
-    target = torch.nn.functional.one_hot(ytr, 10).to(xtr.dtype)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, len(xtr), 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(torch.tanh(model(xtr[idx])), target[idx])
-            loss.backward()
-            opt.step()
+    def after_epoch(epoch, model):
+        layers = _layers(model)
+        sizes = [layer.weight.numel() + layer.bias.numel() for layer in layers]
+        n = sum(sizes)
         if sync is not None:
-            bits.append(sync.sync(st).bits_per_param)
-        elif setting == "fixed8":
-            _quantize_fixed(model, 8)
-            bits.append(8.0)
+            st = _S()
+            st.model = model
+            rep = sync.sync(st)
+            rec["bits"].append(rep.bits_per_param)
+            rec["payload"].append(rep.payload_bits_per_param)
+            rec["n_bits"].append(sum(k * rep.n_bits[str(i)] for i, k in zip(range(0, 2 * len(layers), 2), sizes)) / n)
         else:
-            bits.append(32.0)
-        accs.append(_accuracy(model, xte, yte))
+            if setting == "fixed8":
+                _quantize_fixed(model, 8)
+            rec["bits"].append(32.0 if setting == "float32" else 8.0)
+            rec["payload"].append(rec["bits"][-1])
+            rec["n_bits"].append(rec["bits"][-1])
+            for c in (5, 6):
+                pk = [encode(_flat(layer), c=c, M=4, generator=g_measure) for layer in layers]
+                rec[f"codec_c{c}"].append(sum(k * p.payload_bits_per_value for k, p in zip(sizes, pk)) / n)
+        rec["H"].append([layer_entropy(_flat(layer)) for layer in layers])
+        rec["acc"].append(_accuracy(model, xte, yte))
+
+    train_source_mlp(epochs, seed, lr=lr, after_epoch=after_epoch, data=data)
+    accs = rec["acc"]
     best = max(range(epochs), key=lambda e: (accs[e], -e))
-    out = {"setting": setting, "acc": accs, "bits": bits, "best_acc": accs[best], "best_epoch": best + 1,
-           "final_acc": accs[-1], "mean_bits": sum(bits) / len(bits)}
-    if sync is not None:
-        out["mean_payload_bits"] = sum(h.payload_bits_per_param for h in sync.history) / len(sync.history)
-    return out
+    rec.update(best_acc=accs[best], best_epoch=best + 1, final_acc=accs[-1])
+    for key in ("bits", "payload", "n_bits", "codec_c5", "codec_c6"):
+        if rec[key]:
+            rec[f"mean_{key}"] = sum(rec[key]) / len(rec[key])
+    return rec
 
 
 @register(
     "compression-bits",
     claim="Quantising the weights to N = ceil(H + c) bits and entropy coding them needs about 3.5-3.8 bits/param "
           "with no loss of accuracy, and c = 6 converges in fewer epochs than float32.",
-    source=SOURCE + ": 3.55 bits/param (c=5), 3.78 (c=6), 8-bit fixed matches float32, c=6 converges in 20 % "
-                    "fewer epochs",
+    source=SOURCE + ": 3.55 bits/param (c=5), 3.78 (c=6), 6.8 bits/param before coding (c=5), 8-bit fixed matches "
+                    "float32, c=6 converges in 20 % fewer epochs, weight entropy falls with training (fig. 3.3)",
 )
 def run_compression_bits(quick: bool, out_dir: Path) -> list[Row]:
-    epochs, seeds = (6, [0]) if quick else (40, [0, 1, 2, 3, 4])
+    """The source's §3.7-3.9 simulation (:func:`simulate`) for float32, fixed 8-bit, c = 5 and c = 6.
+
+    Why the bit rate is what it is: for a weight histogram that is smooth at the bin scale, refining the M-bit
+    quantisation to N bits adds N - M bits of entropy, so the coded indices cost about
+    ``H_M + (N - M) = 2 H_M + c - M + (ceiling)`` bits/param.  The source's 3.55 bits at c = 5 (and its 6.8 bits
+    before coding, i.e. mean N) therefore need H_4 of about 1.3 bits averaged over training: a range [w_min, w_max]
+    stretched by a few large weights so that most weights share one or two of the 16 bins.  PyTorch's uniform
+    initialisation has H_4 = 4 (10 bits at c = 6); the entropy only falls as training grows the large weights
+    (fig. 3.3), so the average over training depends on how far training goes (steps x learning rate) -- hence
+    the faithful protocol of :data:`SIM_DEFAULTS` and the learning-rate sensitivity row.  Raising c by one splits
+    every bin in two, which on the *same* weights adds about 1 bit (the row "c = 6 minus c = 5" measures it); the
+    source's two numbers differ by 0.23 bit.  The simulation's feedback narrows the gap only a little: the weights
+    that never move (those of the always-zero border pixels) sit exactly on the previous epoch's bin centres, point
+    masses that re-encoding does not spread, but each setting re-encodes on its own grid, and the c = 6 grid has
+    twice as many points (full run, 3 seeds x 100 epochs: +0.98 bit on the same weights, +0.79 between the two
+    simulations).
+
+    Full run (3 seeds x 100 epochs, ~8 CPU-minutes): H_4 of the first layer falls from 3.5 to 0.8; mean coded rate
+    4.39 bits/param at c = 5 (source 3.55: within the 1-bit tolerance) and 5.18 at c = 6 (source 3.78: not within
+    it), 3.98 / 4.65 at the last epoch; mean N at c = 5 7.13 (source 6.8); best accuracy within 0.3 pp of float32
+    for fixed 8-bit, c = 5 and c = 6; c = 6 peaks 26 % sooner than float32 (42.0 vs 56.7 epochs, a noisy quantity on
+    a plateau).  The codec run on float32 weights (nothing applied) averages 4.08 / 5.05 bits at lr 0.05 and
+    5.02 / 6.02 at lr 0.02 (c = 5 / 6).
+    """
+    epochs = SIM_DEFAULTS["quick_epochs"] if quick else SIM_DEFAULTS["epochs"]
+    seeds = SIM_DEFAULTS["quick_seeds"] if quick else SIM_DEFAULTS["seeds"]
+    data = digits28()
     settings = ["float32", "fixed8", "c5", "c6"]
-    res = {s: [simulate(s, epochs, seed) for seed in seeds] for s in settings}
+    res = {s: [simulate(s, epochs, seed, data=data) for seed in seeds] for s in settings}
+    sens = None if quick else simulate("float32", epochs, seeds[0], lr=SIM_DEFAULTS["sensitivity_lr"], data=data)
 
     def mean(s, key):
         return sum(r[key] for r in res[s]) / len(res[s])
 
-    base_acc, base_ep = mean("float32", "best_acc"), mean("float32", "best_epoch")
+    run_txt = f"{len(seeds)} seed(s) x {epochs} epochs"
+    judged_full = "full mode only (quick: {} epochs, 1 seed, not judged -- the claim is a 100-epoch average): "
     rows = []
+    h_first = [r["H"][0] for r in res["float32"]]
+    h_last = [r["H"][-1] for r in res["float32"]]
+    falls = all(b < a for f, l_ in zip(h_first, h_last) for a, b in zip(f, l_))
+    rows.append(Row(
+        claim="the entropy of every layer's weight histogram falls during training",
+        source="seed 002 §3.4, fig. 3.3",
+        paper="entropy generally less than N and decreasing with the epochs, all layers",
+        criterion="float32 run, every seed and layer: H (M = 4 bins over [w_min, w_max], all weights) after the last "
+                  "epoch < after the first",
+        tolerance="none (strict decrease): the claim is a direction",
+        ours="H_4 per layer, epoch 1 -> last (seed " + str(seeds[0]) + "): " + ", ".join(
+            f"{a:.2f} -> {b:.2f}" for a, b in zip(h_first[0], h_last[0])) + f"; {run_txt}",
+        holds=falls, data={"first": h_first, "last": h_last}))
     for s, paper in (("c5", 3.55), ("c6", 3.78)):
-        b, pb = mean(s, "mean_bits"), mean(s, "mean_payload_bits")
+        b, pb = mean(s, "mean_bits"), mean(s, "mean_payload")
         rows.append(Row(
             claim=f"{s[0]} = {s[1]}, M = 4: average bits/param over training (entropy-coded)",
-            source="seed 002 §3.8-3.9, Fig. 3.5",
+            source="seed 002 §3.8-3.9, fig. 3.5",
             paper=f"{paper} bits/param",
-            criterion="mean coded-index bits/param over training within 1 bit of the source's value",
-            tolerance="1 bit: a different model and data set (digits MLP vs the source's networks) shift the entropy; "
-                      "fixed before the run",
-            ours=f"{b:.2f} bits/param transmitted ({pb:.2f} for the coded indices alone), {len(seeds)} seed(s) x "
-                 f"{epochs} epochs",
-            holds=abs(pb - paper) <= 1.0, data={"bits": b, "payload_bits": pb}))
+            criterion=judged_full.format(epochs) + "mean coded-index bits/param over training within 1 bit of the "
+                                                   "source's value",
+            tolerance="1 bit: a different data set (digits laid out as 28x28 vs MNIST) and unknown learning rate "
+                      "shift the entropy; fixed before the run",
+            ours=f"{pb:.2f} bits/param for the coded indices ({b:.2f} transmitted, headers included), "
+                 f"last epoch {sum(r['payload'][-1] for r in res[s]) / len(seeds):.2f}; {run_txt}",
+            holds=abs(pb - paper) <= 1.0 if not quick else None, data={"bits": b, "payload_bits": pb}))
+    n5 = mean("c5", "mean_n_bits")
+    rows.append(Row(
+        claim="c = 5, M = 4: average bit width N over training (quantisation only, before entropy coding)",
+        source="seed 002 §3.8, fig. 3.5",
+        paper="6.8 bits/param (compression 4.70)",
+        criterion=judged_full.format(epochs) + "parameter-weighted mean N over training within 1 bit of 6.8",
+        tolerance="1 bit, as for the coded rate; fixed before the run",
+        ours=f"{n5:.2f} bits/param (compression {32 / n5:.2f}); {run_txt}",
+        holds=abs(n5 - 6.8) <= 1.0 if not quick else None, data={"mean_n_bits": n5}))
+    gap_sim = mean("c6", "mean_payload") - mean("c5", "mean_payload")
+    gap_same = mean("float32", "mean_codec_c6") - mean("float32", "mean_codec_c5")
+    rows.append(Row(
+        claim="c = 6 minus c = 5: extra coded bits/param",
+        source="seed 002 §3.8-3.9 (3.78 - 3.55)",
+        paper="0.23 bits/param",
+        criterion="reported, not judged: the difference of the two simulations' mean coded rates, and the codec at "
+                  "c = 6 and c = 5 on the same (float32-trained) weights",
+        ours=f"{gap_sim:+.2f} between the simulations; {gap_same:+.2f} on the same weights; {run_txt}",
+        holds=None, data={"simulations": gap_sim, "same_weights": gap_same}))
     for s in ("fixed8", "c5", "c6"):
         a = mean(s, "best_acc")
+        base_acc = mean("float32", "best_acc")
         rows.append(Row(
             claim=f"{s}: best test accuracy vs float32",
-            source="seed 002 §3.2, §3.9, Fig. 3.4",
+            source="seed 002 §3.2, §3.9, fig. 3.4",
             paper="no loss (8-bit matches the baseline; c = 6 better than the baseline)",
             criterion="best test accuracy >= float32's - 1 pp",
             tolerance="1 pp: seed-to-seed spread of the best test accuracy on digits; fixed before the run",
-            ours=f"{100 * a:.2f} % vs {100 * base_acc:.2f} % ({100 * (a - base_acc):+.2f} pp)",
+            ours=f"{100 * a:.2f} % vs {100 * base_acc:.2f} % ({100 * (a - base_acc):+.2f} pp); {run_txt}",
             holds=(a - base_acc) >= -0.01, data={"best_acc": a, "float32": base_acc}))
-    ep6 = mean("c6", "best_epoch")
+    ep6, base_ep = mean("c6", "best_epoch"), mean("float32", "best_epoch")
     rows.append(Row(
         claim="c = 6: epochs to the best test accuracy vs float32",
-        source="seed 002 §3.9",
+        source="seed 002 §3.9, fig. 3.4d",
         paper="20 % fewer iterations than the baseline (c = 6, M = 4)",
-        criterion="full mode only (quick: 6 epochs, 1 seed, not judged): mean epoch of the best test accuracy <= "
-                  "0.9 x float32's",
-        tolerance="10 %: half the source's saving, to allow for the epoch granularity of a 40-epoch run",
-        ours=f"{ep6:.1f} vs {base_ep:.1f} epochs ({100 * (ep6 - base_ep) / base_ep:+.0f} %)",
+        criterion=judged_full.format(epochs) + "mean epoch of the best test accuracy <= 0.9 x float32's",
+        tolerance="10 %: half the source's saving, to allow for the epoch granularity of the run",
+        ours=f"{ep6:.1f} vs {base_ep:.1f} epochs ({100 * (ep6 - base_ep) / base_ep:+.0f} %); {run_txt}",
         holds=ep6 <= 0.9 * base_ep if not quick else None,
         data={"c6": ep6, "float32": base_ep}))
+    if sens is not None:
+        rows.append(Row(
+            claim="sensitivity: the codec's rate on float32 weights at two learning rates (the source gives none)",
+            source="seed 002 §3.7 (protocol; learning rate not stated)",
+            criterion="reported, not judged: mean coded bits/param over training of the codec (c = 5 / c = 6) run on "
+                      "the float32 weights, nothing applied",
+            ours=f"lr {SIM_DEFAULTS['lr']}: {mean('float32', 'mean_codec_c5'):.2f} / "
+                 f"{mean('float32', 'mean_codec_c6'):.2f}; lr {SIM_DEFAULTS['sensitivity_lr']}: "
+                 f"{sens['mean_codec_c5']:.2f} / {sens['mean_codec_c6']:.2f} (seed {seeds[0]}, {epochs} epochs)",
+            holds=None, data={"lr": SIM_DEFAULTS["lr"], "sensitivity": sens}))
     (out_dir / "simulation.json").write_text(json.dumps(res))
     return rows
