@@ -32,8 +32,10 @@ test-all: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
+# The benchmarks that report a README table (benchmarks/_readme.py: a script's markdown_table()), each in its own
+# process; rewrites the README's performance section (between <!-- bench:start --> and <!-- bench:end -->).
 bench: $(STAMP)
-	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	OMP_NUM_THREADS=1 PYTHONPATH=src $(BIN)/python benchmarks/_readme.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site

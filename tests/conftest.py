@@ -1,6 +1,15 @@
+import os
+
 import matplotlib
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests are derandomised by default so that CI on a fresh clone runs the same examples every time (a
+# failure is then a regression, not a new random draw); HYPOTHESIS_PROFILE=explore searches new examples.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 matplotlib.use("Agg")
 

@@ -229,7 +229,8 @@ def test_bad_layer_selection():
         NullSpaceTeleport(tau=1.5)
     with pytest.raises(ValueError, match="optimizer_state must be one of"):
         NullSpaceTeleport("cross_entropy").teleport(model, (x, y), optimizer_state="transport")
-    assert "pos" not in supported_layers(model) and "blocks.0.attn.attn.out_proj" not in supported_layers(model)
+    # issue 19: an nn.Embedding is a layer (one-hot representation), so the learned positions are supported
+    assert "pos" in supported_layers(model) and "blocks.0.attn.attn.out_proj" not in supported_layers(model)
 
 
 def test_empty_null_space_warns_and_skips():

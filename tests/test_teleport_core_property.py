@@ -91,6 +91,27 @@ def _assert_moved(m: nn.Module, tp: nn.Module, cob, sigma: float) -> None:
     assert moved >= 0.5 * dev / (1 + sigma) - 1e-12, (moved, dev)
 
 
+def _bn_cancellation(model: nn.Module, x: torch.Tensor) -> float:
+    """Rounding amplification of train-mode BatchNorm on this batch: the product over BN layers of
+    max_c max|x_c| / sqrt(var_c + eps).  Why: BN subtracts the batch mean, so when a channel's inputs nearly agree
+    (a 6-sample batch through width-2 ReLU layers often collapses to one value) the rounding error of x, about
+    eps*|x|, is divided by the tiny batch std; the teleport is exact, its rounding is not.  Measured on a copy, so
+    the running statistics of the models compared are untouched."""
+    probe, amp = copy.deepcopy(model).train(), [1.0]
+
+    def hook(mod, inp, out):
+        z = inp[0].transpose(0, 1).reshape(inp[0].shape[1], -1)
+        ratio = z.abs().amax(1) / (z.var(1, unbiased=False) + mod.eps).sqrt()
+        amp[0] *= max(1.0, float(ratio.max()))
+
+    for mod in probe.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.register_forward_hook(hook)
+    with torch.no_grad():
+        probe(x)
+    return amp[0]
+
+
 block_spec = st.tuples(st.integers(2, 9), st.sampled_from(ACTS), st.sampled_from(NORMS),
                        st.sampled_from(["plain", "residual", "concat", "encoder"]))
 
@@ -107,9 +128,10 @@ def test_random_mlps_function_preserved(spec, d_in, d_out, sigma, mode, seed, tr
     cob = random_cob(s, sigma, mode, torch.Generator().manual_seed(seed))
     tp = teleport(m, cob)
     a, b = copy.deepcopy(m).train(train), copy.deepcopy(tp).train(train)
+    amp = _bn_cancellation(a, x) if train else 1.0
     with torch.no_grad():
         ya, yb = a(x), b(x)
-    assert float((ya - yb).abs().max()) <= 1e-12 * float(ya.abs().max()) + 1e-300
+    assert float((ya - yb).abs().max()) <= 1e-12 * amp * float(ya.abs().max()) + 1e-300
     _assert_moved(m, tp, cob, sigma)
     # the analysis never leaves a hidden Linear/BN output unaccounted: free + tied + pinned = size
     assert all(g.free + g.tied + g.pinned == g.size for g in s.groups)
@@ -154,9 +176,10 @@ def test_random_cnns_function_preserved(n, data, sigma, mode, seed, train):
     cob = random_cob(s, sigma, mode, torch.Generator().manual_seed(seed))
     tp = teleport(m, cob)
     a, b = copy.deepcopy(m).train(train), copy.deepcopy(tp).train(train)
+    amp = _bn_cancellation(a, x) if train else 1.0
     with torch.no_grad():
         ya, yb = a(x), b(x)
-    assert float((ya - yb).abs().max()) <= 1e-12 * float(ya.abs().max()) + 1e-300
+    assert float((ya - yb).abs().max()) <= 1e-12 * amp * float(ya.abs().max()) + 1e-300
     _assert_moved(m, tp, cob, sigma)
 
 

@@ -222,14 +222,14 @@ def test_tied_weights_pinned_with_reason():
     model = Tied().double()
     idx = torch.randint(0, 11, (4, 5))
     s = analyze(model, idx[:2])
-    notes = [n for n in s.frozen if n.node == "emb.weight"]
-    assert notes and "different roles" in notes[0].reason
-    assert "emb.weight" not in s.rules and s.num_free > 0
+    # issue 19: a tied embedding / head weight gets one rule (embedding output tau = 1 / head input tau), exact
+    assert not [n for n in s.frozen if n.node == "emb.weight"]
+    assert "emb.weight" in s.rules and s.num_free > 0
     for mode in ("intra", "inter"):
         tp = teleport(model, random_cob(s, 0.9, mode, torch.Generator().manual_seed(0)), check_inputs=idx)
         with torch.no_grad():
             assert _rel(model(idx), tp(idx)) < 1e-12
-        assert torch.equal(tp.emb.weight, model.emb.weight) and tp.head.weight is tp.emb.weight
+        assert not torch.equal(tp.emb.weight, model.emb.weight) and tp.head.weight is tp.emb.weight
 
 
 def test_frozen_params_option_includes_them():

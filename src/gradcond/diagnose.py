@@ -9,7 +9,8 @@ Sections (each computed independently: a failing section is recorded under ``err
 - ``cob_optimization``: how far an optimised teleport raises the gradient norm without changing the function.
 
 ``report.json`` keys: ``model``, ``data``, ``n_samples``, ``gsc``, ``domain``, ``conditioning``, ``cob``,
-``cob_optimization``, ``findings`` (plain-language, most important first), ``errors``, ``seconds``.
+``cob_optimization``, ``findings`` (plain-language, most important first), ``errors``, ``seconds``,
+``section_seconds`` (wall time of each section and of each conditioning metric, ``conditioning.<metric>``).
 
 Public API: :func:`diagnose` (a model, a loss, batches -> the result dict), :func:`findings`,
 :func:`write_diagnosis`, :func:`load_factory`; ``gradcond.cli`` calls :func:`diagnose_cli`.  The module sits at the
@@ -30,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .utils import UserError, atomic_write_text, module_device, progress, resolve_device
+from .utils import UserError, accepts_model_output, atomic_write_text, module_device, progress, resolve_device
 
 REPORT_KEYS = ("model", "data", "n_samples", "gsc", "domain", "conditioning", "cob", "cob_optimization", "findings",
-               "errors", "seconds")
+               "errors", "seconds", "section_seconds")
 
 
 def load_factory(spec: str):
@@ -120,8 +121,13 @@ def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+@accepts_model_output
 def diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None, cob_steps: int = 20) -> dict:
     """Run every diagnostic section on ``batches`` (a list of (x, y)); returns the ``report.json`` dict.
+
+    ``output=`` (keyword): for models returning a ``ModelOutput`` / dataclass / dict / tuple (a Hugging Face
+    model), which tensor ``loss_fn`` and every probe see -- by default the ``logits`` field, else the first tensor
+    (:func:`gradcond.utils.select_output`); no wrapper module needed.
 
     Runs on the model's device (the batches and ``example_input`` are moved there); a progress bar over the
     sections shows on a terminal (:func:`gradcond.utils.progress`)."""
@@ -134,15 +140,17 @@ def diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None
         example_input = example_input.to(dev)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    result: dict = {"n_samples": int(len(x)), "errors": {}}
+    result: dict = {"n_samples": int(len(x)), "errors": {}, "section_seconds": {}}
     t0 = time.perf_counter()
 
     def section(name, fn):
+        ts = time.perf_counter()
         try:
             result[name] = fn()
         except Exception as exc:
             result[name] = None
             result["errors"][name] = f"{type(exc).__name__}: {exc}"
+        result["section_seconds"][name] = time.perf_counter() - ts
 
     def gsc_section():
         from .probes.scale import gsc_profile
@@ -170,11 +178,13 @@ def diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None
         for name, fn, kw in (("coherence", C.gradient_coherence, {}), ("step_consistency", C.step_consistency, {}),
                              ("relative_rank_weight", C.relative_gradient_rank, {"wrt": "weight"}),
                              ("relative_rank_input", C.relative_gradient_rank, {"wrt": "input"})):
+            ts = time.perf_counter()
             try:
                 out[name] = _finite(float(fn(model, loss, batches[0], bn="eval", **kw).value))
             except Exception as exc:
                 out[name] = None
                 result["errors"][f"conditioning.{name}"] = f"{type(exc).__name__}: {exc}"
+            result["section_seconds"][f"conditioning.{name}"] = time.perf_counter() - ts
         return out
 
     def cob_section():

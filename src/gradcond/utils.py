@@ -251,3 +251,239 @@ def as_batch(data, *, targets: bool = True) -> tuple:
     except (TypeError, StopIteration):
         raise ValueError(f"expected {_ACCEPTED}, got {type(data).__name__}.") from None
     return _checked_batch(first, targets)
+
+
+# ----------------------------------------------------------------------------------------------- model outputs
+# Models that return something other than a tensor (a Hugging Face ``ModelOutput``, a dataclass, a dict, a tuple)
+# and models called with keyword inputs (``input_ids=``, ``attention_mask=``): the one place that decides which
+# tensor of an output is "the output" and how an example input is passed, so analyze, teleport's self-check, the
+# probes, diagnose and the Monitor agree.
+
+OUTPUT_ACCEPTED = ("None (the 'logits' field, else the first tensor), a key or attribute name (str), an index "
+                   "(int) or a callable output -> tensor")
+
+
+def _fields(out):
+    """``(name, value)`` pairs of a container output in order: dict / ``ModelOutput`` items (``ModelOutput`` is
+    an ``OrderedDict`` holding its non-None fields), tuple / list items, dataclass fields; None for anything else."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    if isinstance(out, Mapping):
+        return list(out.items())
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    return None
+
+
+def _first_tensor(out, is_tensor, name="output"):
+    """``(name, leaf)``: the first tensor leaf of ``out`` (depth first), or None."""
+    if is_tensor(out):
+        return name, out
+    items = _fields(out)
+    for k, v in items or ():
+        hit = _first_tensor(v, is_tensor, f"{name}[{k!r}]")
+        if hit is not None:
+            return hit
+    return None
+
+
+def _logits(out, is_tensor):
+    """``out['logits']`` / ``out.logits`` when ``out`` (a container, not a tensor) has a tensor logits field."""
+    from collections.abc import Mapping
+
+    if is_tensor(out):
+        return None
+    v = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    return v if v is not None and is_tensor(v) else None
+
+
+def select_output(out, output=None, *, is_tensor=None):
+    """The one tensor of a model output that losses and probes use.
+
+    ``out``: what the model returned -- a tensor, a Hugging Face ``ModelOutput``, a dataclass, a dict, a tuple or
+    a list (nested containers are searched). ``output``: ``None`` (default) -- the ``logits`` field when there is
+    one (key or attribute), else the first tensor (depth first, fields in order); a ``str`` -- that key (dict,
+    ``ModelOutput``) or attribute (dataclass); an ``int`` -- that position (tuple / list; for a dict or
+    ``ModelOutput`` the position among its values, like ``ModelOutput.to_tuple()``); a callable -- ``output(out)``.
+    ``is_tensor``: the leaf test (default ``isinstance(x, torch.Tensor)``; the analyzer passes a test on traced
+    graph nodes). Raises ``ValueError`` (one sentence: what was found, what is accepted) when the selection finds
+    no tensor. Cost: a walk over the output's fields.
+    """
+    import torch
+
+    is_tensor = is_tensor or (lambda t: isinstance(t, torch.Tensor))
+    kind = type(out).__name__
+    if output is None:
+        if is_tensor(out):
+            return out
+        lg = _logits(out, is_tensor)
+        if lg is not None:
+            return lg
+        hit = _first_tensor(out, is_tensor)
+        if hit is None:
+            raise ValueError(f"the model returned a {kind} that holds no tensor; pass output= as {OUTPUT_ACCEPTED}.")
+        return hit[1]
+    if callable(output) and not isinstance(output, (str, int)):
+        got = output(out)
+        if not is_tensor(got):
+            raise ValueError(f"output={getattr(output, '__name__', output)!r} returned a {type(got).__name__}, not a "
+                             "tensor; the selector must return one tensor of the model's output.")
+        return got
+    if isinstance(output, bool) or not isinstance(output, (str, int)):
+        raise TypeError(f"output must be {OUTPUT_ACCEPTED}; got {type(output).__name__}.")
+    items = _fields(out)
+    if items is None:
+        raise ValueError(f"output={output!r} selects a field, but the model returned a {kind} (no fields); pass "
+                         "output=None for a tensor output.")
+    if isinstance(output, str):
+        got = dict((str(k), v) for k, v in items).get(output, getattr(out, output, None) if not isinstance(
+            out, dict) else None)
+        names = [str(k) for k, _ in items]
+        if got is None:
+            raise ValueError(f"output={output!r} is not a field of the model's {kind}; its fields are "
+                             f"{', '.join(names) or 'none'}.")
+    else:
+        vals = [v for _, v in items if v is not None]
+        if not -len(vals) <= output < len(vals):
+            raise ValueError(f"output={output} is out of range: the model's {kind} holds {len(vals)} entries.")
+        got = vals[output]
+    if not is_tensor(got):
+        raise ValueError(f"output={output!r} selects a {type(got).__name__}, not a tensor; select a tensor field "
+                         "of the model's output.")
+    return got
+
+
+def output_tensors(out, output=None, *, is_tensor=None) -> list:
+    """``[(name, tensor)]``: the tensors of a model output that a function-preserving operation must preserve
+    (what :func:`gradcond.graph.analyze` pins and teleport's self-check compares).
+
+    With a selector (``output`` not None): the one tensor :func:`select_output` picks. With ``output=None``: a
+    tensor output as is; an output with a ``logits`` field (``...ForCausalLM``, ``...ForSequenceClassification``)
+    its logits only (the rest are caches and hidden states, which change under a teleport); any other output every
+    tensor in it (a tuple / dict / dataclass of tensors is preserved whole; non-tensor objects such as key/value
+    caches are skipped). Raises ``ValueError`` when there is no tensor to preserve.
+    """
+    import torch
+
+    is_tensor = is_tensor or (lambda t: isinstance(t, torch.Tensor))
+    if output is not None:
+        return [(f"output (selected by output={getattr(output, '__name__', output)!r})",
+                 select_output(out, output, is_tensor=is_tensor))]
+    if is_tensor(out):
+        return [("output", out)]
+    lg = _logits(out, is_tensor)
+    if lg is not None:
+        return [("output['logits']", lg)]
+    found = []
+
+    def walk(x, name):
+        if is_tensor(x):
+            found.append((name, x))
+            return
+        for k, v in _fields(x) or ():
+            walk(v, f"{name}[{k!r}]")
+
+    walk(out, "output")
+    if not found:
+        raise ValueError(f"the model returned a {type(out).__name__} that holds no tensor; pass output= as "
+                         f"{OUTPUT_ACCEPTED}.")
+    return found
+
+
+def split_inputs(example) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a model call from an example input: a tensor -> ``((x,), {})``; a tuple / list ->
+    its entries as positional inputs; a mapping (a dict, a tokenizer's ``BatchEncoding``) -> keyword inputs
+    (``model(**example)``, e.g. ``{"input_ids": ids, "attention_mask": mask}``); a pair ``(args_tuple,
+    kwargs_dict)`` is not guessed: pass a dict for keyword inputs."""
+    from collections.abc import Mapping
+
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    return (example,), {}
+
+
+def call_model(model, example):
+    """``model(*args, **kwargs)`` with ``(args, kwargs) = split_inputs(example)``."""
+    args, kwargs = split_inputs(example)
+    return model(*args, **kwargs)
+
+
+class selecting_output:
+    """Context: while it is open, ``model(...)`` (and ``torch.func.functional_call(model, ...)``) returns
+    :func:`select_output` of what the model's forward returns, so code written for tensor outputs (losses,
+    per-sample ``vmap`` s, hooks-based probes) accepts models returning a ``ModelOutput`` / dataclass / dict /
+    tuple without a wrapper module.
+
+    How: an instance attribute ``forward`` (a method bound to the model) shadows the class's forward and is removed
+    on exit (an instance ``forward`` the model already had is put back), so parameter and module names stay the
+    user's. A deep copy made inside the context carries the selection (the bound method is re-bound to the copy):
+    copies made inside are for the measurement only. With ``output=None`` and a model whose class forward returns
+    a tensor this is the identity. Cost: one attribute set and removed; one field look-up per call.
+    """
+
+    def __init__(self, model, output=None):
+        self.model, self.output = model, output
+
+    def __enter__(self):
+        import functools
+        import types
+
+        import torch
+
+        m, output = self.model, self.output
+        self.skip = not isinstance(m, torch.nn.Module)
+        if self.skip:  # not a module: nothing to select (the caller's own checks say what is wrong)
+            return m
+        self.had = "forward" in m.__dict__
+        self.prev = m.__dict__.get("forward")
+        inner = self.prev if self.had else None
+
+        @functools.wraps(type(m).forward)
+        def forward(self_, *args, **kwargs):
+            f = inner if (inner is not None and self_ is m) else type(self_).forward.__get__(self_)
+            return select_output(f(*args, **kwargs), output)
+
+        m.forward = types.MethodType(forward, m)
+        return m
+
+    def __exit__(self, *exc):
+        if self.skip:
+            return False
+        if self.had:
+            self.model.forward = self.prev
+        else:
+            self.model.__dict__.pop("forward", None)
+        return False
+
+
+def accepts_model_output(fn):
+    """Decorator for a measurement ``fn(model, ...)``: adds the keyword ``output=`` (see :func:`select_output`)
+    and runs ``fn`` with the model's calls returning the selected tensor (:class:`selecting_output`)."""
+    import functools
+    import inspect
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, output=None, **kwargs):
+        with selecting_output(model, output):
+            return fn(model, *args, **kwargs)
+
+    try:  # the documented signature shows the added keyword
+        sig = inspect.signature(fn)
+        params = list(sig.parameters.values())
+        if "output" not in sig.parameters:
+            extra = inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None)
+            var_kw = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD]
+            params.insert(var_kw[0] if var_kw else len(params), extra)
+            wrapper.__signature__ = sig.replace(parameters=params)
+    except (TypeError, ValueError):
+        pass
+    wrapper.__doc__ = (fn.__doc__ or "").rstrip() + (
+        "\n\n    ``output=`` (keyword): for models returning a ``ModelOutput`` / dataclass / dict / tuple, which "
+        "tensor is the model's output (default: the ``logits`` field, else the first tensor; "
+        ":func:`gradcond.utils.select_output`).\n")
+    return wrapper

@@ -11,8 +11,15 @@ graph the analyzer consumes:
   come from the exported program's module call signatures (``preserve_module_call_signature`` for every leaf
   path; repeated calls appear as ``path@1``, ``path@2``...), and its ATen nodes are recognised by their
   ``node.meta["nn_module_stack"]`` entry (path and call index);
-* parameters and buffers become ``get_attr`` nodes of their names in the model (so the analyzer sees the user's
-  own ``nn.Parameter`` objects); lifted constants become buffers of the returned ``GraphModule``;
+* parameters and buffers (persistent or not) become ``get_attr`` nodes of their names in the model (so the analyzer
+  sees the user's own ``nn.Parameter`` objects); lifted tensor constants (tensors the forward builds from Python
+  values, plain tensor attributes) become buffers ``_export_const_<name>`` of the returned ``GraphModule`` (its
+  root is a dict of exactly what the graph reads, so nothing is set on the user's model);
+* the program is exported with the model's outputs reduced to the ones the analysis preserves
+  (:func:`gradcond.utils.output_tensors`: a ``ModelOutput``'s logits, else every tensor, or the ``output=``
+  selection), so outputs torch.export cannot return (a ``DynamicCache``) never reach it; keyword example inputs
+  (``input_ids=``, ``attention_mask=``) are exported as such and become placeholders in the program's order
+  (:func:`flat_inputs`);
 * the remaining ATen ops (the model's own forward: residual adds, cat, views, slicing, means, F.relu...) are
   mapped to the torch functions the analyzer's rules know (``aten.add.Tensor`` -> ``operator.add``,
   ``aten.view`` -> ``torch.reshape``, ``aten.slice.Tensor`` -> :func:`aten_slice`...); unknown ATen ops are kept
@@ -40,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..utils import output_tensors
+
 
 def aten_slice(x, dim=0, start=None, end=None, step=1):
     """``aten.slice.Tensor`` as a plain function (works on the analyzer's integer id tensors)."""
@@ -54,6 +63,21 @@ def aten_expand(x, size, implicit=False):
 
 def aten_alias(x):
     return x
+
+
+def aten_addmm(bias, a, b, beta=1, alpha=1):
+    """``aten.addmm``: ``beta * bias + alpha * (a @ b)`` (Hugging Face ``Conv1D``, GPT-2's projections)."""
+    out = torch.mm(a, b)
+    if alpha != 1:
+        out = out * alpha
+    return out + (bias if beta == 1 else beta * bias)
+
+
+def aten_to(x, *args, **kwargs):
+    """``aten.to.dtype`` / ``aten.to.dtype_layout`` / ``aten._to_copy``: a dtype / device cast (no copy flags)."""
+    dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+    device = kwargs.get("device")
+    return x.to(device=device, dtype=dtype) if device is not None else x.to(dtype=dtype) if dtype else x
 
 
 def _same(fn):
@@ -115,13 +139,23 @@ _ATEN = {
     "aten.scaled_dot_product_attention.default": _same(F.scaled_dot_product_attention),
     "aten.zeros_like.default": _drop_kw(torch.zeros_like, "pin_memory", "memory_format"),
     "aten.ones_like.default": _drop_kw(torch.ones_like, "pin_memory", "memory_format"),
-    "aten.where.self": _same(torch.where),
+    "aten.where.self": _same(torch.where), "aten.where.ScalarOther": _same(torch.where),
+    "aten.where.ScalarSelf": _same(torch.where),
+    "aten.addmm.default": _same(aten_addmm),
+    "aten.masked_fill.Scalar": _same(torch.masked_fill), "aten.masked_fill.Tensor": _same(torch.masked_fill),
+    "aten.lift_fresh_copy.default": _same(torch.clone), "aten.detach.default": _same(aten_alias),
+    "aten.detach_.default": _same(aten_alias),
+    "aten.to.dtype": _same(aten_to), "aten.to.dtype_layout": _same(aten_to), "aten._to_copy.default": _same(aten_to),
+    "aten.pow.Tensor_Scalar": _same(torch.pow), "aten.rsqrt.default": _same(torch.rsqrt),
+    "aten.repeat_interleave.self_int": lambda a, k: (torch.repeat_interleave, tuple(a[:3]), {}),
 }
 # ops that only assert or carry metadata: dropped from the rebuilt graph
 _SKIP_PREFIX = ("aten._assert", "aten.sym_constrain_range", "aten._assert_tensor_metadata")
 
 MOVE_FUNCS = {aten_slice, aten_expand}
 COMMUTE_FUNCS = {aten_alias}
+CAST_FUNCS = {aten_to}
+ADDMM_FUNCS = {aten_addmm}
 
 
 def _call_key(stack_key: str, path: str) -> str:
@@ -174,11 +208,48 @@ class _quiet:
         return False
 
 
-def export_program(model: nn.Module, inputs: tuple, leaf_paths: tuple):
-    """``torch.export.export`` (non-strict) with the leaves' call signatures preserved; torch's diagnostic output
-    is held back and dropped when export fails (see :class:`_quiet`)."""
-    with _quiet():
-        return torch.export.export(model, tuple(inputs), strict=False, preserve_module_call_signature=leaf_paths)
+class _preserved_outputs:
+    """Context: ``model(...)`` returns only the tensors the analysis preserves (:func:`gradcond.utils.output_tensors`
+    of what the forward returns: one tensor, or a tuple of them), so that the exported program's outputs are those
+    tensors.  A ``ModelOutput`` holding a key/value cache object (``DynamicCache``), which torch.export cannot
+    return, is exported through its logits.  Same mechanism as :class:`gradcond.utils.selecting_output` (an
+    instance ``forward`` shadowing the class's, removed on exit), so parameter and module names stay the user's."""
+
+    def __init__(self, model: nn.Module, output):
+        self.model, self.output = model, output
+
+    def __enter__(self):
+        import functools
+        import types
+
+        m, output = self.model, self.output
+        self.had, self.prev = "forward" in m.__dict__, m.__dict__.get("forward")
+        inner = self.prev if self.had else type(m).forward.__get__(m)
+
+        @functools.wraps(type(m).forward)
+        def forward(self_, *args, **kwargs):
+            ts = tuple(t for _, t in output_tensors(inner(*args, **kwargs), output))
+            return ts[0] if len(ts) == 1 else ts
+
+        m.forward = types.MethodType(forward, m)
+        return m
+
+    def __exit__(self, *exc):
+        if self.had:
+            self.model.forward = self.prev
+        else:
+            self.model.__dict__.pop("forward", None)
+        return False
+
+
+def export_program(model: nn.Module, inputs: tuple, leaf_paths: tuple, kwargs: dict | None = None, output=None):
+    """``torch.export.export`` (non-strict) with the leaves' call signatures preserved, on positional ``inputs``
+    and keyword ``kwargs``, exporting the outputs the analysis preserves (``output``: the selector of
+    :func:`gradcond.utils.output_tensors`); torch's diagnostic output is held back and dropped when export fails
+    (see :class:`_quiet`)."""
+    with _quiet(), _preserved_outputs(model, output):
+        return torch.export.export(model, tuple(inputs), dict(kwargs or {}), strict=False,
+                                   preserve_module_call_signature=leaf_paths)
 
 
 def _reachable(model: nn.Module, name: str, mod: nn.Module) -> bool:
@@ -191,9 +262,17 @@ def _reachable(model: nn.Module, name: str, mod: nn.Module) -> bool:
     return obj is mod
 
 
-def module_graph(model: nn.Module, inputs: tuple, is_leaf) -> fx.GraphModule:
-    """Export ``model`` on ``inputs`` and rebuild a module-level ``GraphModule`` (root ``model``) -- see the module
-    docstring.  ``is_leaf(module, qualname)``: the fx tracer's leaf test.  Raises whatever export raises."""
+def module_graph(model: nn.Module, inputs: tuple, is_leaf, kwargs: dict | None = None,
+                 output=None) -> fx.GraphModule:
+    """Export ``model`` on ``inputs`` (positional) and ``kwargs`` (keyword inputs) and rebuild a module-level
+    ``GraphModule`` -- see the module docstring.  ``is_leaf(module, qualname)``: the fx tracer's leaf test;
+    ``output``: which outputs are exported (:func:`gradcond.utils.output_tensors`).  The graph's placeholders are
+    the leaves of ``(inputs, kwargs)`` in the exported program's order (:func:`flat_inputs` gives them).
+
+    Everything the exported program reads besides the user inputs is carried into the returned module: parameters
+    and buffers (persistent or not) as ``get_attr`` nodes of their names in ``model`` (the same objects), lifted
+    tensor constants (tensors the forward builds from Python values, constant tensor attributes) as buffers
+    ``_export_const_<name>`` of the returned module.  Raises whatever export raises."""
     leaves, inside = [], set()
     for name, mod in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
@@ -201,7 +280,7 @@ def module_graph(model: nn.Module, inputs: tuple, is_leaf) -> fx.GraphModule:
         if is_leaf(mod, name) and _reachable(model, name, mod):
             leaves.append(name)
             inside.add(name)
-    ep = export_program(model, inputs, tuple(leaves))
+    ep = export_program(model, inputs, tuple(leaves), kwargs, output)
     sig = ep.graph_signature
     param_of = dict(sig.inputs_to_parameters)
     param_of.update(sig.inputs_to_buffers)
@@ -262,10 +341,33 @@ def module_graph(model: nn.Module, inputs: tuple, is_leaf) -> fx.GraphModule:
         else:
             env[node] = g.call_function(mapped[0], tuple(mapped[1]), mapped[2])
         env[node].meta["aten"] = name
-    gm = fx.GraphModule(model, g, class_name=type(model).__name__)
-    for bname, t in const_bufs.items():
-        gm.register_buffer(bname, t)
+    # the root is a dict of exactly what the graph reads: the user's submodules / parameters / buffers (by their
+    # names in the model) and the lifted constants (not attributes of the model, so they cannot be copied from it)
+    root: dict = {}
+    for n in g.nodes:
+        if n.op in ("get_attr", "call_module") and n.target not in root:
+            if n.target in const_bufs:
+                root[n.target] = const_bufs[n.target]
+            else:
+                obj = model
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                root[n.target] = obj
+    gm = fx.GraphModule(root, g, class_name=type(model).__name__)
+    gm._gradcond_in_spec = ep.call_spec.in_spec  # how (inputs, kwargs) flatten onto the placeholders
     return gm
+
+
+def flat_inputs(gm: fx.GraphModule, inputs: tuple, kwargs: dict | None):
+    """The values of the placeholders of a graph made by :func:`module_graph`: the leaves of ``(inputs, kwargs)``
+    flattened in the exported program's order (keyword inputs by name, whatever order they were given in)."""
+    spec = getattr(gm, "_gradcond_in_spec", None)
+    tree = (tuple(inputs), dict(kwargs or {}))
+    if spec is None:
+        return tuple(pytree.tree_leaves(tree))
+    from torch.fx._pytree import tree_flatten_spec
+
+    return tuple(tree_flatten_spec(tree, spec))
 
 
 def _emit_call(g: fx.Graph, env: dict, ep, sig, path: str):

@@ -12,6 +12,7 @@ Cost: one table lookup (a few ``isinstance`` checks for modules) per node.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -24,7 +25,8 @@ from ._modules import TeleportedActivation
 from ._unionfind import CONST, WILD
 from .propagate import op_name
 from .rules import Rules
-from .tracing import COMPOSITE_MODULES, is_lonorm, is_stochastic_depth, is_stochastic_depth_module, user_hooks
+from .tracing import (COMPOSITE_MODULES, is_hf_activation, is_lonorm, is_stochastic_depth, is_stochastic_depth_module,
+                      user_hooks)
 
 __all__ = ["Analyzer"]
 
@@ -97,6 +99,21 @@ _SOFTMAX_METHODS = {"softmax", "log_softmax"}
 _NOINFO_FUNCS = {torch.ones_like, torch.full_like, torch.rand_like, torch.randn_like, torch.empty_like,
                  torch.randint_like}
 _ZERO_FUNCS = {torch.zeros_like}
+# functions / methods that build constants (masks, positions, rotary tables) from constants: the result is constant
+# (exact).  Unknown ATen ops of an exported graph (torch._ops.OpOverload) are treated the same way.
+_CONST_FUNCS = {torch.arange, torch.cos, torch.sin, torch.exp, torch.log, torch.rsqrt, torch.sqrt, torch.pow,
+                torch.triu, torch.tril, torch.full, torch.ones, torch.zeros, torch.outer, torch.where, torch.minimum,
+                torch.maximum, torch.clamp, torch.masked_fill, operator.lt, operator.le, operator.gt, operator.ge,
+                operator.eq, operator.ne, operator.and_, operator.or_, operator.invert, operator.pow, torch.lt,
+                torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.logical_and, torch.logical_or,
+                torch.logical_not, torch.bitwise_and, torch.bitwise_or, torch.bitwise_not, torch.cumsum, torch.abs,
+                torch.log1p, torch.floor, torch.ceil, torch.round} | _export.CAST_FUNCS
+_CONST_METHODS = {"cos", "sin", "exp", "log", "rsqrt", "sqrt", "pow", "float", "long", "int", "bool", "triu",
+                  "tril", "cumsum", "masked_fill", "clamp", "clamp_min", "clamp_max", "lt", "le", "gt", "ge", "eq",
+                  "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__", "__and__", "__or__",
+                  "__invert__", "logical_and", "logical_or", "logical_not", "any", "all", "floor", "ceil", "round"}
+_ADDMM_FUNCS = {torch.addmm} | _export.ADDMM_FUNCS
+_POW_FUNCS = {torch.pow, operator.pow}
 _SHAPE_QUERY = {"size", "dim", "numel", "__len__", "ndimension", "nelement", "stride", "is_contiguous"}
 
 
@@ -160,7 +177,7 @@ class Analyzer(Rules):
             return self.mha(node, mod, op, v)
         if isinstance(mod, _SIGN_ACT_MODULES):
             return self.elementwise_site(node, "sign", op, x)
-        if isinstance(mod, _SCALE_ACT_MODULES):
+        if isinstance(mod, _SCALE_ACT_MODULES) or is_hf_activation(mod):
             return self.elementwise_site(node, "scale", op, x)
         if isinstance(mod, _MAXPOOL_MODULES):
             return self.pooled(node, x, xv, v, self._pool_k(mod, xv), site="sign", op=op)
@@ -216,6 +233,8 @@ class Analyzer(Rules):
         if name in _ADD_METHODS:
             return self.add(node, args[0], args[1], v)
         if name in _MUL_METHODS:
+            if self.param_scale(node, args[0], args[1], v):
+                return
             return self.mul(node, args[0], args[1], v)
         if name in _DIV_METHODS and "rounding_mode" not in node.kwargs:
             return self.div(node, args[0], args[1], v)
@@ -229,10 +248,15 @@ class Analyzer(Rules):
             return self.softmax(node, op, v)
         if name == "masked_fill":
             return self.masked_fill(node, op, v)
+        if name == "pow" and len(args) > 1:
+            return self.power(node, op, self.I(args[0]), self.V(args[1]), v)
         if name in ("new_zeros",):
             self.idx[node] = self.const_like(v, WILD)
             return
         if name in ("new_ones", "new_full", "new_empty", "new_tensor"):
+            self.idx[node] = self.const_like(v)
+            return
+        if name in _CONST_METHODS and self.all_const(node):  # masks, position ids, rotary tables: constant
             self.idx[node] = self.const_like(v)
             return
         return self.frozen_node(node, op, "unsupported tensor method; inputs/outputs pinned", self.I(args), v)
@@ -247,7 +271,19 @@ class Analyzer(Rules):
             self.idx[node] = self.I(args[0])[self.V(args[1])]
             return
         if t is getattr:
+            base = self.I(args[0])
+            if isinstance(base, dict) and self.V(args[1]) in base:  # a field of an output dataclass built here
+                self.idx[node] = base[self.V(args[1])]
+                return
             self.idx[node] = self.const_like(v)
+            return
+        if isinstance(t, type) and dataclasses.is_dataclass(t) and not isinstance(v, torch.Tensor):
+            # a dataclass output (ModelOutput-like) built in the graph: its fields keep their ids (by name); the
+            # output node pins only the fields the analysis preserves (Propagator._preserved)
+            names = [f.name for f in dataclasses.fields(t)]
+            ids = dict(zip(names, (self.I(a) for a in args)))
+            ids.update({k: self.I(a) for k, a in kw.items()})
+            self.idx[node] = ids
             return
         if t in _SIGN_FUNCS:
             if t is F.prelu:
@@ -292,11 +328,31 @@ class Analyzer(Rules):
                 return self.add(node, args[0], args[1], v)
             return self.add(node, args[0], args[1], v)
         if t in _MUL_FUNCS:
+            if self.param_scale(node, args[0], args[1], v):
+                return
             return self.mul(node, args[0], args[1], v)
         if t in _DIV_FUNCS and "rounding_mode" not in kw:
             return self.div(node, args[0], args[1], v)
         if t in _MATMUL_FUNCS:
+            w = self.V(args[1])
+            if self.param_of(args[1]) is not None and w.dim() == 2 and self.V(args[0]).dim() >= 1:
+                return self.linear_t(node, self.I(args[0]), self.param_of(args[1]), tuple(w.shape), None, v)
             return self.matmul(node, op, args[0], args[1], v)
+        if t in _ADDMM_FUNCS:
+            bias, a, w = args[0], args[1], args[2]
+            scal = [self.V(kw.get(n, args[i] if len(args) > i else 1)) for i, n in ((3, "beta"), (4, "alpha"))]
+            wv = self.V(w)
+            if (self.param_of(w) is not None and wv.dim() == 2 and scal == [1, 1]
+                    and (self.param_of(bias) is not None or not isinstance(self.V(bias), torch.Tensor))):
+                return self.linear_t(node, self.I(a), self.param_of(w), tuple(wv.shape), self.param_of(bias), v)
+        if t in _POW_FUNCS and len(args) > 1 and isinstance(self.V(args[0]), torch.Tensor):
+            return self.power(node, op, self.I(args[0]), self.V(args[1]), v)
+        if t is torch.masked_fill:
+            return self.masked_fill(node, op, v)
+        if t in _export.CAST_FUNCS:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and self.V(args[0]).is_floating_point():
+                self.idx[node] = self.I(args[0])  # a float -> float cast commutes with the taus
+                return
         if t in _SUM_FUNCS:
             return self.reduce(node, op, v, positive=False)
         if t in _MAX_FUNCS:
@@ -341,5 +397,10 @@ class Analyzer(Rules):
                 self.I([a for a in args[1:] if a is not w and a is not b])
                 return self.channel_norm(node, op, self.I(args[0]), v, self.param_of(w), self.param_of(b),
                                          f"{op} input pinned")
-        return self.frozen_node(node, op, "unsupported function; inputs/outputs pinned", self.I(args), v)
+        if (isinstance(t, torch._ops.OpOverload) or t in _CONST_FUNCS) and self.all_const(node):
+            # a function of constants (arange, causal masks, rotary cos/sin tables, T5 position buckets): constant
+            self.idx[node] = self.const_like(v)
+            return
+        return self.frozen_node(node, op, "unsupported function; inputs/outputs pinned",
+                                self.I(list(args) + list(kw.values())), v)
 

@@ -9,21 +9,30 @@ the :class:`~gradcond.graph.CoBStructure` (:meth:`Propagator.finalize`: free tau
 sites, group summary).  The rules themselves live in :mod:`gradcond.graph.rules` (what an op does to atom ids)
 and :mod:`gradcond.graph.dispatch` (which rule an fx node gets).
 
-Cost: one forward pass of the traced graph plus integer tensors of the same sizes; one Python union-find
-operation per distinct tied pair; :meth:`Propagator.finalize` is one ``find`` per atom.
+Cost: one forward pass of the traced graph, and bookkeeping that scales with the number of *distinct* atom
+positions rather than with activation sizes: id tensors stay broadcast views where they are (a layer's taus are
+shared over the batch and over space; :func:`cat_ids` keeps concatenations broadcast too), every union-find helper
+first narrows an operand to the dims along which it varies (:func:`gradcond.graph._unionfind.shrink`), ids are
+resolved in vectorised numpy passes (:meth:`UnionFind._resolve_np`), and one Python union-find operation is made
+per distinct tied pair; :meth:`Propagator.finalize` resolves every atom at once (pointer jumping,
+:meth:`UnionFind.roots`) and maps id tensors to table indices with one gather each.
 """
 
 from __future__ import annotations
+
+import numpy as np
+import dataclasses
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ._unionfind import CONST, WILD, UnionFind
+from ..utils import output_tensors
+from ._unionfind import CONST, WILD, UnionFind, shrink
 from .structure import ActSite, CoBStructure, Group, Note, ParamRule
 from .tracing import is_stochastic_depth
 
-__all__ = ["Propagator", "op_name", "tensors_in", "full_ids", "compact"]
+__all__ = ["Propagator", "op_name", "tensors_in", "full_ids", "compact", "cat_ids"]
 
 
 def op_name(node: fx.Node, modules: dict) -> str:
@@ -54,6 +63,9 @@ def tensors_in(x):
     elif isinstance(x, dict):
         for y in x.values():
             yield from tensors_in(y)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):  # an output dataclass (ModelOutput-like)
+        for f in dataclasses.fields(x):
+            yield from tensors_in(getattr(x, f.name))
 
 
 def full_ids(shape, value: int) -> torch.Tensor:
@@ -211,9 +223,16 @@ class Propagator:
         return False
 
     # ---- execution --------------------------------------------------------------------------------
-    def run(self, inputs: tuple) -> None:
+    def run(self, inputs: tuple, kwargs: dict | None = None) -> None:
+        """Run the graph on positional ``inputs`` and keyword ``kwargs`` (matched to placeholders by name)."""
         it = iter(inputs)
+        named = dict(kwargs or {})
         for node in self.gm.graph.nodes:
+            if node.op == "placeholder" and str(node.target).lstrip("*") in named:
+                v = named.pop(str(node.target).lstrip("*"))
+                self.val[node] = v
+                self.idx[node] = self.const_like(v)
+                continue
             if node.op == "placeholder":
                 try:
                     v = next(it)
@@ -238,8 +257,11 @@ class Propagator:
                 continue
             if node.op == "output":
                 self.I(node.args[0])
-                for t in self._idx_tensors(node.args[0]):
+                for t in self._idx_tensors(self._preserved(node.args[0])):
                     self.uf.pin_tensor(t)
+                if named:
+                    raise ValueError(f"example_input has keyword inputs the model's forward does not take: "
+                                     f"{', '.join(sorted(named))}; pass only the forward's argument names.")
                 continue
             args = self.V(node.args)
             kwargs = self.V(dict(node.kwargs))
@@ -259,6 +281,33 @@ class Propagator:
                 self.idx[node] = None
                 continue
             self.step(node, v)
+
+    def _preserved(self, out):
+        """The part of the graph's output that the analysis preserves (pins): the nodes holding the tensors
+        :func:`gradcond.utils.output_tensors` picks with ``self.output`` (default: a ``logits`` field, else every
+        tensor).  An exported graph already returns only those; a selector that computes a new tensor (not one of
+        the output's nodes) pins the whole output."""
+        if self.exported:
+            return out
+        chosen = {id(t) for _, t in output_tensors(self.V(out), getattr(self, "output", None))}
+        leaves: list = []
+
+        def walk(a):
+            if isinstance(a, fx.Node):
+                if (a.op == "call_function" and isinstance(a.target, type) and isinstance(self.idx.get(a), dict)):
+                    walk(list(a.args) + list(a.kwargs.values()))  # an output dataclass built in the graph
+                else:
+                    leaves.append(a)
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    walk(x)
+            elif isinstance(a, dict):
+                for x in a.values():
+                    walk(x)
+
+        walk(out)
+        found = [n for n in leaves if id(self.val.get(n)) in chosen]
+        return found if {id(self.val[n]) for n in found} == chosen else leaves
 
     def _idx_tensors(self, a):
         if isinstance(a, fx.Node):
@@ -286,12 +335,21 @@ class Propagator:
             sites_by_param[name] = s
         rules_raw = {}
         for name, s in sites_by_param.items():
+            if len(s) > 1:  # shared (tied) weights, e.g. an input embedding tied to the LM head: factors fixed
+                s = [[t for t in o if not self.is_const(t)] for o in s]  # to 1 (pinned logits) drop out (exact)
             base = s[0]
             ok = all(len(o) == len(base) and all(ta.shape == tb.shape for ta, tb in zip(o, base)) for o in s[1:])
             if ok:
                 for o in s[1:]:
                     for ta, tb in zip(o, base):
                         uf.union_tensors(ta, tb)
+            elif any(not o for o in s):  # one use keeps it unchanged (factor 1): so must every other use
+                for o in s:
+                    for ta in o:
+                        uf.pin_tensor(ta)
+                self.pins.append(Note(name, "parameter", "shared (tied) parameter, e.g. an embedding tied to the LM "
+                                      "head: one of its uses keeps it unchanged (pinned taus), so its factors at "
+                                      "the other uses are pinned too"))
             else:
                 for o in s:
                     for ta in o:
@@ -299,29 +357,37 @@ class Propagator:
                 self.frozen.append(Note(name, "parameter", "used at several places in different roles; pinned"))
             if base:
                 rules_raw[name] = base
-        # free variables = roots of atom classes not tied to the constant
+        # free variables = roots of atom classes not tied to the constant (vectorised over all atoms: one
+        # pointer-jumping pass instead of one Python find per atom)
         n_atoms = len(uf)
-        roots = []
-        root_of = torch.empty(n_atoms, dtype=torch.int64)
-        for a in range(2, n_atoms):
-            r, p = uf.find(a)
-            root_of[a] = 0 if r == CONST else r
-        root_of[:2] = 0
-        uniq = torch.unique(root_of[2:]) if n_atoms > 2 else torch.zeros(0, dtype=torch.int64)
-        roots = [int(r) for r in uniq.tolist() if r != 0]
+        root_np, parity_np = uf.roots()
+        root_np = np.where(root_np == CONST, 0, root_np)
+        root_np[:2] = 0
+        roots = [int(r) for r in np.unique(root_np[2:]).tolist() if r != 0]
         n = len(roots)
-        free_of_root = torch.zeros(n_atoms, dtype=torch.int64)
-        for i, r in enumerate(roots):
-            free_of_root[r] = i + 1
-        positive = torch.tensor([uf.positive[r] for r in roots], dtype=torch.bool)
+        free_of_root = np.zeros(n_atoms, dtype=np.int64)
+        free_of_root[roots] = np.arange(1, n + 1)
+        pos_list = uf.positive
+        positive = torch.tensor([pos_list[r] for r in roots], dtype=torch.bool)
         # lookup from a signed resolved id to a gidx into [1, tau, 1, 1/tau]
         lut = torch.zeros(2 * n_atoms + 1, dtype=torch.int64)
         if n:
             rt = torch.tensor(roots)
             lut[n_atoms + rt] = torch.arange(1, n + 1)
             lut[n_atoms - rt] = torch.arange(1, n + 1) + n + 1
+        # the same lookup from a signed *unresolved* id (resolution folded in from the snapshot of the forest):
+        # to_gidx becomes one gather; valid while the union-find is unchanged (see `stale` below)
+        signed = root_np * parity_np  # resolved id of +a (0 for pinned atoms and WILD)
+        table = torch.empty(2 * n_atoms + 1, dtype=torch.int64)
+        table[n_atoms:2 * n_atoms] = lut[torch.from_numpy(n_atoms + signed)]
+        table[1:n_atoms + 1] = lut[torch.from_numpy(n_atoms - signed[::-1].copy())]
+        table[0] = table[2 * n_atoms] = 0  # out of range for signed atom ids
+        stale = False
 
         def to_gidx(ids: torch.Tensor) -> torch.Tensor:
+            ids = shrink(ids)  # constant dims narrowed: compact() of the result is unchanged, and it is smaller
+            if not stale:
+                return table[ids + n_atoms]
             r = uf.resolve_tensor(ids)
             r = torch.where(r == CONST, torch.zeros_like(r), r)
             return lut[r + n_atoms]
@@ -343,35 +409,71 @@ class Propagator:
                 shape.pop(0)
             if len(shape) == in_ndim and shape[0] != 1 and in_ndim > 1:
                 # varies along the batch dim: cannot happen for per-neuron taus; tie to be safe
+                stale = True  # the tie may merge classes: resolve through the union-find from here on
                 g = compact(to_gidx(uf.union_along(ids, (0,))))
                 shape = list(g.shape)
                 while len(shape) > 1 and shape[0] == 1:
                     shape.pop(0)
             sites.append(ActSite(node=nname, kind=kind, op=op, module_path=path, unique=unique,
                                  gidx=g.reshape(shape)))
-        # group summary
-        owner_seen = set()
+        # group summary: an atom is pinned (root 0), free (the first atom of its class, in group order) or tied
         free_group = torch.zeros(n, dtype=torch.int64)
-        for gi, grp in enumerate(self.groups):
-            for a in range(grp.start, grp.start + grp.size):
-                r = int(root_of[a])
-                if r == 0:
-                    grp.pinned += 1
-                elif r in owner_seen:
-                    grp.tied += 1
-                else:
-                    owner_seen.add(r)
-                    grp.free += 1
-                    fi = int(free_of_root[r]) - 1
-                    free_group[fi] = gi
-                    if uf.positive[r]:
-                        grp.positive += 1
+        if self.groups:
+            atoms = np.concatenate([np.arange(g.start, g.start + g.size, dtype=np.int64) for g in self.groups])
+            gid = np.repeat(np.arange(len(self.groups)), [g.size for g in self.groups])
+            r = root_np[atoms]
+            first = np.zeros(len(atoms), dtype=bool)
+            _, first_at = np.unique(r, return_index=True)
+            first[first_at] = True
+            free = first & (r != 0)
+            pinned = r == 0
+            pos_root = np.asarray(pos_list, dtype=bool)
+            n_groups = len(self.groups)
+            c_free = np.bincount(gid[free], minlength=n_groups)
+            c_pin = np.bincount(gid[pinned], minlength=n_groups)
+            c_pos = np.bincount(gid[free & pos_root[r]], minlength=n_groups)
+            for gi, grp in enumerate(self.groups):
+                grp.free += int(c_free[gi])
+                grp.pinned += int(c_pin[gi])
+                grp.tied += grp.size - int(c_free[gi]) - int(c_pin[gi])
+                grp.positive += int(c_pos[gi])
+            fr = r[free]
+            free_group[torch.from_numpy(free_of_root[fr] - 1)] = torch.from_numpy(gid[free])
         return CoBStructure(
             model_class=type(self.model).__name__, num_free=n, positive=positive, rules=rules, sites=sites,
             groups=self.groups, frozen=self.frozen, pins=self.pins, param_shapes=param_shapes,
             graph_module=self.gm, rewrite=self.rewrite, tau_dtype=tau_dtype, free_group=free_group,
             tracer=self.tracer,
         )
+
+
+_CAT_FUNCS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def cat_ids(fn, data: list, rest: list, kwargs: dict):
+    """``fn(data, *rest, **kwargs)`` for a list-taking move (cat, stack...); for ``torch.cat`` of id tensors the
+    dims along which every operand is constant are concatenated at size 1 and broadcast back (same values, an
+    expanded view): concatenating the broadcast ids of a DenseNet's feature maps would otherwise materialise
+    activation-sized integer tensors at every layer."""
+    if fn not in _CAT_FUNCS or not data or not all(isinstance(t, torch.Tensor) and t.numel() > 0 for t in data):
+        return fn(data, *rest, **kwargs)
+    nd = data[0].dim()
+    dim = kwargs.get("dim", rest[0] if rest else 0)
+    if not isinstance(dim, int) or any(t.dim() != nd for t in data) or len(rest) > 1 or set(kwargs) - {"dim"}:
+        return fn(data, *rest, **kwargs)
+    d = dim % nd
+    small = [shrink(t) for t in data]
+    narrow = [e for e in range(nd) if e != d and all(t.shape[e] == 1 for t in small)]
+    if not narrow:
+        return fn(data, *rest, **kwargs)
+    shape = list(data[0].shape)
+    shape[d] = sum(t.shape[d] for t in data)
+    parts = []
+    for t in data:
+        for e in narrow:
+            t = t.narrow(e, 0, 1)
+        parts.append(t)
+    return torch.cat(parts, d).expand(shape)
 
 
 def compact(g: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ._unionfind import CONST, WILD
-from .propagate import Propagator, full_ids, op_name
+from .propagate import Propagator, cat_ids, full_ids, op_name
 
 __all__ = ["Rules"]
 
@@ -166,14 +166,19 @@ class Rules(Propagator):
                 o = torch.arange(cout).view(-1, 1)
                 i = torch.arange(ig).view(1, -1)
                 in_ch = (o // og) * ig + i
-                terms = [tout.view((cout, 1) + ones), -tin[in_ch].view((cout, ig) + ones)]
+                # groups == 1: in_ch[o, i] = i, the input taus broadcast over the rows (no (C_out, C_in) gather)
+                tin_w = (-tin).view((1, cin) + ones).expand((cout, ig) + ones) if groups == 1 else \
+                    -tin[in_ch].view((cout, ig) + ones)
+                terms = [tout.view((cout, 1) + ones), tin_w]
             else:
                 # weight (C_in, C_out/g, *k): entry (i, o) writes output channel (i // (C_in/g)) * (C_out/g) + o
                 og, ig = cout // groups, cin // groups
                 i = torch.arange(cin).view(-1, 1)
                 o = torch.arange(og).view(1, -1)
                 out_ch = (i // ig) * og + o
-                terms = [tout[out_ch].view((cin, og) + ones), -tin.view((cin, 1) + ones)]
+                tout_w = tout.view((1, cout) + ones).expand((cin, og) + ones) if groups == 1 else \
+                    tout[out_ch].view((cin, og) + ones)
+                terms = [tout_w, -tin.view((cin, 1) + ones)]
             self.add_param_site(wname, terms)
         if bname:
             self.add_param_site(bname, [tout])
@@ -236,7 +241,7 @@ class Rules(Propagator):
         if isinstance(first, (list, tuple)):  # cat / stack
             data = [self.I(a) for a in first]
             rest = [self.V(a) for a in args[1:]]
-            out = fn(data, *rest, **kwargs)
+            out = cat_ids(fn, data, rest, kwargs)
         else:
             x = self.I(first)
             name = node.target if isinstance(node.target, str) else ""
@@ -394,13 +399,20 @@ class Rules(Propagator):
         mask = args[3] if len(args) > 3 else kw.get("attn_mask")
         if isinstance(mask, fx.Node):
             self.pin_all(self.I(mask))
-        if kw.get("enable_gqa") or q.shape[:-2] != k.shape[:-2]:
-            self.pin_all([q, k])
-            self.pin_note(node, op, "grouped-query attention: q and k pinned")
+        if (self.V(kw.get("enable_gqa", False)) and q.dim() >= 3 and k.dim() == q.dim() and val.dim() == q.dim()
+                and k.shape[-3] == val.shape[-3] and q.shape[-3] % k.shape[-3] == 0):
+            # grouped-query attention inside sdpa: k and v heads are repeated (repeat_interleave) to the q heads,
+            # so the same per-head-dim ties hold on the repeated ids (exact, like an explicit repeat_kv)
+            rep = q.shape[-3] // k.shape[-3]
+            k, val = k.repeat_interleave(rep, dim=-3), val.repeat_interleave(rep, dim=-3)
+        if q.shape[:-2] != k.shape[:-2] and torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]) != q.shape[:-2]:
+            self.pin_all([q, k, val])
+            self.pin_note(node, op, "attention with q and k heads that do not broadcast: q, k and v pinned")
+            val = self.const_like(self.V(args[2]))
         else:
             rq = self.uf.union_along(q, (-2,))
             rk = self.uf.union_along(k, (-2,))
-            self.uf.union_tensors(rq, -rk)
+            self.uf.union_tensors(*torch.broadcast_tensors(rq, -rk))
         rv = self.uf.union_along(val, (-2,))
         self.idx[node] = rv.expand(v.shape)
 
@@ -445,3 +457,68 @@ class Rules(Propagator):
             self.add_param_site(op_b, [tout])
         out, weights = v
         self.idx[node] = (tout.expand(out.shape), None if weights is None else full_ids(weights.shape, CONST))
+
+    # ---- rules for the ops of Hugging Face decoder LMs (issue 19) ---------------------------------------
+    def linear_t(self, node, x, wname, wshape, bname, v):
+        """``x @ W (+ b)`` with ``W`` a 2-D parameter stored ``(in, out)`` (Hugging Face ``Conv1D`` via
+        ``addmm``, hand-written ``x @ W``): the Linear rule with the weight transposed,
+        ``W'[i, j] = W[i, j] * tau_out[j] / tau_in[i]``, bias ``* tau_out``.  Exact."""
+        tin = self.channel_rep(x, -1)
+        tout = self.fresh(wshape[1], node, f"{op_name(node, self.modules)} output")
+        self.add_param_site(wname, [-tin.view(-1, 1), tout.view(1, -1)])
+        if bname:
+            self.add_param_site(bname, [tout])
+        self.idx[node] = tout.expand(v.shape)
+
+    def param_scale(self, node, a, b, v) -> bool:
+        """``p * x`` / ``x * p`` with ``p`` a parameter and ``x`` constant (every tau of ``x`` pinned or constant):
+        ``p`` acts as an affine scale, like a norm's gamma -- the hand-written RMSNorm ``weight * (x *
+        rsqrt(mean(x**2) + eps))``, T5's ``T5LayerNorm``, LLaMA's ``LlamaRMSNorm`` -- and gets fresh output taus
+        (``p' = p * tau_out``).  Exact: the product scales by ``tau_out`` wherever ``p`` does.  Returns False (no
+        rule applied) otherwise."""
+        pa, pb = self.param_of(a), self.param_of(b)
+        if (pa is None) == (pb is None):
+            return False
+        p, x = (a, b) if pa else (b, a)
+        pname = pa or pb
+        pv, xv = self.val[p], self.V(x)
+        if not isinstance(xv, torch.Tensor) or not isinstance(v, torch.Tensor) or pv.dim() == 0:
+            return False
+        if tuple(torch.broadcast_shapes(pv.shape, xv.shape)) != tuple(v.shape) or pv.dim() > v.dim():
+            return False
+        if not self.is_const(self.I(x)):
+            return False
+        tout = self.fresh(pv.numel(), node, f"{op_name(node, self.modules)} scale parameter").view(pv.shape)
+        self.add_param_site(pname, [tout])
+        self.idx[node] = tout.expand(v.shape)
+        return True
+
+    def power(self, node, op, x, exponent, v):
+        """``x ** p``: ``p == 1`` commutes; otherwise ``(tau x)**p = tau**p x**p`` is not a tau of the same kind, so
+        the input is pinned (the ``mean(x**2)`` of RMSNorm: normalisation over features is not per-neuron
+        homogeneous, like LayerNorm's input).  A constant input gives a constant."""
+        if not isinstance(exponent, (int, float)) or exponent != 1:
+            if not self.is_const(x):
+                self.uf.pin_tensor(x)
+                self.pin_note(node, op, "x ** p (p != 1) pins its input (e.g. RMSNorm's mean(x**2): normalisation "
+                                        "over features is not per-neuron homogeneous)")
+            self.idx[node] = self.const_like(v)
+            return
+        self.idx[node] = x.expand(v.shape)
+
+    def all_const(self, node) -> bool:
+        """Whether every tensor input of ``node`` carries no free tau (all atoms constant or zero).  Then the output
+        does not depend on any tau (constants built from Python values: ``arange``, causal masks, rotary
+        ``cos``/``sin`` tables, position ids, comparisons), so it is constant -- exact, no freezing needed.
+        Parameters read here count as plain uses (they are pinned at finalisation if they are teleported
+        elsewhere), so they never change under the node's feet."""
+        ids = [t for t in _tensors(self.I(list(node.args)) + self.I(list(node.kwargs.values())))]
+        return all(self.is_const(t) for t in ids)
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors(y)

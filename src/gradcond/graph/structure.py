@@ -84,7 +84,10 @@ class CoBStructure:
     * ``tracer``: how the graph was obtained (``"torch.fx symbolic tracing"``, or the ``torch.export`` fallback
       with the reason fx failed);
     * ``example_input``: the analysis example (positional inputs, detached copies), on which every teleport
-      compares the original and teleported outputs (:func:`gradcond.teleport.teleport`).
+      compares the original and teleported outputs (:func:`gradcond.teleport.teleport`); ``example_kwargs``: its
+      keyword inputs (``input_ids=``, ``attention_mask=``...), or None;
+    * ``output``: the output selector given to ``analyze`` (see :func:`gradcond.utils.output_tensors`): which
+      outputs the structure preserves and teleport's self-check compares.
 
     The tau of free variable ``i`` acts through the lookup table ``ext = [1, tau_1..tau_n, 1, 1/tau_1..1/tau_n]``
     (:meth:`ext_table`): every factor is a product of gathers from it, so teleporting is a few vectorised
@@ -106,6 +109,8 @@ class CoBStructure:
     free_group: torch.Tensor | None = None
     tracer: str = "torch.fx symbolic tracing"
     example_input: tuple | None = field(repr=False, default=None)
+    example_kwargs: dict | None = field(repr=False, default=None)
+    output: object = field(repr=False, default=None)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _flat(self, device) -> dict:

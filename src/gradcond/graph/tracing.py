@@ -24,6 +24,7 @@ from . import _export
 from ._modules import TeleportedActivation
 
 __all__ = ["COMPOSITE_MODULES", "CompositesUntraceable", "NoMHAFastPath", "Tracer", "trace", "is_lonorm",
+           "is_hf_activation",
            "is_stochastic_depth", "is_stochastic_depth_module", "user_hooks", "global_hooks"]
 
 # torch.nn modules built from other modules: traced into (as when they are the root model) instead of being kept
@@ -36,6 +37,14 @@ def is_lonorm(m: nn.Module) -> bool:
     """The zoo's ``LONorm`` (recognised by class name: ``graph`` does not import the zoo), kept as a leaf and
     handled like a LayerNorm over its features."""
     return type(m).__name__ == "LONorm" and hasattr(m, "weight")
+
+
+def is_hf_activation(m: nn.Module) -> bool:
+    """An activation module of Hugging Face ``transformers.activations`` (``GELUActivation``,
+    ``NewGELUActivation``, ``SiLUActivation``, ``QuickGELUActivation``...; recognised by module name: transformers
+    is an optional, unimported dependency).  All of them are elementwise, so they are kept as leaves and handled
+    like ``nn.GELU``: a scale site rewritten as ``tau * f(x / tau)`` (exact for any elementwise ``f``)."""
+    return (type(m).__module__ or "").startswith("transformers.activations") and not list(m.children())
 
 
 def _supported_hooks():
@@ -108,7 +117,7 @@ class Tracer(fx.Tracer):
         self._extra_leaves = tuple(leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, TeleportedActivation) or is_lonorm(m):
+        if isinstance(m, TeleportedActivation) or is_lonorm(m) or is_hf_activation(m):
             return True
         if self._extra_leaves and isinstance(m, self._extra_leaves):
             return True
@@ -161,7 +170,8 @@ def _traced_composites(model: nn.Module, tracer: Tracer) -> bool:
                for n, m in model.named_modules() if n)
 
 
-def trace(model: nn.Module, inputs: tuple, leaf_modules: tuple, which: str) -> tuple[fx.GraphModule, bool, str]:
+def trace(model: nn.Module, inputs: tuple, leaf_modules: tuple, which: str, kwargs: dict | None = None,
+          output=None) -> tuple[fx.GraphModule, bool, str]:
     """``(graph module, exported, how)``: the module-level fx graph of ``model`` that the analysis runs.
 
     ``which``: ``"auto"`` (torch.fx, falling back to non-strict ``torch.export`` on ``inputs``), ``"fx"`` or
@@ -194,7 +204,7 @@ def trace(model: nn.Module, inputs: tuple, leaf_modules: tuple, which: str) -> t
     try:
         model.eval()  # no batch statistics or running-stat updates while exporting
         with NoMHAFastPath():
-            gm = _export.module_graph(model, tuple(inputs), tracer.is_leaf_module)
+            gm = _export.module_graph(model, tuple(inputs), tracer.is_leaf_module, kwargs, output)
     except Exception as exc2:  # noqa: BLE001
         first = str(exc2).strip().splitlines()[0] if str(exc2).strip() else ""
         if _traced_composites(model, tracer):

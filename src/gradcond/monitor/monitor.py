@@ -57,7 +57,7 @@ import torch
 from ..distributed import is_main, unwrap
 from ..train.run import RunLogger
 from ..train.trainer import Callback, TrainState
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, selecting_output
 from .schedule import PRESETS, PROBES, Schedule
 
 SCHEDULE_FILE = "monitor_schedule.json"
@@ -346,12 +346,15 @@ class Monitor(Callback):
     ``probes``: a preset name (:data:`PRESETS`) or ``{probe: schedule}``; ``budget``: share of the training time
     in (0, 1] (1 = no budget); ``min_measurements``: measurements guaranteed to each enabled probe after
     calibration (when the run has that many opportunities); ``plan``: a plan dict or the path of a
-    ``monitor_schedule.json`` to reuse instead of planning (its probes must match the configured ones).
+    ``monitor_schedule.json`` to reuse instead of planning (its probes must match the configured ones);
+    ``output``: for models returning a ``ModelOutput`` / dataclass / dict / tuple, which tensor the probes and the
+    loss see (default: the ``logits`` field, else the first tensor; :func:`gradcond.utils.select_output`).
     """
 
     def __init__(self, probes: str | dict = "default", budget: float = 0.05, probe_batch_size: int = 64,
                  tensorboard_dir: str | None = None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS,
-                 plan: dict | str | Path | None = None):
+                 plan: dict | str | Path | None = None, output=None):
+        self.output = output  # models returning a ModelOutput / dict / tuple: the tensor the probes see
         if isinstance(probes, str):
             if probes not in PRESETS:
                 raise ValueError(f"unknown monitor preset {probes!r}; accepted: {', '.join(PRESETS)}.")
@@ -432,7 +435,8 @@ class Monitor(Callback):
         for _ in range(2):
             t = time.perf_counter()
             try:
-                PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
+                with selecting_output(unwrap(state.model), getattr(self, "output", None)):
+                    PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
             except Exception as exc:
                 self._fail(name, exc, state)
                 return None
@@ -512,7 +516,8 @@ class Monitor(Callback):
             return
         t = time.perf_counter()
         try:
-            rows = PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
+            with selecting_output(unwrap(state.model), getattr(self, "output", None)):
+                rows = PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
         except Exception as exc:  # a failing probe must not stop training
             self._fail(name, exc, state)
             return

@@ -9,7 +9,8 @@ and the trainer callbacks ``ResidualTracker`` and ``EffectiveDepth``. Gradient c
 Where things live: ``scale``, ``domain``, ``dilution``, ``taylor``, ``tracking`` (seed 003); the ``conditioning``
 subpackage (seed 004 metrics, one module per metric family; ``from gradcond.probes import conditioning as C`` gives
 all of them); ``per_sample`` (the per-sample gradient ``Engine``), ``per_sample_fast`` (its layer fast path),
-``flat_vectors`` (flat weight-vector helpers), ``mask`` (``LayerwiseMask``) and ``reference`` (exact condition
+``ghost`` (per-sample gradient norms and Grams from layer identities: ``per_sample_stats``), ``flat_vectors``
+(flat weight-vector helpers), ``mask`` (``LayerwiseMask``) and ``reference`` (exact condition
 numbers used to check the estimators).
 """
 
@@ -24,8 +25,9 @@ _EXPORTS = {
     "tracking": ["ResidualTracker", "EffectiveDepth"],
     "taylor": ["taylor_truncate", "TaylorTruncated"],
     "per_sample": ["Engine"],
+    "ghost": ["per_sample_stats", "PerSampleStats"],
     "conditioning": ["step_consistency", "step_metrics", "consecutive_step_consistency", "ConsecutiveStepConsistency",
-                     "batch_dissonance", "relative_gradient_rank", "gradient_confusion", "gradient_diversity",
+                     "batch_dissonance", "input_condition_exact", "relative_gradient_rank", "gradient_confusion", "gradient_diversity",
                      "gradient_coherence", "batch_efficiency_ratio"],
     "mask": ["LayerwiseMask"],
     "representation": ["least_squares_distance", "k_redundancy", "redundant_mask", "knn_indices", "selection_entropy",

@@ -35,6 +35,8 @@ def layer_kind(module: nn.Module) -> str | None:
     if isinstance(module, _LINEAR_TYPES):
         return "linear"
     cls = type(module)
+    if cls.__name__ == "Conv1D" and (cls.__module__ or "").startswith("transformers"):
+        return "linear"  # Hugging Face's Conv1D (GPT-2): x @ W + b with W stored (in, out), a linear layer
     if "norm" in cls.__name__.lower() and not isinstance(module, nn.MultiheadAttention):
         return "norm"
     if cls.__module__ == "torch.nn.modules.activation" and not isinstance(module, nn.MultiheadAttention):

@@ -34,13 +34,15 @@ memory is bounded by ``chunk_size`` per-sample gradients of ``m`` floats at a ti
 
 What lives where: this module holds the :class:`Engine` (construction, eval-mode/BatchNorm context, losses, the
 public gradient API and the ``vmap(grad)`` path) and re-exports :func:`gradcond.utils.as_batch`; the layer fast path (Linear/Conv
-outer-product gradients, ghost norms and Grams, per-module plans) is in :mod:`gradcond.probes.per_sample_fast`;
+outer-product gradients, per-module plans, capture) is in :mod:`gradcond.probes.per_sample_fast`; per-sample norms and Gram
+matrices from layer identities without the b × P matrix (:meth:`Engine.per_sample_stats`) in :mod:`gradcond.probes.ghost`;
 ``flatten``/``unflatten``/``weight_vector`` are in :mod:`gradcond.probes.flat_vectors`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -124,9 +126,11 @@ class Engine:
         self.m = sum(self.w[n].numel() for n in self.names)
         self.x, self.y = self.cast(x), y
         self.b = x.shape[0]
+        self._chunk_given = chunk_size is not None
         if chunk_size is None:
             chunk_size = max(1, int(memory_bytes // max(1, self.m * self.w[self.names[0]].element_size() * 3)))
         self.chunk_size = chunk_size
+        self.memory_bytes = memory_bytes
         self._flags = None
         self.buffers: dict[str, torch.Tensor] = {}
         self.backend = backend
@@ -257,8 +261,17 @@ class Engine:
         w = self.w if omega is None else self.add(omega)
         x = self.x if x is None else self.cast(x)
         y = self.y if y is None else y
-        g = grad(self._loss_batch)(w, x, y)
-        return flatten(g, self.names)
+        # plain autograd (no torch.func transform: its per-call overhead was a third of a step-consistency call);
+        # the base weights are differentiated through the model's own parameters (torch.autograd.grad writes no .grad)
+        if self._direct(w):
+            own = dict(self.model.named_parameters())
+            leaves, wl = [own[n] for n in self.names], None
+        else:
+            wl = {n: t.detach().requires_grad_(True) for n, t in w.items()}
+            leaves = [wl[n] for n in self.names]
+        with torch.enable_grad():
+            g = torch.autograd.grad(self.loss_sum(wl, x, y) / x.shape[0], leaves, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(leaves, g)])
 
     def _chunks(self, b: int) -> Iterator[slice]:
         for s in range(0, b, self.chunk_size):
@@ -278,10 +291,13 @@ class Engine:
             raise ValueError("input gradients need floating-point inputs; got integer inputs (token ids?).")
         chunks = list(self._chunks(x.shape[0]))
         if wrt == "input" and self._use_fast():
-            for sl in chunks:  # one batched backward: ∂(Σ_j ℓ_j)/∂x_i = ∂ℓ_i/∂x_i for sample-independent models
+            # input gradients take (c, input size) floats, not (c, m): the whole batch in one pass unless the caller
+            # chose a chunk size (the default chunk size bounds weight gradients and is 1 for an 11M-parameter model)
+            for sl in (chunks if self._chunk_given else [slice(0, x.shape[0])]):
+                # one batched backward: ∂(Σ_j ℓ_j)/∂x_i = ∂ℓ_i/∂x_i for sample-independent models
                 xs = x[sl].detach().requires_grad_(True)
                 with torch.enable_grad():
-                    (gx,) = torch.autograd.grad(self.loss_sum(w, xs, y[sl]), xs)
+                    (gx,) = torch.autograd.grad(self.loss_sum(None if self._direct(w) else w, xs, y[sl]), xs)
                 yield sl, gx.reshape(gx.shape[0], -1)
             return
         for k, sl in enumerate(chunks):
@@ -317,32 +333,53 @@ class Engine:
         parts = [G for _, G in self.per_sample_grads(x, y, omega, wrt=wrt, select=select)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def per_sample_sq_norms(self, *, select=None) -> torch.Tensor:
-        """Per-sample squared gradient norms ‖h_W(w, x_i, t_i)‖² streamed chunk by chunk (never all stored); on the
-        fast path without a mask, Linear/Conv layers use the ghost form and their gradients are never formed
-        (accumulated in float64, returned in the model dtype)."""
-        if select is None and self._use_fast():
+    def per_sample_stats(self, *, norms: bool = True, gram: bool = True):
+        """Per-sample squared gradient norms (b,) and/or the b×b Gram matrix (float64) of the batch, as a
+        :class:`~gradcond.probes.ghost.PerSampleStats` that also says which layer identity served each parameter and
+        which parameters took the materialised fallback (and why).
+
+        Layer path (``backend="auto"``): ONE batched forward and ONE backward to the layer outputs over the whole batch
+        (``chunk_size`` does not apply: nothing of size b × P is formed), then per layer the cheaper of the ghost and
+        the materialised identity (:mod:`gradcond.probes.ghost`); materialised layer gradients are formed in chunks of
+        about ``memory_bytes``. A model the layer path cannot handle uses ``vmap(grad)`` in chunks (b × m floats are
+        then stored for the Gram) and lists every parameter in ``fallback``."""
+        from gradcond.probes.ghost import PerSampleStats, stats_from_calls, whole_model_fallback
+
+        if not (norms or gram):
+            raise ValueError("per_sample_stats needs norms=True or gram=True (nothing to compute otherwise).")
+        t0 = time.perf_counter()
+        if self._use_fast():
             try:
-                out = []
-                for sl in self._chunks(self.b):
-                    sq = self.layers.sq_norms(self.layers.capture(self.w, self.x[sl], self.y[sl]))
-                    if sq is None:
-                        break
-                    out.append(sq)
-                else:
-                    return torch.cat(out).to(self.dtype)
+                st = stats_from_calls(self.layers, self.layers.capture(self.w, self.x, self.y), norms, gram,
+                                      self.memory_bytes)
+                st.seconds = time.perf_counter() - t0
+                return st
             except Unsupported as err:
                 self._disable_fast(str(err))
+        reason = self.plan.reason if self.plan is not None else "backend='func' was asked for"
+        sq = g = None
+        if gram:
+            A = self.per_sample_matrix()
+            g = A.double() @ A.double().T
+            sq = g.diagonal().clone() if norms else None
+        else:
+            sq = torch.cat([(G.double() ** 2).sum(1) for _, G in self.per_sample_grads()])
+        return PerSampleStats(sq, g, {}, whole_model_fallback(self.names, reason), self.b, time.perf_counter() - t0)
+
+    def per_sample_sq_norms(self, *, select=None) -> torch.Tensor:
+        """Per-sample squared gradient norms ‖h_W(w, x_i, t_i)‖² (model dtype). Without a mask: from
+        :meth:`per_sample_stats` (layer identities, nothing of size b × P formed); with ``select``: the selected
+        coordinates are materialised chunk by chunk (never all stored)."""
+        if select is None:
+            return self.per_sample_stats(norms=True, gram=False).sq_norms.to(self.dtype)
         return torch.cat([(G * G).sum(1) for _, G in self.per_sample_grads(select=select)])
 
     def per_sample_gram(self, *, select=None) -> torch.Tensor:
-        """b×b Gram matrix (float64) of the (optionally selected) per-sample weight gradients of the batch; on the fast
-        path with one chunk, unmasked Linear layers use the ghost form. Otherwise ``A Aᵀ`` of the materialized A."""
-        if self._use_fast() and self.chunk_size >= self.b:
-            try:
-                return self.layers.gram(self.layers.capture(self.w, self.x, self.y), select)
-            except Unsupported as err:
-                self._disable_fast(str(err))
+        """b×b Gram matrix (float64) of the (optionally selected) per-sample weight gradients of the batch. Without a
+        mask: from :meth:`per_sample_stats` (layer identities); with ``select``: ``A Aᵀ`` of the materialised
+        selected coordinates A (b × len(select))."""
+        if select is None:
+            return self.per_sample_stats(norms=False, gram=True).gram
         A = self.per_sample_matrix(select=select).double()
         return A @ A.T
 

@@ -18,7 +18,7 @@ import torch
 from torch.func import jacrev
 
 from gradcond.probes.conditioning.common import check_eta, check_int, check_nonzero
-from gradcond.probes.per_sample import Engine
+from gradcond.probes.conditioning.train_mode import engine_for
 from gradcond.utils import as_batch
 
 __all__ = [
@@ -86,11 +86,12 @@ def hessian_condition(model, loss_fn, batch_or_loader, *, iters: int = 100, seed
                       tol: float = 1e-10) -> float:
     """Exact step-consistency κ_{h̄_W,W}(w) = ‖H‖₂‖w‖/‖ḡ‖ (Def 2.4) of the mean batch loss, ‖H‖₂ by power
     iteration on HVPs (stops when the eigenvalue estimate changes by < ``tol`` relative). Functional: the model is
-    not modified."""
+    not modified. ``bn="train"``: the train-mode function (BatchNorm statistics that depend on w; see
+    :mod:`gradcond.probes.conditioning.train_mode`)."""
     check_int("iters", iters)
     x, y = as_batch(batch_or_loader)
     gen = torch.Generator().manual_seed(seed)
-    with Engine(model, loss_fn, x, y, bn=bn) as e:
+    with engine_for(model, loss_fn, x, y, bn=bn) as e:
         g = e.batch_grad()
         check_nonzero(g.norm(), "the batch gradient")
         v = torch.randn(e.m, generator=gen, dtype=torch.float64).to(e.dtype)

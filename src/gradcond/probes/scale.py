@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..losses import get_loss
-from ..utils import as_batches
+from ..utils import accepts_model_output, as_batches
 from . import _hooks as H
 
 __all__ = ["GSCProfile", "ExplosionFit", "GSCEstimate", "gsc_profile", "gsc"]
@@ -158,6 +158,7 @@ def _accumulate(calls, acc, keep, per):
             per[c.name][1].append(c.act_norm.cpu().numpy())
 
 
+@accepts_model_output
 def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: bool = True) -> GSCProfile:
     """GSC(l, 0) at every measured layer (seed 003 Def. 2, unsquared; dataset aggregate of protocol I.2).
 

@@ -37,12 +37,16 @@ from torch import nn
 from gradcond.graph import CoBStructure
 from gradcond.graph._modules import TeleportedActivation, repair_deepcopy
 
+from gradcond.utils import output_tensors, split_inputs
+
 from .cob import CoB, _params_checked
 from .errors import TeleportError  # one exception class for every teleport failure (model restored)
 from .rewrite import _buf_name, _get_module, _plan, _quick_active, _realise, _set_module, _site_taus
 from .scaling import _fast_plan, _ruled_params, _rule_order, _scaled, _scaled_half
 
 __all__ = ["teleport", "check_tolerance"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def teleport(model: nn.Module, cob: CoB, inplace: bool = False, *, check: bool = True,
@@ -56,12 +60,15 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False, *, check: bool =
     does not match the structure, or ``inplace=True`` when a function-call activation would need rewriting.
 
     Self-check (``check=True``, the default): the original and the teleported model are run on the analysis
-    example (``structure.example_input``) and on ``check_inputs`` (optional: a tensor or a tuple of positional
-    inputs, e.g. the batch at hand), in eval mode under ``torch.no_grad()`` (no BatchNorm buffer changes; dropout
-    off; the global RNG state is restored after each forward so random ops see the same numbers).  When some floating
-    output deviates by more than :func:`check_tolerance` (relative: ``max|f - f_tp| / max|f|``), ``TeleportError``
-    is raised naming the output with the largest deviation, and the model is left unchanged (``inplace=True``:
-    parameters, activation modules and wrapper taus are restored exactly).  Non-floating outputs are not compared;
+    example (``structure.example_input`` and ``example_kwargs``) and on ``check_inputs`` (optional: a tensor, a
+    tuple of positional inputs or a dict of keyword inputs, e.g. the batch at hand), in eval mode under
+    ``torch.no_grad()`` (no BatchNorm buffer changes; dropout off; the global RNG state is restored after each
+    forward so random ops see the same numbers).  When some floating output deviates by more than
+    :func:`check_tolerance` (relative: ``max|f - f_tp| / max|f|``), ``TeleportError`` is raised naming the
+    output with the largest deviation, and the model is left unchanged (``inplace=True``:
+    parameters, activation modules and wrapper taus are restored exactly).  Only the outputs the structure
+    preserves are compared (``analyze(..., output=)``: a ``ModelOutput``'s logits by default, else every tensor;
+    :func:`gradcond.utils.output_tensors`).  Non-floating outputs are not compared;
     a structure without ``example_input`` (not made by ``analyze``) is checked on ``check_inputs`` only.
     Cost of the check: one forward pass of the original and one of the teleported model per check input (keep the
     analysis example small: a batch of 2 is enough), plus, for ``inplace=True``, a copy of the parameters the
@@ -109,7 +116,7 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False, *, check: bool =
         new = [_eval_forward(out, x) for _, x in inputs]
         worst = None
         for (where, _), a, b in zip(inputs, ref, new):
-            for name, dev in _deviations(a, b):
+            for name, dev in _deviations(a, b, getattr(structure, "output", None)):
                 if worst is None or dev > worst[0]:
                     worst = (dev, name, where)
     except BaseException:
@@ -161,31 +168,33 @@ def _check_inputs(model: nn.Module, structure: CoBStructure, extra) -> list:
     p = next(iter(model.parameters()), None)
     dtype, device = _model_dtype(model), (p.device if p is not None else None)
 
-    def prep(x):
-        xs = x if isinstance(x, (tuple, list)) else (x,)
-        out = []
-        for t in xs:
-            if isinstance(t, torch.Tensor):
-                t = t.detach()
-                if device is not None and t.device != device:
-                    t = t.to(device)
-                if t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype)
-            out.append(t)
-        return tuple(out)
+    def one(t):
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            if device is not None and t.device != device:
+                t = t.to(device)
+            if t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+        return t
+
+    def prep(x, kw=None):
+        args, kwargs = split_inputs(x)  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
+        kwargs.update(kw or {})
+        return tuple(one(t) for t in args), {k: one(t) for k, t in kwargs.items()}
 
     res = []
-    if structure.example_input is not None:
-        res.append(("the analysis example", prep(structure.example_input)))
+    if structure.example_input is not None or getattr(structure, "example_kwargs", None):
+        res.append(("the analysis example", prep(structure.example_input or (),
+                                                 getattr(structure, "example_kwargs", None))))
     if extra is not None:
         res.append(("the given check input", prep(extra)))
     return res
 
 
 def _eval_forward(model: nn.Module, inputs: tuple):
-    """``model(*inputs)`` in eval mode without grad (modes restored; BatchNorm running statistics untouched, any
-    buffer the forward writes in place restored), with the global RNG state restored afterwards (random ops in the
-    forward see the same numbers each call)."""
+    """``model(*args, **kwargs)`` (``inputs = (args, kwargs)``) in eval mode without grad (modes restored;
+    BatchNorm running statistics untouched, any buffer the forward writes in place restored), with the global RNG
+    state restored afterwards (random ops in the forward see the same numbers each call)."""
     modes = [(m, m.training) for m in model.modules()]
     # buffers a forward may write (counters, caches; BatchNorm does not in eval mode): put back if touched
     bufs = [(b, b._version, b.clone()) for b in model.buffers()]
@@ -196,7 +205,7 @@ def _eval_forward(model: nn.Module, inputs: tuple):
         for m, _ in modes:
             m.training = False
         with torch.no_grad():
-            return model(*inputs)
+            return model(*inputs[0], **inputs[1])
     finally:
         for m, t in modes:
             m.training = t
@@ -221,10 +230,12 @@ def _flat_outputs(out, name="output"):
             yield from _flat_outputs(v, f"{name}[{i}]")
 
 
-def _deviations(a, b):
-    """``(name, relative deviation)`` for every floating output tensor (``inf`` on a structure / shape /
-    non-finite-pattern mismatch)."""
-    fa, fb = list(_flat_outputs(a)), list(_flat_outputs(b))
+def _deviations(a, b, output=None):
+    """``(name, relative deviation)`` for every floating output tensor the structure preserves
+    (:func:`gradcond.utils.output_tensors` with the ``output`` selector given to ``analyze``: the logits of a
+    ``ModelOutput`` that has them, else every tensor; ``inf`` on a structure / shape / non-finite-pattern
+    mismatch)."""
+    fa, fb = output_tensors(a, output), output_tensors(b, output)
     if [n for n, _ in fa] != [n for n, _ in fb]:
         yield "the output structure", math.inf
         return
@@ -286,7 +297,8 @@ def _teleport(model: nn.Module, cob: CoB, inplace: bool = False) -> nn.Module:
     structure = cob.structure
     tau = cob.tau.detach()
     ruled, same = _ruled_params(model, structure, _rule_order(structure))
-    half = bool(ruled) and any(p.dtype in (torch.float16, torch.bfloat16) for p in ruled)
+    # `same`: every ruled parameter has the first one's dtype and device (then one look decides)
+    half = bool(ruled) and (ruled[0].dtype in _HALF if same else any(p.dtype in _HALF for p in ruled))
     fplan = _fast_plan(structure, ruled[0].device, ruled[0].dtype) if (ruled and same and not half) else None
     plan, final = [], False
     if structure.sites:

@@ -71,7 +71,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gradcond.losses import get_loss
-from gradcond.utils import as_batches
+from gradcond.utils import as_batches, select_output
 
 from .errors import TeleportError, TeleportRejected
 from .level_set import (
@@ -98,8 +98,9 @@ __all__ = [
     "null_space_basis",
 ]
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
-_SUPPORTED_TEXT = "nn.Linear, nn.Conv1d, nn.Conv2d and nn.MultiheadAttention"
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, nn.Embedding)
+_SUPPORTED_TEXT = ("nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention and nn.Embedding (without max_norm or "
+                   "sparse gradients)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +151,8 @@ def supported_layers(model: nn.Module) -> list[str]:
                 continue
         elif not m.weight.requires_grad:
             continue
+        elif isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
+            continue  # max_norm renormalises the rows it reads (not a linear map); sparse gradients: not supported
         out.append(name)
     return out
 
@@ -186,7 +189,8 @@ def _resolve_layers(model: nn.Module, layers) -> list[tuple[str, nn.Module]]:
                 "select the MultiheadAttention module itself (its q, k, v and output "
                 "projections are teleported together)"
             )
-        if not isinstance(mod, SUPPORTED_LAYERS):
+        if not isinstance(mod, SUPPORTED_LAYERS) or (isinstance(mod, nn.Embedding)
+                                                     and (mod.max_norm is not None or mod.sparse)):
             raise ValueError(
                 f"layer {name!r} ({type(mod).__name__}) is not supported by NullSpaceTeleport; "
                 f"supported: {_SUPPORTED_TEXT}"
@@ -194,10 +198,47 @@ def _resolve_layers(model: nn.Module, layers) -> list[tuple[str, nn.Module]]:
         out.append((name, mod))
     if len({id(m) for _, m in out}) != len(out):
         raise ValueError("a layer was selected twice")
+    _check_shared(model, out)
     return out
 
 
+def _check_shared(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse weight sharing the projection cannot keep exact.  Supported: an ``nn.Embedding`` whose weight is
+    tied to a bias-free ``nn.Linear`` (a language model's input embedding and LM head), both selected -- the two
+    kept-space projections act on different axes of the shared ``(V, d)`` weight (rows of the tokens seen, columns
+    spanned by the head's inputs), so they commute and their product is the exact projection onto the intersection
+    of the two null spaces.  Anything else sharing a selected layer's weight is a ``ValueError``."""
+    sel = {id(m): n for n, m in layers}
+    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for pn, p in m.named_parameters(recurse=False):
+            if pn == "weight":
+                users.setdefault(id(p), [])
+                if all(m is not u for _, u in users[id(p)]):
+                    users[id(p)].append((n, m))
+    for name, m in layers:
+        w = getattr(m, "weight", None)
+        if w is None or len(users.get(id(w), [])) < 2:
+            continue
+        us = users[id(w)]
+        names = ", ".join(repr(n) for n, _ in us)
+        kinds = sorted(type(u).__name__ for _, u in us)
+        if kinds != ["Embedding", "Linear"] or any(isinstance(u, nn.Linear) and u.bias is not None for _, u in us):
+            raise ValueError(f"layer {name!r} shares its weight with {names}; NullSpaceTeleport supports weight "
+                             "sharing only between an nn.Embedding and a bias-free nn.Linear (tied LM head)")
+        missing = [n for n, u in us if id(u) not in sel]
+        if missing:
+            raise ValueError(f"layer {name!r} shares its weight with {', '.join(map(repr, missing))} (tied "
+                             "embeddings); select both (layers=[...]) or neither, so the move keeps both uses exact")
+
+
 def _blocks_for(name: str, m: nn.Module) -> list[_Block]:
+    if isinstance(m, nn.Embedding):
+        # representation matrix = the one-hot input rows (issue 19): the kept space is the rows of the tokens seen
+        blk = _Block(name, m.weight, None, None, (name, "ids"), None)
+        blk.kind = "embedding"  # type: ignore[attr-defined]
+        blk.padding_idx = m.padding_idx  # type: ignore[attr-defined]
+        return [blk] if m.weight.requires_grad else []
     if isinstance(m, nn.MultiheadAttention):
         E = m.embed_dim
         blocks = []
@@ -268,6 +309,9 @@ class _Capture:
         for name, m in self.layers:
             if isinstance(m, nn.MultiheadAttention):
                 self.handles.append(m.register_forward_hook(self._mha_hook(name), with_kwargs=True))
+            elif isinstance(m, nn.Embedding):
+                self.handles.append(m.register_forward_hook(lambda mod, a, o, n=name: self._add((n, "ids"),
+                                                                                             a[0].reshape(-1))))
             elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 self.handles.append(
                     m.register_forward_hook(lambda mod, a, o, n=name: self._add((n, "in"), _conv_patches(mod, a[0])))
@@ -354,7 +398,11 @@ class NullSpaceTeleport:
         Supported: nn.Linear (any leading dims: tokens are rows), nn.Conv1d/nn.Conv2d (any
         stride/padding/dilation/padding_mode, groups as separate blocks), nn.MultiheadAttention
         (q, k, v projections on their own inputs' tokens, output projection on the attention
-        output's tokens). Anything else raises ``ValueError``.
+        output's tokens), nn.Embedding (issue 19: its representation matrix is the one-hot input,
+        so the kept space is the rows of the tokens seen in the batch -- the other rows move; the
+        padding row never moves; ``max_norm`` embeddings are not supported). An embedding tied to
+        a bias-free Linear head (a language model) moves only when both are selected, with both
+        projections applied (exact for both uses). Anything else raises ``ValueError``.
     eta : teleport learning rate (eq. 5).
     tau : SVD energy threshold in [0, 1] (eq. 3); 1 = exact null space.
     steps : teleport steps per batch (the source's t, default 8).
@@ -364,6 +412,8 @@ class NullSpaceTeleport:
         its value before the batch by more than this relative amount, that step is undone
         (parameters copied back) and the batch stops; ``BatchRecord.reverted`` says so. None = off.
         With tau = 1 only a numerically huge step (runaway ascent) can trip it.
+    output : for models returning a ``ModelOutput`` / dataclass / dict / tuple: which tensor the loss sees
+        (default: the ``logits`` field, else the first tensor; :func:`gradcond.utils.select_output`).
     cap_ratio : (ours) stop a batch's steps once the gradient norm reaches ``cap_ratio`` times
         its value at the start of that batch; None = no such stop. The ascent on 1/2||g||^2 is
         super-linear, so without a cap a large ``eta`` overflows within a few steps.
@@ -378,7 +428,7 @@ class NullSpaceTeleport:
                  tau: float = 1.0, steps: int = 8, cap: float | None = None,
                  cap_ratio: float | None = None, max_loss_change: float | None = None,
                  batch_loss_tol: float | None = 1e-3, held_out_tol: float | None = 0.05,
-                 max_weight_growth: float | None = 4.0):
+                 max_weight_growth: float | None = 4.0, output=None):
         if not (0.0 <= float(tau) <= 1.0):
             raise ValueError(f"tau must be in [0, 1], got {tau}")
         check_ascent_options(steps, eta, cap, cap_ratio)
@@ -390,6 +440,7 @@ class NullSpaceTeleport:
             raise ValueError(f"max_loss_change must be > 0 or None, got {max_loss_change}")
         self.max_loss_change = max_loss_change
         self.guards = TeleportGuards(batch_loss_tol, held_out_tol, max_weight_growth)
+        self.output = output
 
     def default_batch_size(self, model: nn.Module) -> int:
         """Teleport-batch size used by the callback when it is given ``batch_size=None``: 32 (the source's n)."""
@@ -411,6 +462,9 @@ class NullSpaceTeleport:
         loss_fn = get_loss(loss) if loss is not None else self.loss
         if loss_fn is None:
             raise ValueError("no loss given: pass loss= to NullSpaceTeleport or to teleport()")
+        user_loss, output = loss_fn, self.output
+        # models returning a ModelOutput / dict / tuple: the loss sees the selected tensor (default: logits)
+        loss_fn = lambda out, y: user_loss(select_output(out, output), y)  # noqa: E731
         batches = as_batches(batches)
         apply_optimizer_state(None, (), optimizer_state)  # validates the policy name
         layers = _resolve_layers(model, self.layers)
@@ -449,6 +503,14 @@ class NullSpaceTeleport:
             if key in bases:
                 continue
             feats = cap.matrix(b.source)
+            if getattr(b, "kind", None) == "embedding":
+                # one-hot rows: the kept space is spanned by the coordinate vectors of the ids seen (and the
+                # padding row, which must stay as it is); "basis" = those row indices
+                seen = torch.unique(feats)
+                if b.padding_idx is not None:
+                    seen = torch.unique(torch.cat([seen, seen.new_tensor([b.padding_idx % b.weight.shape[0]])]))
+                bases[key] = (seen, int(seen.numel()), int(b.weight.shape[0]))
+                continue
             if b.cols is not None:
                 feats = feats[:, b.cols]
             feats = feats.to(b.weight.dtype)
@@ -506,7 +568,18 @@ class NullSpaceTeleport:
                                     "teleport; model and optimizer were restored to their "
                                     "pre-teleport state")
             updates = []
+            # rows each embedding keeps (from all blocks: an embedding skipped because every row was seen keeps all
+            # of them, so a Linear head tied to it cannot move either)
+            emb_rows = {id(b.weight): bases[b.basis_key][0] for b in blocks if getattr(b, "kind", None) == "embedding"}
             for b in active:
+                if getattr(b, "kind", None) == "embedding":
+                    if any(o is not b and o.weight is b.weight for o in blocks):
+                        continue  # tied: projected together with the Linear head below (or not at all when the
+                        # head's null space is empty on this batch: moving the rows would change its logits)
+                    P = hv[id(b.weight)].clone()
+                    P[emb_rows[id(b.weight)]] = 0  # eq. 11 with one-hot inputs: the rows of the tokens seen stay
+                    updates.append((b, P))
+                    continue
                 B = bases[b.basis_key][0]
                 Gw = b.w_view(hv[id(b.weight)])
                 if b.bias is not None:
@@ -516,6 +589,11 @@ class NullSpaceTeleport:
                 else:
                     G = Gw
                 P = G - (G @ B) @ B.T  # eq. 11 (eqs. 12-13 in the transposed layout)
+                if id(b.weight) in emb_rows and b.rows is None and b.bias is None:
+                    # tied embedding / LM head: the head's projection acts on columns, the embedding's on rows;
+                    # they commute, so applying both is the projection onto the intersection (both uses unchanged)
+                    P = P.clone()
+                    P[emb_rows[id(b.weight)]] = 0
                 updates.append((b, P))
             if self.max_loss_change is not None:
                 saved = [p.detach().clone() for p in moved]

@@ -131,6 +131,44 @@ def cob_objective(structure: CoBStructure, cob: CoB, weights: dict, grads: dict,
     return _objective_fn(objective)(G, V)
 
 
+def _reduced_objective(structure: CoBStructure, weights: dict, grads: dict, objective):
+    """For the built-in objectives: a function ``cob -> objective`` equal to :func:`cob_objective` that never touches
+    P-sized tensors per step (None for a callable objective).
+
+    A factor is constant along the dimensions where it broadcasts (a conv weight's factor is (1, C, 1, 1) or
+    (O, 1, 1, 1)), so ``Σ (g / f)² = Σ S / f²`` with ``S = Σ g²`` over those dimensions, precomputed once in float64
+    (likewise ``Σ (f w)² = Σ f² Σ w²``). On the 11M-parameter ResNet the factors hold 14k entries: a step of the
+    ascent went from about 0.45 s (float64 casts, elementwise passes and their backward over 11M entries) to
+    milliseconds (issue 18)."""
+    if not isinstance(objective, str):
+        return None
+    fac0 = weight_scale_factors(structure, CoB.identity(structure))
+    S, W = {}, {}
+    for n, w in weights.items():
+        f = fac0[n]
+        shape = (1,) * (w.ndim - f.ndim) + tuple(f.shape)
+        dims = tuple(d for d in range(w.ndim) if shape[d] == 1)
+        g = grads[n].to(torch.float64)
+        S[n] = (g * g).sum(dims, keepdim=True) if dims else g * g
+        if objective == "normalized_grad_norm":
+            w64 = w.to(torch.float64)
+            W[n] = (w64 * w64).sum(dims, keepdim=True) if dims else w64 * w64
+
+    def value(cob):
+        fac = weight_scale_factors(structure, cob)
+        if objective == "grad_norm":
+            return torch.sqrt(sum((S[n] / fac[n].to(S[n].device) ** 2).sum() for n in S))
+        terms = []
+        for n in S:
+            f2 = fac[n].to(S[n].device) ** 2
+            vv = (W[n] * f2).sum()
+            if float(vv.detach()) > 0:
+                terms.append((S[n] / f2).sum() / vv)
+        return torch.sqrt(sum(terms))
+
+    return value
+
+
 def _prepare(model, loss_fn, batches, structure):
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
@@ -193,11 +231,16 @@ def optimize_cob(model: nn.Module, loss_fn: Callable, batches, structure: CoBStr
     lo, hi = (math.log(1 - sigma_max), math.log(1 + sigma_max)) if sigma_max is not None else (-math.inf, math.inf)
     theta = log0.clamp(lo, hi).requires_grad_(True)
 
+    reduced = _reduced_objective(structure, weights, grads, objective)
+
     def value(th):
-        return cob_objective(structure, CoB.from_vector(structure, th, signs), weights, grads, objective)
+        cob = CoB.from_vector(structure, th, signs)
+        return reduced(cob) if reduced is not None else cob_objective(structure, cob, weights, grads, objective)
 
     with torch.no_grad():
-        before = float(cob_objective(structure, CoB.identity(structure), weights, grads, objective))
+        ident = CoB.identity(structure)
+        before = float(reduced(ident) if reduced is not None else cob_objective(structure, ident, weights, grads,
+                                                                                objective))
     opt = torch.optim.Adam([theta], lr=lr)
     history = []
     best_v, best_th = -math.inf, theta.detach().clone()

@@ -33,7 +33,7 @@ __all__: list[str] = []
 # T_k are views into G made once (parameters sorted by their number of terms, so each level is a list prefix).
 class _FastPlan:
     __slots__ = ("names", "ext", "ext_tau", "ext_inv", "zeros", "idx", "G", "first", "levels", "n_multi", "singles",
-                 "scale_vars", "sign_vars", "_site_data")
+                 "scale_vars", "sign_vars", "_site_data", "_site_np")
 
     def __init__(self, structure: CoBStructure, device, dtype):
         n = structure.num_free
@@ -71,13 +71,23 @@ class _FastPlan:
             return torch.unique(v) if v.numel() else None  # indices into tau (CPU, like CoB taus)
 
         self._site_data = None
+        self._site_np = None
         self.scale_vars = vars_of([s for s in structure.sites if s.kind == "scale"])
         self.sign_vars = vars_of([s for s in structure.sites if s.kind == "sign"])
 
     def sites(self, structure: CoBStructure, tau: torch.Tensor):
         """``(active, values)`` for every activation site: activity decided in tau's precision (float64: tau != 1
         at scale sites, tau < 0 at sign sites), values (tau or sign(tau), in the parameters' dtype, each its own
-        tensor) for the active ones.  A fixed number of vectorised calls plus one small copy per active site."""
+        tensor) for the active ones.  A fixed number of vectorised calls plus one small copy per active site.
+        CPU taus and float32/float64 parameters take the numpy path (:meth:`_sites_np`, same values: torch's
+        per-call dispatch costs more than these small arrays)."""
+        if tau.device.type == "cpu" and self.ext.device.type == "cpu" and self.ext.dtype in _NP_DTYPE \
+                and tau.dtype in _NP_DTYPE:
+            return self._sites_np(structure, tau)
+        return self._sites_torch(structure, tau)
+
+    def _sites_torch(self, structure: CoBStructure, tau: torch.Tensor):
+        """:meth:`sites` with torch ops (any device and dtype)."""
         d = self._site_data
         if d is None or d[0] != tau.device:
             n = structure.num_free
@@ -110,6 +120,51 @@ class _FastPlan:
             if active[i]:
                 src = v if s.kind == "scale" else sv
                 vals.append(src[starts[i]:starts[i] + sizes[i]].to(self.ext.dtype, copy=True).view(shapes[i]))
+            else:
+                vals.append(None)
+        return active, vals
+
+    def _sites_np(self, structure: CoBStructure, tau: torch.Tensor):
+        """:meth:`sites` in numpy: the same table ``[1, tau, 1, 1/tau]`` in tau's dtype (IEEE division, as
+        ``torch.reciprocal``), the same activity tests and the same rounding to the parameters' dtype."""
+        d = self._site_np  # built once (the plan is cached per structure)
+        if d is None:
+            sizes = [s.gidx.numel() for s in structure.sites]
+            starts = np.cumsum([0] + sizes[:-1]).astype(np.int64)
+            idx = np.concatenate([s.gidx.reshape(-1).numpy() for s in structure.sites]).astype(np.int64)
+            scale = np.concatenate([np.full(k, s.kind == "scale") for s, k in zip(structure.sites, sizes)])
+            kinds = {s.kind for s in structure.sites}
+            d = (sizes, starts, idx, scale, kinds, [tuple(s.gidx.shape) for s in structure.sites],
+                 [s.kind == "scale" for s in structure.sites])
+            self._site_np = d
+        sizes, starts, idx, scale, kinds, shapes, is_scale = d
+        with np.errstate(all="ignore"):  # a zero / overflowing tau is refused by factors(), warning-free like torch
+            return self._sites_np_eval(tau.detach().numpy(), sizes, starts, idx, scale, kinds, shapes, is_scale)
+
+    def _sites_np_eval(self, t, sizes, starts, idx, scale, kinds, shapes, is_scale):
+        n = t.shape[0]
+        e = np.empty(2 * n + 2, dtype=t.dtype)
+        e[0] = e[n + 1] = 1
+        e[1:n + 1] = t
+        np.divide(1, t, out=e[n + 2:])
+        v = e[idx]
+        if kinds == {"scale"}:
+            flag = v != 1
+        elif kinds == {"sign"}:
+            flag = v < 0
+        else:
+            flag = np.where(scale, v != 1, v < 0)
+        active = np.logical_or.reduceat(flag, starts).tolist()
+        if not any(active):
+            return active, []
+        out_dt = _NP_DTYPE[self.ext.dtype]
+        vals = []
+        for i, a in enumerate(active):
+            if a:
+                x = v[starts[i]:starts[i] + sizes[i]]
+                if not is_scale[i]:
+                    x = np.sign(x)
+                vals.append(torch.from_numpy(x.astype(out_dt)).view(shapes[i]))
             else:
                 vals.append(None)
         return active, vals
@@ -155,25 +210,32 @@ def _rule_order(structure: CoBStructure) -> list:
 
 
 _SHAPE = operator.attrgetter("shape")
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _walk_params(model: nn.Module) -> list:
-    """``list(model.parameters())`` without the generator machinery (same order: modules pre-order, each module's
-    ``_parameters`` in order, modules and parameters de-duplicated by identity).  Used only to *recognise* a model
-    already checked against the structure; any mismatch falls back to the full ``named_parameters`` check."""
-    out, seen = [], {id(model)}
-
-    def visit(m):
+    """``list(model.parameters())`` without the generator machinery (same order: modules depth first, pre-order, each
+    module's ``_parameters`` in order, modules and parameters de-duplicated by identity): one loop over an explicit
+    stack instead of recursion (a module is marked when popped, so a module reachable twice is visited where the
+    recursive walk first reaches it).  Used only to *recognise* a model already checked against the structure; any
+    mismatch falls back to the full ``named_parameters`` check."""
+    out, seen = [], set()
+    stack = [model]
+    pop, push, add, append = stack.pop, stack.append, seen.add, out.append
+    while stack:
+        m = pop()
+        if id(m) in seen:
+            continue
+        add(id(m))
         for p in m._parameters.values():
             if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        for c in m._modules.values():
-            if c is not None and id(c) not in seen:
-                seen.add(id(c))
-                visit(c)
-
-    visit(model)
+                add(id(p))
+                append(p)
+        kids = m._modules
+        if kids:
+            for c in reversed(kids.values()):
+                if c is not None and id(c) not in seen:
+                    push(c)
     return out
 
 
@@ -190,7 +252,7 @@ def _ruled_params(model: nn.Module, structure: CoBStructure, names: list):
     if last is not None and last[0]() is model:
         _, ids, shapes, where, same = last
         if ids == tuple(map(id, plist)) and shapes == list(map(_SHAPE, plist)):
-            return [plist[i] for i in where], same
+            return list(map(plist.__getitem__, where)), same
     params = _params_checked(model, structure)
     ruled = [params[n] for n in names]
     pos = {id(p): i for i, p in enumerate(plist)}

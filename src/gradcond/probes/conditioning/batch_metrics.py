@@ -25,19 +25,21 @@ from gradcond.probes.conditioning.common import (
     take_batches,
 )
 from gradcond.probes.per_sample import Engine
-from gradcond.utils import as_batch
+from gradcond.probes.conditioning.train_mode import engine_for
+from gradcond.utils import accepts_model_output, as_batch
 
 __all__ = ["gradient_confusion", "gradient_diversity", "gradient_coherence", "batch_efficiency_ratio"]
 
 
 def _batch_grads(model, loss_fn, batches, select, bn, chunk_size):
     for x, y in batches:
-        with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+        with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
             g = apply_select(e.batch_grad(), select)
         check_finite(g, "a batch gradient")
         yield g
 
 
+@accepts_model_output
 def gradient_confusion(
     model: nn.Module,
     loss_fn: Callable,
@@ -54,6 +56,7 @@ def gradient_confusion(
     Sankararaman et al.) over ``n_pairs`` distinct pairs i < j drawn at random (``seed``) from the first
     ``n_batches`` batches of ``loader`` (all pairs if ``n_pairs`` is None or exceeds them). Value >= 0.
     Cost: one forward+backward per batch; the n_batches (masked) gradients are stored. Needs >= 2 batches.
+    ``bn="train"``: batch gradients of the train-mode BatchNorm function (statistics depend on w; buffer copies).
     """
     check_int("n_batches", n_batches, 2)
     if n_pairs is not None:
@@ -80,6 +83,7 @@ def gradient_confusion(
                   "gradient_confusion")
 
 
+@accepts_model_output
 def gradient_diversity(
     model: nn.Module,
     loss_fn: Callable,
@@ -98,6 +102,7 @@ def gradient_diversity(
     needs >= 2 batches). ``per_sample=True``: g_i are the per-sample gradients of one batch (Yin's original; needs
     b >= 2). Range 1/n (identical) .. 1 (orthogonal) .. >1 (cancelling). Depends on n: compare at equal n.
     Cost: one forward+backward per batch (or one per-sample pass). A zero Σ g_i raises ValueError.
+    ``bn="train"`` (train-mode BatchNorm statistics) is accepted for the batch version only.
     """
     check_int("n_batches", n_batches, 2)
     with Timer() as t:
@@ -106,7 +111,7 @@ def gradient_diversity(
         if per_sample:
             x, y = as_batch(batch_or_loader)
             need_samples(x.shape[0], 2, "gradient_diversity(per_sample=True)")
-            with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+            with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
                 for _, G in e.per_sample_grads(select=select):
                     check_finite(G, "a per-sample gradient")
                     total = G.sum(0) if total is None else total + G.sum(0)
@@ -131,6 +136,7 @@ def gradient_diversity(
                   frac, t.seconds, "gradient_diversity")
 
 
+@accepts_model_output
 def gradient_coherence(
     model: nn.Module,
     loss_fn: Callable,
@@ -149,7 +155,7 @@ def gradient_coherence(
         x, y = as_batch(batch_or_loader)
         need_samples(x.shape[0], 2, "gradient_coherence")
         select, frac = mask_select(mask, model)
-        with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+        with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
             g = apply_select(e.batch_grad(), select)
             check_finite(g, "the batch gradient")
             sq = e.per_sample_sq_norms(select=select)
@@ -161,6 +167,7 @@ def gradient_coherence(
                   t.seconds, "gradient_coherence")
 
 
+@accepts_model_output
 def batch_efficiency_ratio(
     model: nn.Module,
     loss_fn: Callable,
@@ -183,7 +190,7 @@ def batch_efficiency_ratio(
         bsq, ssq, ns = [], 0.0, 0
         for x, y in batches:
             need_samples(x.shape[0], 2, "batch_efficiency_ratio")
-            with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+            with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
                 g = apply_select(e.batch_grad(), select)
                 check_finite(g, "a batch gradient")
                 sq = e.per_sample_sq_norms(select=select)

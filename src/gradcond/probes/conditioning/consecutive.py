@@ -21,6 +21,7 @@ from gradcond.probes.conditioning.common import (
     take_batches,
 )
 from gradcond.probes.flat_vectors import weight_vector
+from gradcond.utils import accepts_model_output
 
 __all__ = ["consecutive_ratio", "consecutive_step_consistency", "ConsecutiveStepConsistency"]
 
@@ -55,6 +56,7 @@ def _clone_optimizer(opt: torch.optim.Optimizer, model_copy: nn.Module, model: n
     return new
 
 
+@accepts_model_output
 def consecutive_step_consistency(
     model: nn.Module,
     loss_fn: Callable,

@@ -27,7 +27,8 @@ from gradcond.probes.conditioning.common import (
 )
 from gradcond.probes.conditioning.directions import input_directions, weight_directions
 from gradcond.probes.per_sample import Engine
-from gradcond.utils import as_batch
+from gradcond.probes.conditioning.train_mode import engine_for
+from gradcond.utils import accepts_model_output, as_batch
 
 __all__ = ["step_consistency", "step_metrics", "batch_dissonance"]
 
@@ -47,7 +48,7 @@ def _weight_perturbation(model, loss_fn, batch_or_loader, *, sampler, n, eta, no
     x, y = as_batch(batch_or_loader)
     select, frac = mask_select(mask, model)
     gen = torch.Generator().manual_seed(int(seed))
-    with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+    with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
         g0 = e.batch_grad()
         check_finite(g0, "the batch gradient")
         check_nonzero(g0.abs().max(), "the batch gradient")
@@ -79,6 +80,7 @@ def _weight_perturbation(model, loss_fn, batch_or_loader, *, sampler, n, eta, no
                 w_norm=float(w_norm), g_norm=float(g0m_norm), omega_norms=[float(o.norm()) for o in omegas])
 
 
+@accepts_model_output
 def step_consistency(
     model: nn.Module,
     loss_fn: Callable,
@@ -107,6 +109,9 @@ def step_consistency(
     κ = ‖H‖₂‖w‖/‖ḡ‖ (Def 2.4). The finite difference is one only up to o(η) in smooth networks: in ReLU/BN
     networks activation switches inside the step can make it exceed κ (measured: exact 922, finite difference
     1318 and 7052), so it is an estimate, not a bound. ‖w‖ covers all trainable parameters, unmasked.
+    ``bn``: ``"batch"`` (BatchNorm statistics frozen from the batch), ``"eval"`` (running statistics) or ``"train"``
+    (train-mode statistics that move with ω: the function SGD differentiates; buffer copies, never written; the
+    per-sample ``targeted`` sampler is refused in this mode).
 
     Cost: one batch forward+backward for ḡ plus one per direction (an HVP ≈ 2-3 backward passes in jvp mode); the
     targeted sampler adds one per-sample pass over the n chosen samples. details: ``ratios`` per direction,
@@ -120,6 +125,7 @@ def step_consistency(
     return Result(max(r["ratios"]), details, r["n"], r["b"], r["eta"], r["frac"], t.seconds, "step_consistency")
 
 
+@accepts_model_output
 def step_metrics(
     model: nn.Module,
     loss_fn: Callable,
@@ -145,6 +151,7 @@ def step_metrics(
     * ``step_consistency`` κ≈_W as in :func:`step_consistency`.
 
     In ``mode="jvp"`` g_k is the first-order gradient g_0 + Hω_k. With the default ± sampler D_n ≈ 1/2.
+    ``bn="train"`` is accepted as in :func:`step_consistency`.
     Returns a dict name -> Result (all with the shared wall time). Zero Σ_k g_k raises ValueError.
     """
     with Timer() as t:
@@ -171,6 +178,7 @@ def step_metrics(
 
 
 # ---------------------------------------------------------------------------------------------- κ̄≈_X
+@accepts_model_output
 def batch_dissonance(
     model: nn.Module,
     loss_fn: Callable,
@@ -214,7 +222,7 @@ def batch_dissonance(
         need_samples(x.shape[0], m, f"batch_dissonance with m={m}")
         select, frac = mask_select(mask, model)
         gen = torch.Generator().manual_seed(int(seed))
-        with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+        with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
             xm, ym = e.x[:m], y[:m]
             deltas, info = input_directions(e, xm, ym, sampler, n, eta, norm, gen)
             ratios = torch.empty(m, n, dtype=torch.float64)

@@ -22,7 +22,8 @@ from gradcond.probes.conditioning.common import (
     need_samples,
 )
 from gradcond.probes.per_sample import Engine
-from gradcond.utils import as_batch
+from gradcond.probes.conditioning.train_mode import engine_for
+from gradcond.utils import accepts_model_output, as_batch
 
 __all__ = ["effective_rank", "gaussian_effective_rank", "relative_gradient_rank"]
 
@@ -120,6 +121,7 @@ def _standard_gamma(alpha: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.reshape(shape)
 
 
+@accepts_model_output
 def relative_gradient_rank(
     model: nn.Module,
     loss_fn: Callable,
@@ -142,8 +144,9 @@ def relative_gradient_rank(
     reasons unrelated to the gradients. ``details["relative_to_masked_shape"]`` gives R(MA)/R(Y_masked) too.
     Near 1: white-noise gradients; near 0: highly correlated. Cost: one per-sample pass, O(d b²) for the Gram matrix,
     O(gaussian_samples · b³) for the baseline; A is materialized
-    (b × d) for ``wrt="input"``; for ``wrt="weight"`` only the b×b Gram matrix is formed layer by layer (ghost form
-    (A Aᵀ)∘(E Eᵀ) for Linear layers, see :meth:`Engine.per_sample_gram`). Needs b >= 2. The mask applies only to
+    (b × d) for ``wrt="input"``; for ``wrt="weight"`` only the b×b Gram matrix is formed layer by layer (layer
+    identities of :mod:`gradcond.probes.ghost`: Linear, Conv1d/2d incl. grouped, Embedding, norm affines; nothing of
+    size b × m; see :meth:`Engine.per_sample_stats`). Needs b >= 2. The mask applies only to
     ``wrt="weight"``.
     """
     check_choice("wrt", wrt, ("input", "weight"))
@@ -152,7 +155,7 @@ def relative_gradient_rank(
         x, y = as_batch(batch_or_loader)
         need_samples(x.shape[0], 2, "relative_gradient_rank")
         select, frac = mask_select(mask, model)
-        with Engine(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
+        with engine_for(model, loss_fn, x, y, bn=bn, chunk_size=chunk_size) as e:
             if wrt == "weight":
                 gram = e.per_sample_gram(select=select)
                 d = e.m if select is None else int(select.numel())

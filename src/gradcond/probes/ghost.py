@@ -1,0 +1,480 @@
+"""Per-sample gradient norms and Gram matrices without the b × P matrix ("ghost" norms; Goodfellow 2015,
+Li et al. 2022 "mixed ghost clipping").
+
+The per-sample engine (:class:`gradcond.probes.per_sample.Engine`) captures, in ONE batched forward and ONE backward,
+the inputs ``a`` and output gradients ``e = ∂(Σ_j ℓ_j)/∂out`` of every parameter-owning module. Because the measurement
+treats samples independently (eval mode, BatchNorm statistics frozen or running), ``e_i = ∂ℓ_i/∂out_i``; every
+per-sample parameter gradient of a supported layer is a per-sample contraction of ``a_i`` and ``e_i``, and so are its
+squared norm and its inner products with the other samples' gradients. This module turns captured calls into
+*factors* and reduces them to the per-sample squared norms ``‖h_i‖²`` (b,) and the Gram matrix ``⟨h_i, h_j⟩`` (b, b),
+both accumulated in float64 over layers.
+
+Identities (one factor per module; a module called several times adds its calls' gradients first)
+------------------------------------------------------------------------------------------------
+* **Linear** (inputs of any rank: positions ``t`` are all dims between batch and features), **Conv1d / Conv2d**
+  (any stride, dilation, groups, padding, padding mode; patches from ``F.unfold`` on the padded input):
+  with ``A`` (c, G, T, C) and ``E`` (c, G, T, O) per group ``g``, the per-sample weight gradient is
+  ``Σ_t E_t A_tᵀ`` and
+
+  - ``‖h_i‖² = Σ_g Σ_{t,s} (A_it·A_is)(E_it·E_is)`` (ghost; ``= ‖A_i‖²‖E_i‖²`` for T = 1), cost c·T²·(C+O), or the
+    materialised per-layer gradient, cost c·T·O·C, whichever is cheaper;
+  - ``⟨h_i, h_j⟩ = Σ_g Σ_{t,s} (A_it·A_js)(E_it·E_js)``, i.e. ``(A Aᵀ)∘(E Eᵀ)`` summed over position pairs
+    (cost c²·T²·(C+O)), or the materialised per-layer gradients (cost c·T·O·C + c²·O·C), whichever is cheaper.
+  Bias: ``Σ_t E_t``.
+* **Embedding** (no ``max_norm``, no ``scale_grad_by_freq``): the per-sample gradient is non-zero only on the rows
+  of the tokens the sample uses; it is formed on the batch's distinct tokens U only (c × |U| × D, never c × V × D),
+  rows of ``padding_idx`` excluded.
+* **BatchNorm** (eval / frozen statistics), **LayerNorm**, **GroupNorm** affine weight and bias: closed forms
+  ``Σ e·x̂`` and ``Σ e`` (c × channels, tiny).
+
+Anything else (a custom ``nn.Parameter`` in a bespoke op, Conv3d, attention, RNNs, ...) is a **fallback**: that module's
+per-sample gradients are materialised by ``vmap`` of the ``vjp`` of the module alone, and its parameters are listed in
+:attr:`PerSampleStats.fallback` with the reason. A model the layer path cannot handle at all (a parameter owned by the
+root module or shared between modules, or read outside its module's forward) is measured by ``vmap(grad)`` of the
+whole model; then every parameter is in ``fallback``.
+
+First use on a model (:func:`gradcond.probes.per_sample_fast._validate`, once per model and parameter set): the
+identities' per-sample gradients must sum to autograd's batch gradient and give sample 0 exactly its gradient when
+evaluated alone, else the whole model falls back to ``vmap(grad)`` with the reason (a parameter read outside its module,
+a layer whose dimension 0 is not the sample). Cost of that check: one backward to the parameters and one
+forward+backward of a single sample.
+
+Memory: besides the batch's activations and output gradients (what a training step holds), materialised layer
+gradients are formed in chunks of about ``memory_bytes`` (at least one sample's gradient of one layer), so memory does
+not grow with b × P. BatchNorm in train mode couples the samples of a batch and per-sample gradients are not defined;
+the Engine's ``bn`` policy decides (``"batch"``: statistics frozen from the batch, ``"eval"``: running statistics) and
+buffers are never written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["PerSampleStats", "per_sample_stats"]
+
+
+@dataclass
+class PerSampleStats:
+    """Per-sample gradient statistics of one batch (float64).
+
+    sq_norms: (b,) ``‖h_W(w, x_i, t_i)‖²`` or None when not asked for; gram: (b, b) ``⟨h_i, h_j⟩`` or None;
+    identities: parameter name -> the layer identity that gave its contribution (e.g. ``"Conv2d ghost"``);
+    fallback: parameter name -> why its per-sample gradients had to be materialised (empty when every parameter has an
+    identity); b: batch size; seconds: wall time.
+    """
+
+    sq_norms: torch.Tensor | None
+    gram: torch.Tensor | None
+    identities: dict[str, str] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)
+    b: int = 0
+    seconds: float = 0.0
+
+    @property
+    def norms(self) -> torch.Tensor | None:
+        """(b,) per-sample gradient norms ``‖h_i‖`` (float64), or None when ``sq_norms`` was not computed."""
+        return None if self.sq_norms is None else self.sq_norms.sqrt()
+
+
+def per_sample_stats(model: nn.Module, loss_fn, batch, *, gram: bool = True, norms: bool = True, bn: str = "batch",
+                     memory_bytes: int | None = None) -> PerSampleStats:
+    """Per-sample gradient squared norms and/or Gram matrix of ``model`` on one batch ``(x, y)`` without forming the
+    b × P per-sample gradient matrix (layer identities above; float64 results).
+
+    ``loss_fn(output, target)`` follows the Engine's per-sample convention (``ℓ_i = loss_fn(f(x_i)[None], t_i[None])``);
+    ``bn``: ``"batch"`` or ``"eval"`` (see :class:`gradcond.probes.per_sample.Engine`). Cost: one batched forward, one
+    backward to the layer outputs, plus per layer the cheaper of the ghost and materialised forms (module docstring);
+    the model (parameters, buffers, ``.grad``, modes) is left unchanged. ValueError for a batch of fewer than 1 sample or
+    neither ``gram`` nor ``norms`` asked for."""
+    from gradcond.probes.per_sample import DEFAULT_MEMORY_BYTES, Engine
+    from gradcond.utils import as_batch
+
+    if not (gram or norms):
+        raise ValueError("per_sample_stats needs gram=True or norms=True (nothing to compute otherwise).")
+    x, y = as_batch(batch)
+    mb = DEFAULT_MEMORY_BYTES if memory_bytes is None else memory_bytes
+    with Engine(model, loss_fn, x, y, bn=bn, memory_bytes=mb) as e:
+        return e.per_sample_stats(norms=norms, gram=gram)
+
+
+# ---------------------------------------------------------------------------------------------------- factors
+
+
+# the forwards whose per-sample gradients the identities below describe; a subclass that overrides them (a masked
+# Linear, a custom conv) computes something else and takes the fallback
+_PLAIN_FORWARDS = {
+    nn.Linear: (nn.Linear.forward,),
+    nn.Conv1d: (nn.Conv1d.forward, nn.Conv1d._conv_forward),
+    nn.Conv2d: (nn.Conv2d.forward, nn.Conv2d._conv_forward),
+    nn.Embedding: (nn.Embedding.forward,),
+    nn.modules.batchnorm._BatchNorm: (nn.modules.batchnorm._BatchNorm.forward,),
+    nn.SyncBatchNorm: (nn.SyncBatchNorm.forward,),
+    nn.LayerNorm: (nn.LayerNorm.forward,),
+    nn.GroupNorm: (nn.GroupNorm.forward,),
+}
+
+
+def _plain_forward(mod: nn.Module) -> bool:
+    """True when ``mod`` is one of the supported classes and computes that class's own forward."""
+    for base, fns in _PLAIN_FORWARDS.items():
+        if isinstance(mod, base):
+            cls = type(mod)
+            names = ("forward", "_conv_forward")[: len(fns)]
+            if all(getattr(cls, n) is f for n, f in zip(names, fns)):
+                return True
+    return False
+
+
+def conv_patches(mod: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
+    """Unfolded input patches (c, C_in·k, T) of a Conv1d/Conv2d call with input ``a`` — exactly the columns its weight
+    multiplies (padding mode, string padding, stride and dilation applied) — or None for other convolutions."""
+    if not isinstance(mod, (nn.Conv1d, nn.Conv2d)) or not _plain_forward(mod) or getattr(mod, "transposed", False):
+        return None
+    k, dil, st = tuple(mod.kernel_size), tuple(mod.dilation), tuple(mod.stride)
+    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        # what the module's own forward does for non-zero modes; for padding='same' the same (left, right) amounts
+        a = F.pad(a, mod._reversed_padding_repeated_twice,
+                  mode="constant" if mod.padding_mode == "zeros" else mod.padding_mode)
+        pad = (0,) * len(k)
+    else:
+        pad = tuple(mod.padding)
+    if isinstance(mod, nn.Conv1d):
+        a = a.unsqueeze(2)
+        k, dil, pad, st = (1,) + k, (1,) + dil, (0,) + pad, (1,) + st
+    return F.unfold(a, k, dilation=dil, padding=pad, stride=st)
+
+
+class _Lin:
+    """Per-sample weight gradient Σ_t E_t A_tᵀ per group: A (c, G, T, C), E (c, G, T, O)."""
+
+    def __init__(self, A, E, weight, bias, label):
+        self.A, self.E, self.weight, self.bias, self.label = A, E, weight, bias, label
+
+    def add(self, other: "_Lin") -> None:  # another call of the same module: its positions add up
+        self.A = torch.cat([self.A, other.A], 2)
+        self.E = torch.cat([self.E, other.E], 2)
+
+
+def lin_factor(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict) -> _Lin | None:
+    """The :class:`_Lin` factor of one Linear / Conv1d / Conv2d call, or None when the module is not one of them."""
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    a, c = args[0], e.shape[0]
+    if not _plain_forward(mod):
+        return None
+    if isinstance(mod, nn.Linear):
+        A = a.reshape(c, 1, -1, a.shape[-1])
+        E = e.reshape(c, 1, -1, e.shape[-1])
+        label = "Linear"
+    else:
+        U = conv_patches(mod, a)
+        if U is None:
+            return None
+        G = mod.groups
+        # unfold orders patch rows (channel, kernel offsets): group g's rows are a contiguous block, as are its
+        # output channels, so each group is its own Σ_t E_t A_tᵀ
+        A = U.reshape(c, G, U.shape[1] // G, U.shape[2]).transpose(2, 3)
+        E = e.reshape(c, G, e.shape[1] // G, -1).transpose(2, 3)
+        label = type(mod).__name__ + (f" groups={G}" if G > 1 else "")
+    return _Lin(A, E, local.get("weight"), local.get("bias"), label)
+
+
+class _Emb:
+    """Embedding call: token ids (c, T) and output gradients (c, T, D) (rows of ``padding_idx`` zeroed)."""
+
+    def __init__(self, idx, E, weight):
+        self.idx, self.E, self.weight = idx, E, weight
+
+    def add(self, other: "_Emb") -> None:
+        self.idx = torch.cat([self.idx, other.idx], 1)
+        self.E = torch.cat([self.E, other.E], 1)
+
+
+def emb_factor(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict) -> _Emb | None:
+    """The :class:`_Emb` factor of one plain Embedding call (no max_norm, no frequency scaling), or None."""
+    if (not isinstance(mod, nn.Embedding) or not _plain_forward(mod) or len(args) != 1 or mod.max_norm is not None
+            or mod.scale_grad_by_freq or "weight" not in local):
+        return None
+    c = e.shape[0]
+    idx = args[0].reshape(c, -1)
+    E = e.reshape(c, -1, e.shape[-1])
+    if mod.padding_idx is not None:  # the padding row gets no gradient
+        E = E * (idx != mod.padding_idx).unsqueeze(-1).to(E.dtype)
+    return _Emb(idx, E, local["weight"])
+
+
+def norm_grads(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict, buffers: dict, name: str):
+    """Closed-form per-sample gradients {full name: (c, k)} of the affine parameters of a BatchNorm (eval mode / frozen
+    statistics), LayerNorm or GroupNorm call, or None for other modules."""
+    if len(args) != 1 or not _plain_forward(mod):
+        return None
+    a = args[0]
+    c = e.shape[0]
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training:
+        shape = [1, -1] + [1] * (a.ndim - 2)
+        pre = f"{name}." if name else ""
+        mean, var = buffers[pre + "running_mean"].view(shape), buffers[pre + "running_var"].view(shape)
+        xhat = (a - mean) * torch.rsqrt(var + mod.eps)
+        dims = tuple(range(2, a.ndim))
+    elif isinstance(mod, nn.LayerNorm):
+        nd = len(mod.normalized_shape)
+        xhat = F.layer_norm(a, mod.normalized_shape, None, None, mod.eps)
+        dims = tuple(range(1, a.ndim - nd))
+    elif isinstance(mod, nn.GroupNorm):
+        xhat = F.group_norm(a, mod.num_groups, None, None, mod.eps)
+        dims = tuple(range(2, a.ndim))
+    else:
+        return None
+    out = {}
+    if "weight" in local:
+        g = e * xhat
+        out[local["weight"]] = (g.sum(dims) if dims else g).reshape(c, -1)
+    if "bias" in local:
+        out[local["bias"]] = (e.sum(dims) if dims else e).reshape(c, -1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- reductions
+
+
+def _lin_sq_norms(A, E, budget: int, bias: bool = False) -> torch.Tensor:
+    """(c,) float64 ‖Σ_t E_t A_tᵀ‖² summed over groups (+ ‖Σ_t E_t‖² with ``bias``: the bias acts as an input
+    feature that is always 1, so in the ghost forms it adds 1 to every A_t·A_s)."""
+    c, G, T, C = A.shape
+    O = E.shape[3]
+    one = 1.0 if bias else 0.0
+    if T == 1:
+        return (((A[:, :, 0] * A[:, :, 0]).sum(2, dtype=torch.float64) + one)
+                * (E[:, :, 0] * E[:, :, 0]).sum(2, dtype=torch.float64)).sum(1)
+    out = torch.empty(c, dtype=torch.float64, device=A.device)
+    if T * (C + O) <= O * C:  # ghost: Σ_{t,s} (A_t·A_s)(E_t·E_s), c·G·T² entries at a time per chunk
+        step = max(1, budget // (G * T * T))
+        for s in range(0, c, step):
+            a, ee = A[s:s + step], E[s:s + step]
+            ka = a @ a.mT
+            out[s:s + step] = ((ka + one if bias else ka) * (ee @ ee.mT)).sum((2, 3), dtype=torch.float64).sum(1)
+        return out
+    step = max(1, budget // (G * O * C))  # materialised per-layer gradients, a chunk of samples at a time
+    for s in range(0, c, step):
+        g = E[s:s + step].mT @ A[s:s + step]  # (c', G, O, C)
+        out[s:s + step] = (g * g).sum((1, 2, 3), dtype=torch.float64)
+    if bias:
+        bs = E.sum(2)
+        out += (bs * bs).sum((1, 2), dtype=torch.float64)
+    return out
+
+
+def _lin_gram(A, E, budget: int, bias: bool = False) -> torch.Tensor:
+    """(c, c) float64 Gram of the per-sample gradients Σ_t E_t A_tᵀ (summed over groups; bias included with
+    ``bias``), by the cheaper of the ghost and the materialised form (module docstring)."""
+    c, G, T, C = A.shape
+    O = E.shape[3]
+    if T == 1:
+        if G == 1:  # plain 2-D products (the batched form costs a few dispatches more; matters for small MLPs)
+            a, ee = A[:, 0, 0], E[:, 0, 0]
+            ka = a @ a.T
+            if bias:
+                ka += 1
+            return ka.mul_(ee @ ee.T).double()
+        a, ee = A[:, :, 0].transpose(0, 1), E[:, :, 0].transpose(0, 1)  # (G, c, C)
+        ka = a @ a.mT
+        return ((ka + 1 if bias else ka).double() * (ee @ ee.mT).double()).sum(0)
+    if c * T * T * (C + O) <= T * O * C + c * O * C:
+        # ghost: ⟨h_i, h_j⟩ = Σ_{t,s} (A_it·A_js)(E_it·E_js), a block of samples i against all j at a time
+        Af = A.transpose(0, 1).reshape(G, c * T, C)
+        Ef = E.transpose(0, 1).reshape(G, c * T, O)
+        out = torch.empty(c, c, dtype=torch.float64, device=A.device)
+        step = max(1, budget // (G * c * T * T))
+        for s in range(0, c, step):
+            n = min(step, c - s)
+            ka = Af[:, s * T:(s + n) * T] @ Af.mT
+            ke = Ef[:, s * T:(s + n) * T] @ Ef.mT
+            out[s:s + n] = ((ka + 1 if bias else ka) * ke).reshape(G, n, T, c, T).sum((0, 2, 4), dtype=torch.float64)
+        return out
+    # materialised per-layer gradients, a block of output rows at a time (all samples, so the Gram is exact)
+    out = torch.zeros(c, c, dtype=torch.float64, device=A.device)
+    step = max(1, budget // (c * G * C))
+    for s in range(0, O, step):
+        g = (E[..., s:s + step].mT @ A).reshape(c, -1)
+        out += (g @ g.T).double()
+    if bias:
+        bs = E.sum(2).reshape(c, -1)
+        out += (bs @ bs.T).double()
+    return out
+
+
+def _lin_sum(f: _Lin):
+    """(Σ_i weight gradient (G·O, C), Σ_i |per-sample weight gradient| bound, Σ_i bias grad, its |·| bound)."""
+    c, G, T, C = f.A.shape
+    O = f.E.shape[3]
+    Af = f.A.transpose(0, 1).reshape(G, c * T, C)
+    Ef = f.E.transpose(0, 1).reshape(G, c * T, O)
+    w = (Ef.mT @ Af).reshape(G * O, C)
+    wa = (Ef.abs().mT @ Af.abs()).reshape(G * O, C)
+    return w, wa, Ef.sum(1).reshape(-1), Ef.abs().sum(1).reshape(-1)
+
+
+def _emb_rows(f: _Emb, d0: int, d1: int):
+    """Per-sample gradients of the embedding restricted to the batch's distinct tokens, columns d0:d1: (c, |U|, d)."""
+    c, T = f.idx.shape
+    uniq, inv = torch.unique(f.idx, return_inverse=True)
+    k = uniq.numel()
+    rows = (torch.arange(c, device=inv.device).unsqueeze(1) * k + inv).reshape(-1)
+    E = f.E[..., d0:d1].reshape(c * T, d1 - d0)
+    return torch.zeros(c * k, d1 - d0, dtype=E.dtype, device=E.device).index_add_(0, rows, E).reshape(c, k, -1), uniq
+
+
+def _emb_reduce(f: _Emb, want_sq: bool, want_gram: bool, budget: int):
+    c, T = f.idx.shape
+    D = f.E.shape[-1]
+    k = int(torch.unique(f.idx).numel())
+    step = max(1, budget // max(1, c * k))
+    sq = torch.zeros(c, dtype=torch.float64, device=f.E.device) if want_sq else None
+    gram = torch.zeros(c, c, dtype=torch.float64, device=f.E.device) if want_gram else None
+    for d0 in range(0, D, step):
+        g, _ = _emb_rows(f, d0, min(D, d0 + step))
+        g = g.reshape(c, -1)
+        if want_sq:
+            sq += (g * g).sum(1, dtype=torch.float64)
+        if want_gram:
+            gram += (g @ g.T).double()
+    return sq, gram
+
+
+def build_factors(path, calls) -> tuple[dict, dict, dict, dict]:
+    """Group the captured calls of a :class:`~gradcond.probes.per_sample_fast.LayerPath` by module and turn them into
+    factors. Returns (lin factors, embedding factors, dense per-sample gradients {name: (c, k)}, identities/fallback
+    labels {name: (kind, text)}) with kind ``"identity"`` or ``"fallback"``."""
+    eng = path.engine
+    plan = eng.plan
+    lins: dict[str, _Lin] = {}
+    embs: dict[str, _Emb] = {}
+    dense: dict[str, torch.Tensor] = {}
+    labels: dict[str, tuple[str, str]] = {}
+    for name, args, e in calls:
+        mod = plan.modules[name]
+        local = plan.params[name]
+        f = lin_factor(mod, args, e, local)
+        if f is not None:
+            if name in lins:
+                lins[name].add(f)
+            else:
+                lins[name] = f
+            for full in (f.weight, f.bias):
+                if full is not None:
+                    labels[full] = ("identity", f.label)
+            rest = set(local) - {"weight", "bias"}
+            if not rest:
+                continue
+        else:
+            f = emb_factor(mod, args, e, local)
+            if f is not None and set(local) == {"weight"}:
+                if name in embs:
+                    embs[name].add(f)
+                else:
+                    embs[name] = f
+                labels[f.weight] = ("identity", "Embedding")
+                continue
+        grads = norm_grads(mod, args, e, local, eng.buffers, name)
+        if grads is not None and set(grads) == set(local.values()):
+            for full, g in grads.items():
+                dense[full] = dense[full] + g if full in dense else g
+                labels[full] = ("identity", type(mod).__name__)
+            continue
+        # no identity: materialise this module's per-sample gradients (vmap of its own vjp)
+        grads = path.module_grads(name, args, e, eng.w, path.select_map(None))
+        for full, g in grads.items():
+            if lins.get(name) is not None and full in (lins[name].weight, lins[name].bias):
+                continue
+            dense[full] = dense[full] + g if full in dense else g
+            labels[full] = ("fallback", f"no per-sample identity for {type(mod).__name__} {name!r}: its per-sample "
+                                        "gradients were materialised (vmap of the module's vjp)")
+    return lins, embs, dense, labels
+
+
+def reduce_factors(lins, embs, dense, c: int, want_sq: bool, want_gram: bool, budget: int, device):
+    """Per-sample squared norms (c,) and Gram (c, c) in float64 from factors (either may be None)."""
+    # with the Gram asked for, the squared norms are its diagonal (no second pass)
+    want_sq, diag = want_sq and not want_gram, want_sq and want_gram
+    sq = torch.zeros(c, dtype=torch.float64, device=device) if want_sq else None
+    gram = torch.zeros(c, c, dtype=torch.float64, device=device) if want_gram else None
+    for f in lins.values():
+        if f.weight is not None:
+            if want_sq:
+                sq += _lin_sq_norms(f.A, f.E, budget, bias=f.bias is not None)
+            if want_gram:
+                gram += _lin_gram(f.A, f.E, budget, bias=f.bias is not None)
+        elif f.bias is not None:
+            bsum = f.E.sum(2).reshape(c, -1)
+            if want_sq:
+                sq += (bsum * bsum).sum(1, dtype=torch.float64)
+            if want_gram:
+                gram += (bsum @ bsum.T).double()
+    for f in embs.values():
+        s, g = _emb_reduce(f, want_sq, want_gram, budget)
+        if want_sq:
+            sq += s
+        if want_gram:
+            gram += g
+    for g in dense.values():
+        if want_sq:
+            sq += (g * g).sum(1, dtype=torch.float64)
+        if want_gram:
+            gram += (g @ g.T).double()
+    if diag:
+        sq = gram.diagonal().clone()
+    return sq, gram
+
+
+def factor_sums(lins, embs, dense, like: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per parameter: (Σ_i per-sample gradient, an upper bound of Σ_i |per-sample gradient|), shaped like ``like``;
+    used to check the factors against autograd's batch gradient on first use (no per-sample matrix formed)."""
+    out = {}
+    for f in lins.values():
+        w, wa, b, ba = _lin_sum(f)
+        if f.weight is not None:
+            out[f.weight] = (w.reshape(like[f.weight].shape), wa.reshape(like[f.weight].shape))
+        if f.bias is not None:
+            out[f.bias] = (b.reshape(like[f.bias].shape), ba.reshape(like[f.bias].shape))
+    for f in embs.values():
+        W = like[f.weight]
+        idx = f.idx.reshape(-1)
+        E = f.E.reshape(-1, W.shape[1])
+        s = torch.zeros_like(W).index_add_(0, idx, E)
+        sa = torch.zeros_like(W).index_add_(0, idx, E.abs())
+        out[f.weight] = (s, sa)
+    for full, g in dense.items():
+        out[full] = (g.sum(0).reshape(like[full].shape), g.abs().sum(0).reshape(like[full].shape))
+    return out
+
+
+def first_sample(lins, embs, dense):
+    """The factors restricted to sample 0 (for the first-use check against a sample evaluated alone)."""
+    return ({k: _Lin(f.A[:1], f.E[:1], f.weight, f.bias, f.label) for k, f in lins.items()},
+            {k: _Emb(f.idx[:1], f.E[:1], f.weight) for k, f in embs.items()},
+            {k: g[:1] for k, g in dense.items()})
+
+
+def stats_from_calls(path, calls, want_sq: bool, want_gram: bool, budget_bytes: int) -> PerSampleStats:
+    """:class:`PerSampleStats` of one captured batch (``calls`` from ``LayerPath.capture``)."""
+    t0 = time.perf_counter()
+    eng = path.engine
+    lins, embs, dense, labels = build_factors(path, calls)
+    c = calls[0][2].shape[0]
+    elem = max(1, torch.finfo(eng.dtype).bits // 8) if eng.dtype.is_floating_point else 8
+    budget = max(1, int(budget_bytes) // elem)
+    sq, gram = reduce_factors(lins, embs, dense, c, want_sq, want_gram, budget, calls[0][2].device)
+    identities = {n: labels[n][1] for n in eng.names if labels.get(n, ("", ""))[0] == "identity"}
+    fallback = {n: labels[n][1] for n in eng.names if labels.get(n, ("", ""))[0] == "fallback"}
+    return PerSampleStats(sq, gram, identities, fallback, c, time.perf_counter() - t0)
+
+
+def whole_model_fallback(names, reason: str) -> dict[str, str]:
+    """The ``fallback`` dict when the whole model is measured by vmap(grad)."""
+    text = f"the layer path cannot handle this model ({reason}); per-sample gradients materialised by vmap(grad)"
+    return {n: text for n in names}
