@@ -19,6 +19,8 @@ HOLDS = [
     "conditioning-bn-train",
     "conditioning-exact-kx",
     "dilution-theorem3",
+    "dll-vs-backprop",
+    "dsl-window",
     "dpl-partitions",  # its throughput row is timing-based: DPL beat sequential DLL (1.11x) even on a loaded machine
     "gsc-invariance",
     "lli-linear-at-init",
@@ -26,6 +28,7 @@ HOLDS = [
     "micro-teleport-angle",
     "micro-teleport-l2",
     "platonic-checkerboard",
+    "random-robin-stable-rank",
     "teleport-feature-maps",
     "teleport-flatness",
     "teleport-grad-scaling",

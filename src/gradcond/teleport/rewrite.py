@@ -11,6 +11,7 @@ the plan to a model (a new ``torch.fx.GraphModule`` when some site needs the gra
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import torch
@@ -106,8 +107,12 @@ def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype, final
     values are already the buffer values (sign or tau, in ``dtype``, owned), as made by :meth:`_FastPlan.sites`."""
     graph_sites = []
     composed, factors = [], []
+    # The taus come from the CoB (often drawn on the CPU); the wrappers and buffers live on the model's device.
+    device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
     for how, site, tau in plan:
         val = tau if final else _site_value(site, tau.detach(), dtype)
+        if device is not None and val.device != device:
+            val = val.to(device)
         if how == "compose_buffer":
             buf = model._buffers[_buf_name(site)]
             buf.mul_(val.to(buf.dtype))
