@@ -109,10 +109,11 @@ def markdown_table() -> str:
     lines = [f"Layer-wise training (issue 15) of an MLP {args.blocks} x {args.width} on digits, AdamW, {args.epochs} "
              "epochs (per block for DLL/DSL), batch 128, one CPU thread. Target (issue 15): peak training memory "
              "≤ 50 % of backprop's (saved-tensor accounting on the CPU, the allocator's peak on CUDA).", "",
-             "| method | peak memory | vs backprop | time (s) | vs backprop | test acc | memory ≤ 50 %? |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| method | peak memory | vs backprop | time (s) | vs backprop | test acc | target | met |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for name, mem, mr, t, tr, acc, how in rows:
-        met = "—" if name == "backprop" else ("met" if mr <= 0.5 else "not met")
+        # the issue's memory target is DLL's (one block and its head at a time); DSL and DPL are reported
+        met = "≤ 0.50 | " + ("yes" if mr <= 0.5 else "**no**") if name == "dll" else "— | —"
         lines.append(f"| {name} | {mem / 2**20:.2f} MiB | {mr:.2f} | {t:.2f} | {tr:.2f}× | {100 * acc:.2f} % | {met} |")
     return "\n".join(lines) + "\n"
 

@@ -208,23 +208,32 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu",
             raise UserError(_write_failure(exc, partial, name, out, fresh=not resume)) from None
 
 
-def _run_locked(job: Job, cfg: dict, partial: Path, final: Path, resume: bool) -> Path:
+def _start_partial(job: Job, cfg: dict, partial: Path, n_train: int) -> None:
+    """Warn once, before any training, about callbacks that would silently never fire (the teleport copy
+    included), with ``n_train`` samples per process; then create ``partial`` and write its ``config.toml``."""
     import warnings
 
-    from .report.run_report import write_run_report
     from .train.callbacks import build_callback
     from .train.trainer import UnreachableCallbackWarning, unreachable_schedules
 
-    # warn once, before any training, about callbacks that would silently never fire (the teleport copy included)
-    steps = math.ceil(len(job.bundle.train) / cfg["data"]["batch_size"])
+    steps = math.ceil(n_train / cfg["data"]["batch_size"])
     msgs = unreachable_schedules(job.callbacks, cfg["train"]["epochs"], steps)
     if cfg.get("compare_teleport"):
         msgs += [f"compare_teleport: {m}" for m in
                  unreachable_schedules([build_callback(_TELEPORT_COPY)], cfg["train"]["epochs"], steps)]
     for msg in msgs:
-        warnings.warn(msg, UnreachableCallbackWarning, stacklevel=2)
+        warnings.warn(msg, UnreachableCallbackWarning, stacklevel=3)
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_text(partial / "config.toml", cfgmod.dumps(cfg))
+
+
+def _run_locked(job: Job, cfg: dict, partial: Path, final: Path, resume: bool) -> Path:
+    import warnings
+
+    from .report.run_report import write_run_report
+    from .train.trainer import UnreachableCallbackWarning
+
+    _start_partial(job, cfg, partial, len(job.bundle.train))
     t0 = time.perf_counter()
     runs = {"plain": partial}
     with warnings.catch_warnings():
@@ -666,21 +675,11 @@ def _rank_body(job: Job, cfg: dict, partial: Path) -> str | None:
     import warnings
 
     from .report.run_report import write_run_report
-    from .train.callbacks import build_callback
-    from .train.trainer import UnreachableCallbackWarning, unreachable_schedules
+    from .train.trainer import UnreachableCallbackWarning
 
     main = _dist.is_main()
     if main:
-        per_rank = len(job.bundle.train) // _dist.world_size()
-        steps = math.ceil(per_rank / cfg["data"]["batch_size"])
-        msgs = unreachable_schedules(job.callbacks, cfg["train"]["epochs"], steps)
-        if cfg.get("compare_teleport"):
-            msgs += [f"compare_teleport: {m}" for m in
-                     unreachable_schedules([build_callback(_TELEPORT_COPY)], cfg["train"]["epochs"], steps)]
-        for msg in msgs:
-            warnings.warn(msg, UnreachableCallbackWarning, stacklevel=2)
-        partial.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(partial / "config.toml", cfgmod.dumps(cfg))
+        _start_partial(job, cfg, partial, len(job.bundle.train) // _dist.world_size())
     t0 = time.perf_counter()
     runs = {"plain": partial}
     with warnings.catch_warnings():

@@ -158,30 +158,33 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
     dist.destroy_process_group()
 
 
-def run_ddp(cfg: dict, out_dir: str | Path, world: int = 2, join_timeout: float = 300.0) -> dict:
-    """Start ``world`` ranks of :func:`ddp_worker` on a free loopback port and wait (at most ``join_timeout`` s).
+def launch_ranks(worker, world: int, cfg: dict, out_dir: str | Path, join_timeout: float, on_tick=None):
+    """Start ``world`` spawned processes ``worker(rank, world, port, cfg, out_dir)`` on a free loopback port and
+    poll (every 20 ms, at most ``join_timeout`` s) until all have exited; ``on_tick(procs)`` runs at each poll (e.g.
+    to kill a rank). A rank still alive at the deadline is terminated and gets exit code None.
 
-    Returns ``{"exitcodes": [...], "seconds": [...] (per rank, from start to exit), "ranks": [rank results]}``;
-    a rank still alive after the timeout is terminated and reported with exit code None.
-    """
+    Returns ``(exit codes, monotonic exit times (None if never seen exiting), per-rank results)``, the results read
+    from ``out_dir/rank{r}.json`` (``{}`` where a rank wrote none; stale files are removed first)."""
     import torch.multiprocessing as mp
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for f in out_dir.glob("rank*.json"):
+        f.unlink()
     ctx = mp.get_context("spawn")
     port = free_port()
-    t0 = time.monotonic()
-    procs = [ctx.Process(target=ddp_worker, args=(r, world, port, cfg, str(out_dir)), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, cfg, str(out_dir)), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    seconds: list[float | None] = [None] * world
-    deadline = t0 + join_timeout
-    while time.monotonic() < deadline and any(s is None for s in seconds):
+    deadline = time.monotonic() + join_timeout
+    exited: list[float | None] = [None] * world
+    while time.monotonic() < deadline and any(e is None for e in exited):
+        if on_tick is not None:
+            on_tick(procs)
         for r, p in enumerate(procs):
-            if seconds[r] is None and not p.is_alive():
-                seconds[r] = time.monotonic() - t0
-        time.sleep(0.05)
+            if exited[r] is None and not p.is_alive():
+                exited[r] = time.monotonic()
+        time.sleep(0.02)
     codes = []
     for p in procs:
         if p.is_alive():
@@ -189,11 +192,24 @@ def run_ddp(cfg: dict, out_dir: str | Path, world: int = 2, join_timeout: float 
             p.join(5)
             codes.append(None)
         else:
+            p.join()
             codes.append(p.exitcode)
     ranks = []
     for r in range(world):
         f = out_dir / f"rank{r}.json"
         ranks.append(json.loads(f.read_text()) if f.exists() else {})
+    return codes, exited, ranks
+
+
+def run_ddp(cfg: dict, out_dir: str | Path, world: int = 2, join_timeout: float = 300.0) -> dict:
+    """Start ``world`` ranks of :func:`ddp_worker` on a free loopback port and wait (at most ``join_timeout`` s).
+
+    Returns ``{"exitcodes": [...], "seconds": [...] (per rank, from start to exit), "ranks": [rank results]}``;
+    a rank still alive after the timeout is terminated and reported with exit code None.
+    """
+    t0 = time.monotonic()
+    codes, exited, ranks = launch_ranks(ddp_worker, world, cfg, out_dir, join_timeout)
+    seconds = [None if e is None else e - t0 for e in exited]
     return {"exitcodes": codes, "seconds": seconds, "ranks": ranks}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compression_repro import free_port
+from .compression_repro import launch_ranks
 from .registry import Row, register
 
 SOURCE = "seed 002 (Øland 2024, CMU-CS-24-147), ch. 6, §6.8 (DPL), Table 6.6 and §6.8.4"
@@ -156,41 +156,16 @@ def run_dpl(cfg: dict, out_dir, world: int = 2, join_timeout: float = 300.0, kil
     Returns ``{"exitcodes", "exit_after_kill" (seconds from the kill to each rank's exit, None if not measured),
     "killed_at", "ranks"}``; a rank still alive after ``join_timeout`` is terminated (exit code None).
     """
-    import torch.multiprocessing as mp
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in out_dir.glob("rank*.json"):
-        f.unlink()
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=dpl_worker, args=(r, world, port, cfg, str(out_dir)), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + join_timeout
-    killed_at, exited = None, [None] * world
-    while time.monotonic() < deadline and any(e is None for e in exited):
+    killed_at = None
+
+    def kill_when_progressing(procs):
+        nonlocal killed_at
         if kill_rank is not None and killed_at is None and (out_dir / f"progress{kill_rank}").exists():
             os.kill(procs[kill_rank].pid, signal.SIGKILL)
             killed_at = time.monotonic()
-        for r, p in enumerate(procs):
-            if exited[r] is None and not p.is_alive():
-                exited[r] = time.monotonic()
-        time.sleep(0.02)
-    codes = []
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-            codes.append(None)
-        else:
-            p.join()
-            codes.append(p.exitcode)
-    ranks = []
-    for r in range(world):
-        f = out_dir / f"rank{r}.json"
-        ranks.append(json.loads(f.read_text()) if f.exists() else {})
+
+    codes, exited, ranks = launch_ranks(dpl_worker, world, cfg, out_dir, join_timeout, kill_when_progressing)
     after = [None if killed_at is None or e is None else e - killed_at for e in exited]
     return {"exitcodes": codes, "exit_after_kill": after, "killed_at": killed_at, "ranks": ranks}
 
