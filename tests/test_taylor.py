@@ -72,3 +72,28 @@ def test_bad_input():
     with pytest.raises(TypeError, match="Sequential"):
         taylor_truncate(nn.Linear(2, 2), {}, 1)
     assert taylor_truncate(model, mlp(4, 2, depth=3, width=4, seed=0), 2).replaced_linear == 2
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_network_in_both_modes_keeps_its_buffers(mode):
+    # a train-mode BatchNorm updates its running statistics in place, which torch.func's jvp refused on the
+    # module's own buffers; the truncation must work in both modes and leave the buffers untouched
+    model = mlp(6, 4, depth=4, width=8, act="tanh", norm="batch", seed=1).double()  # smooth: ReLU kinks near the
+    # batch-centred zero would add a non-smooth error term
+    getattr(model, mode)()
+    theta0 = {k: v.clone() for k, v in model.named_parameters()}
+    x = torch.randn(16, 6, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        got = taylor_truncate(model, theta0, 3)(x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        want = copy.deepcopy(model)(x)  # a copy: the model's own forward would update its statistics in train mode
+    assert torch.allclose(got, want, atol=1e-12)  # theta == theta0: the expansion is exact
+    errs = []
+    for eps in (5e-3, 2.5e-3):
+        m = copy.deepcopy(model)
+        _perturb(m, eps, seed=3)
+        with torch.no_grad():
+            errs.append(float((taylor_truncate(m, theta0, 3)(x) - copy.deepcopy(m)(x)).abs().max()))
+    assert 6.0 < errs[0] / errs[1] < 10.0  # O(eps^3), as without BatchNorm

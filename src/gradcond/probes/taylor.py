@@ -65,16 +65,24 @@ class TaylorTruncated(nn.Module):
             ts, as_, ds = self._step(mod.skip, f"{prefix}skip.", T, a, d)
             return tb + ts, ab + as_, db + ds
         params = dict(mod.named_parameters())
+        bufs = dict(mod.named_buffers())
+
+        def call(p, v):
+            # fresh buffer copies per call: a train-mode BatchNorm updates its running statistics in place, which
+            # torch.func refuses on a captured tensor (and a measurement must not write the user's buffers anyway)
+            return functional_call(mod, {**p, **{k: b.clone() for k, b in bufs.items()}}, (v,)) if bufs else \
+                functional_call(mod, p, (v,))
+
         if not params:
-            a_new, d_new = jvp(mod, (a,), (d,))
-            return mod(T), a_new, d_new
+            a_new, d_new = jvp(lambda v: call({}, v), (a,), (d,))
+            return call({}, T), a_new, d_new
         p0 = {k: self.theta0[prefix + k] for k in params}
 
         def i_fn(v):
-            return functional_call(mod, p0, (v,))
+            return call(p0, v)
 
         def r_fn(v):
-            return mod(v) - i_fn(v)
+            return call(params, v) - i_fn(v)
 
         a_new, di = jvp(i_fn, (a,), (d,))
         r_a, dr = jvp(r_fn, (a,), (d,))
