@@ -178,13 +178,18 @@ def _simulated_counts(configured: dict, plan: dict) -> dict:
             continue
         sch = Schedule.parse(configured[p["name"]])
         n = 0
+        cm = plan.get("calibration_measurement") and calib > 0
         if not p["skipped"]:
             if sch.kind == "epoch":
-                n = sum(1 for e in range(epochs) if (e + 1) % p["every_epochs"] == 0 or e == epochs - 1)
+                # with a calibration measurement, epoch 0 is measured at the calibration step, not at its end
+                n = (1 if cm else 0) + sum(1 for e in range(1 if cm else 0, epochs)
+                                           if (e + 1) % p["every_epochs"] == 0 or e == epochs - 1)
             else:
                 for s in range(1, spe * epochs + 1):
                     if sch.due_at_step(s) and (s <= calib or sch.kind == "log" or s % p["every_steps"] == 0):
                         n += 1
+                if cm and not any(sch.due_at_step(s) for s in range(1, calib + 1)):
+                    n += 1  # not measured during calibration: measured once at its end
         out[p["name"]] = n
     return out
 
@@ -243,7 +248,7 @@ def test_plan_leaves_out_a_probe_only_when_its_minimum_outlasts_the_training_and
 
 def test_plan_is_a_pure_function_and_thinning_is_robust_to_small_timing_noise():
     configured = {"grad_norm": "every:1", "gsc": "every:2", "conditioning": "epoch"}
-    costs = {"grad_norm": 3e-5, "gsc": 3e-3, "conditioning": 0.02}
+    costs = {"grad_norm": 3e-5, "gsc": 2.5e-3, "conditioning": 0.02}  # mid-interval: 2-4 % noise keeps the factors
     a = plan_schedule(configured, costs, 1e-3, 0.05, 50, 20, 3, 3)
     assert a == plan_schedule(configured, dict(costs), 1e-3, 0.05, 50, 20, 3, 3)
     # thinning factors are powers of two: a few percent of timing noise does not move these (mid-interval) costs
@@ -368,3 +373,41 @@ def test_use_plan_pins_a_comparison_run_to_the_same_steps(tmp_path):
     assert _keys(a.metrics) == _keys(b.metrics)
     with pytest.raises(ValueError, match="pass a plan written for the same probes"):
         Monitor({"gsc": "every:2"}, budget=0.01).use_plan(tmp_path / "a" / SCHEDULE_FILE)
+
+
+def test_calibration_measurement_is_logged_once_and_counts_as_the_first_epochs(tmp_path):
+    """The measurement that times an epoch probe is logged at the calibration step (epoch 0) and is not repeated at
+    epoch 0's end; a step probe its schedule measured during calibration is not measured again for timing."""
+    configured = {"grad_norm": "every:1", "domain": "epoch"}
+    h = _mlp_run(RunLogger(tmp_path / "c"), Monitor(configured, budget=0.5), epochs=2)
+    plan = json.loads((tmp_path / "c" / SCHEDULE_FILE).read_text())
+    assert plan["calibration_measurement"] is True and plan["calibration_steps"] == 3
+    n = len(load_dataset("digits").loaders(64)[0])
+    dom = sorted({(r["step"], r["epoch"]) for r in h.metrics if r["probe"] == "domain"})
+    assert dom[0] == (3, 0) and (n, 0) not in dom  # epoch 0: at the calibration step only
+    gn = [(r["step"], r["layer"], r["name"]) for r in h.metrics if r["probe"] == "grad_norm"]
+    assert len(gn) == len(set(gn))  # no step measured twice
+    assert len(dom) == next(p for p in plan["probes"] if p["name"] == "domain")["planned_measurements"]
+
+
+def test_epoch_shorter_than_calibration_logs_the_calibration_measurement_once_and_a_given_plan_repeats_it():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def run(plan=None):
+        torch.manual_seed(0)
+        x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+        tr = DataLoader(TensorDataset(x, y), batch_size=32)  # 2 steps per epoch: the plan is made at epoch 0's end
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        mon = Monitor({"grad_norm": "every:5", "domain": "epoch"}, budget=0.05, plan=plan)
+        return mon, fit(model, tr, tr, optimizer="sgd", lr=0.1, epochs=4, callbacks=[mon])
+
+    mon, h = run()
+    assert mon.plan["calibration_steps"] == 2 and mon.plan["calibration_measurement"] is True
+    planned = {p["name"]: p["planned_measurements"] for p in mon.plan["probes"] if p["enabled"]}
+    for name in planned:
+        rows = [(r["step"], r["epoch"], r["layer"], r["name"]) for r in h.metrics if r["probe"] == name]
+        assert len(rows) == len(set(rows))  # nothing measured twice at step 2
+        steps = sorted({r[:2] for r in rows})
+        assert len(steps) == planned[name] and steps[0] == (2, 0)
+    _, again = run(plan=mon.plan)
+    assert _keys(again.metrics) == _keys(h.metrics)

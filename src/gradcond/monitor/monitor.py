@@ -14,17 +14,20 @@ The schedule is decided once, deterministically
 
 1. **Calibration** (the first ``CALIBRATION_STEPS`` = 3 optimizer steps, or the first epoch if it is shorter): every
    probe runs as configured; the time of a training step is measured (the fastest of those steps after the first,
-   the monitor's own time excluded), then each enabled probe is run twice more on the probe batch (results
-   discarded; the cost is the faster of the two calls). Fastest-of estimates the undisturbed cost, which varies
-   less between runs on a busy machine than a mean; the budget is a share of that undisturbed training time.
+   the monitor's own time excluded). A probe its schedule measured during those steps is costed from them (the
+   fastest call); every other enabled probe is measured once at the calibration step on the probe batch, and that
+   measurement is *logged and counts* (for an ``epoch`` probe it is the first epoch's measurement; epoch 0's end
+   does not measure it again) -- timing the probes costs no discarded calls. Fastest-of estimates the undisturbed
+   cost, which varies less between runs on a busy machine than a mean; the budget is a share of that undisturbed
+   training time. (Plans written before this rule lack ``calibration_measurement`` and keep the old one.)
 2. **Plan** (:func:`plan_schedule`, a pure function of those costs, the configured schedules, the budget, the steps
    per epoch and the number of epochs): the budget is split fairly between probes (a probe cheaper than its equal
    share keeps its schedule and leaves the rest to the others), and a probe that needs more is thinned by an
    integer factor -- ``every:N`` becomes every ``N*m`` steps, ``epoch`` every ``m``-th epoch (plus the last one),
    ``log`` is never thinned (it is already sparse). ``m`` is rounded up to a power of two, so that the small timing
    noise between two runs of the same config rarely changes the plan.
-3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times after calibration
-   when the run has that many opportunities, *even when this exceeds the budget*; the plan states by how much
+3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times, its calibration
+   measurements included, when the run has that many opportunities, *even when this exceeds the budget*; the plan states by how much
    (``fraction`` of the training time per probe, and the reason sentence). A probe is left out entirely only when
    its guaranteed measurements alone would take longer than the whole training (then ``skipped`` says so and which
    setting would include it).
@@ -98,22 +101,33 @@ def _fmt_s(s: float) -> str:
 class _Counts:
     """How many measurements a probe gets under thinning factor ``m`` (None when the run length is unknown)."""
 
-    def __init__(self, spe, epochs, calib):
+    def __init__(self, spe, epochs, calib, calibration_measurement=True):
         self.spe, self.epochs, self.calib = spe, epochs, calib
         self.total = spe * epochs if spe is not None and epochs is not None else None
+        # plans since the calibration measurement counts: every probe is measured once at the calibration step
+        # unless its schedule already measured it during calibration (see Monitor._calibration_due)
+        self.cm = bool(calibration_measurement) and calib > 0
 
     def calibration(self, sch: Schedule) -> int:
         if sch.kind == "every":
-            return _multiples(0, self.calib, sch.n)
+            k = _multiples(0, self.calib, sch.n)
+            return k if k or not self.cm else 1
         if sch.kind == "log":
             return self.calib.bit_length()  # 1, 2, 4, ... <= calib
-        return 0
+        return 1 if self.cm else 0  # epoch: the calibration measurement is the first epoch's measurement
+
+    def target(self, sch: Schedule, n1, min_meas: int) -> int:
+        """Measurements after calibration that the guaranteed minimum asks for (calibration measurements count)."""
+        cal = self.calibration(sch)
+        return max(0, min(min_meas, cal + n1) - cal)
 
     def after(self, sch: Schedule, m: int):
         """Measurements after calibration with thinning ``m``."""
         if sch.kind == "epoch":
             if self.epochs is None:
                 return None
+            if self.cm:  # epoch 0 was measured at the calibration step: epochs 1.. follow the plan
+                return _multiples(1, self.epochs, m) + (1 if self.epochs % m and self.epochs > 1 else 0)
             return self.epochs // m + (1 if self.epochs % m else 0)
         if self.total is None:
             return None
@@ -155,13 +169,14 @@ def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
         c, n1 = costs.get(name), counts.after(sch, 1)
         if c is None and costs.get(f"{name}:failed"):
             out[name] = (1, True, "failed")
-        elif n1 == 0 and counts.calibration(sch) == 0:
+        elif n1 == 0 and counts.calibration(sch) == 0 and not counts.cm:
             out[name] = (1, True, "never_due")
         elif budget >= 1:
             out[name] = (1, False, "fits")
         elif c is None or not step_time or step_time <= 0:
             out[name] = (1, False, "unknown")
-        elif counts.total is not None and n1 is not None and c * min(min_meas, n1) > counts.total * step_time:
+        elif (counts.total is not None and n1 is not None
+              and c * min(min_meas, counts.calibration(sch) + n1) > counts.total * step_time):
             out[name] = (1, True, "too_costly")
         elif counts.rate(sch) is None:
             out[name] = (1, False, "unknown")
@@ -185,7 +200,7 @@ def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
             why = "thinned"
             n1 = counts.after(sch, 1)
             if n1 is not None:
-                target = min(min_meas, n1)
+                target = counts.target(sch, n1, min_meas)
                 if counts.after(sch, m) < target:
                     m, why = _largest_factor(sch, counts, m, target), "minimum"
             elif m >= 2 ** 62:
@@ -202,11 +217,14 @@ def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: fl
     ``probes``: name -> configured schedule (``Schedule`` or text) of the enabled probes; ``costs``: name -> seconds
     per measurement (``None`` when unmeasured; ``"<name>:failed"`` -> error text for a probe that raised);
     ``step_time``: seconds per training step; ``budget``: share of the training time; ``calibration_steps``:
-    the steps already run as configured before the plan applies. Returns the contract dict (written to
-    ``monitor_schedule.json``)::
+    the steps already run as configured before the plan applies. With ``calibration_steps > 0`` the measurements
+    made to time the probes count (``calibration_measurement: true``): at the calibration step every probe that its
+    schedule did not measure during calibration is measured once (for an ``epoch`` probe that is its first
+    epoch's measurement, and epoch 0's end is not measured again), ``planned_measurements`` includes them, and the
+    guaranteed minimum counts them. Returns the contract dict (written to ``monitor_schedule.json``)::
 
         {"budget", "steps_per_epoch", "epochs", "total_steps", "step_time_s", "min_measurements",
-         "calibration_steps", "planned_fraction",
+         "calibration_steps", "calibration_measurement", "planned_fraction",
          "probes": [{"name", "enabled", "configured", "every_steps", "every_epochs", "planned_measurements",
                      "cost_s", "fraction", "skipped", "reason"}]}
 
@@ -249,6 +267,7 @@ def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: fl
                                           sched, min_measurements, total_time)})
     return {"budget": budget, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "total_steps": counts.total,
             "step_time_s": step_time, "min_measurements": min_measurements, "calibration_steps": calibration_steps,
+            "calibration_measurement": counts.cm,
             "planned_fraction": planned_cost / total_time if total_time else None, "probes": entries}
 
 
@@ -268,7 +287,12 @@ def _budget_to_include(name, sched, costs, step_time, budget, counts, min_meas):
 
 
 def _reason(name, sch, m, why, planned, c, fraction, budget, counts, costs, step_time, sched, min_meas, total_time):
-    times = "" if planned is None else f" ({planned} time{'s' if planned != 1 else ''})"
+    # a measurement made at the calibration step outside the configured schedule is named, so that the sentence
+    # agrees with the rows (e.g. an epoch probe's first measurement is at step 3, not at the end of epoch 0)
+    extra = counts.cm and (sch.kind == "epoch" or (sch.kind == "every" and _multiples(0, counts.calib, sch.n) == 0))
+    at_cal = f", the first at calibration step {counts.calib}" if extra else ""
+    at_cal = at_cal if planned else ""
+    times = "" if planned is None else f" ({planned} time{'s' if planned != 1 else ''}{at_cal})"
     share = "" if fraction is None else f", about {_fmt_budget(fraction)} of the training time"
     if why == "failed":
         return (f"not run: it failed while its cost was being measured ({costs.get(f'{name}:failed')}); see the "
@@ -278,7 +302,7 @@ def _reason(name, sch, m, why, planned, c, fraction, budget, counts, costs, step
         return (f"not run: its schedule {_configured_text(sch)} never falls within the {counts.total} training steps; "
                 f"set monitor.probes.{name} = \"every:{per}\" to include it")
     if why == "too_costly":
-        k = min(min_meas, counts.after(sch, 1))
+        k = min(min_meas, counts.calibration(sch) + counts.after(sch, 1))
         return (f"not run: one measurement costs {_fmt_s(c)}, so even {k} measurement{'s' if k != 1 else ''} "
                 f"({_fmt_s(k * c)}) would take longer than the whole training (about {_fmt_s(total_time)}); set "
                 f"monitor.budget = 1 to include it")
@@ -340,12 +364,21 @@ def coverage_sentences(schedule: dict) -> list[str]:
 
 
 # ---- the callback -----------------------------------------------------------------------------------------
+def _import_probe_modules() -> None:
+    """Import the modules the probes import lazily, so that the calibration measurement (one call per probe) does
+    not count import time as the probe's cost."""
+    import importlib
+
+    for mod in ("scale", "domain", "conditioning", "representation"):
+        importlib.import_module(f"gradcond.probes.{mod}")
+
+
 class Monitor(Callback):
     """Schedules the probes of :data:`PROBES` during training under ``budget`` (see the module docstring).
 
     ``probes``: a preset name (:data:`PRESETS`) or ``{probe: schedule}``; ``budget``: share of the training time
-    in (0, 1] (1 = no budget); ``min_measurements``: measurements guaranteed to each enabled probe after
-    calibration (when the run has that many opportunities); ``plan``: a plan dict or the path of a
+    in (0, 1] (1 = no budget); ``min_measurements``: measurements guaranteed to each enabled probe, its
+    calibration measurements included (when the run has that many opportunities); ``plan``: a plan dict or the path of a
     ``monitor_schedule.json`` to reuse instead of planning (its probes must match the configured ones);
     ``output``: for models returning a ``ModelOutput`` / dataclass / dict / tuple, which tensor the probes and the
     loss see (default: the ``logits`` field, else the first tensor; :func:`gradcond.utils.select_output`).
@@ -428,31 +461,24 @@ class Monitor(Callback):
             e = (state.config or {}).get("train", {}).get("epochs") if isinstance(state.config, dict) else None
         return e if isinstance(e, int) and e >= 0 else None
 
-    def _time_probe(self, name: str, state: TrainState) -> float | None:
-        """Seconds per measurement of ``name``: run twice (results discarded), keep the faster call (the first one
-        pays one-time costs: imports, allocations). Records a failure like a failing scheduled measurement."""
-        best = None
-        for _ in range(2):
-            t = time.perf_counter()
-            try:
-                with selecting_output(unwrap(state.model), getattr(self, "output", None)):
-                    PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
-            except Exception as exc:
-                self._fail(name, exc, state)
-                return None
-            dt = time.perf_counter() - t
-            best = dt if best is None else min(best, dt)
-        return best
+    def _calibration_due(self, name: str, calib: int) -> bool:
+        """Whether ``name`` gets its calibration measurement at step ``calib``: an ``epoch`` probe always (it is its
+        first epoch's measurement), an ``every:N`` probe when N > ``calib`` (its schedule did not measure it during
+        calibration); ``log`` probes are measured at step 1."""
+        sch = self.schedules[name]
+        if calib <= 0:
+            return False
+        return sch.kind == "epoch" or (sch.kind == "every" and _multiples(0, calib, sch.n) == 0)
 
     def _make_plan(self, state: TrainState) -> None:
         spe, epochs = self._steps_per_epoch(state), self._epochs(state)
+        pending = {}
         if self.budget >= 1:
             costs, step_time, calib = {}, None, 0
         else:
             calib = state.step
-            # the fastest step after the first (which pays one-time costs): like the probe costs (fastest of two
-            # calls), an estimate of the undisturbed cost, which varies much less between runs on a busy machine
-            # than a mean or a median would
+            # the fastest step after the first (which pays one-time costs): like the probe costs, an estimate of the
+            # undisturbed cost, which varies much less between runs on a busy machine than a mean or a median would
             later = self._durations[1:] or self._durations
             step_time = min(later) if later else None
             costs = {}
@@ -460,14 +486,34 @@ class Monitor(Callback):
                 if name in self.failed:
                     costs[f"{name}:failed"] = self.failed[name]
                     continue
-                c = self._time_probe(name, state)
-                if c is None:
+                if not self._calibration_due(name, calib) and name in self.cost:
+                    costs[name] = self.cost[name]  # measured during the calibration steps: no extra call
+                    continue
+                # one measurement, timed; it is not discarded: its rows are logged once the plan is known (a probe
+                # the plan leaves out logs nothing). Probe modules were imported at train start, so this call pays
+                # no import time.
+                rows = self._measure(name, state)
+                if rows is None:
                     costs[f"{name}:failed"] = self.failed[name]
-                else:
-                    costs[name] = min(c, self.cost.get(name, math.inf))
+                    continue
+                costs[name] = self.cost[name]
+                if self._calibration_due(name, calib):
+                    pending[name] = rows
         self.plan = plan_schedule({n: s for n, s in self.schedules.items()}, costs, step_time, self.budget, spe,
                                   epochs, self.min_measurements, calib)
+        for name, rows in pending.items():
+            if not self._entry(name)["skipped"]:
+                self._log(name, rows, state)
         self._write_plan(state)
+
+    def _calibration_measurements(self, state: TrainState) -> None:
+        """A given or resumed plan: the measurements its calibration step made, repeated at that step."""
+        calib = self.plan.get("calibration_steps", 0)
+        if not self.plan.get("calibration_measurement") or state.step != calib:
+            return
+        for name in self.schedules:
+            if self._calibration_due(name, calib) and not self._entry(name)["skipped"]:
+                self._run(name, state)
 
     def _write_plan(self, state: TrainState) -> None:
         path = getattr(state.run, "path", None) if state.run is not None else None
@@ -485,6 +531,8 @@ class Monitor(Callback):
             return False
         sch = self.schedules[name]
         if sch.kind == "epoch":
+            if epoch == 0 and self.plan.get("calibration_measurement"):
+                return False  # measured at the calibration step (the first epoch's measurement)
             k = e.get("every_epochs") or 1
             return (epoch + 1) % k == 0 or (last_epoch is not None and epoch == last_epoch)
         if step <= self.plan.get("calibration_steps", 0):
@@ -511,19 +559,29 @@ class Monitor(Callback):
                           y.to(dev, dtype) if y.is_floating_point() else y.to(dev))
         return self.batch
 
-    def _run(self, name: str, state: TrainState) -> None:
-        if name in self.failed:
-            return
+    def _measure(self, name: str, state: TrainState):
+        """Run probe ``name`` once: its rows, or None when it raised (then it is disabled and the failure logged).
+        Its time updates :attr:`cost` (the fastest call so far)."""
         t = time.perf_counter()
         try:
             with selecting_output(unwrap(state.model), getattr(self, "output", None)):
                 rows = PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
         except Exception as exc:  # a failing probe must not stop training
             self._fail(name, exc, state)
-            return
+            return None
         dt = time.perf_counter() - t
         # kept for information (and for calibration); no decision reads it once the plan exists
         self.cost[name] = dt if name not in self.cost else min(self.cost[name], dt)
+        return rows
+
+    def _run(self, name: str, state: TrainState) -> None:
+        if name in self.failed:
+            return
+        rows = self._measure(name, state)
+        if rows is not None:
+            self._log(name, rows, state)
+
+    def _log(self, name: str, rows, state: TrainState) -> None:
         state.log_metrics([(name, layer, metric, value) for layer, metric, value in rows])
         if self._tb is not None:
             for layer, metric, value in rows:
@@ -547,6 +605,8 @@ class Monitor(Callback):
         else:
             self.plan = None  # a fresh run plans anew (a resumed run gets its plan from load_state_dict)
             self._plan_written = self._resumed = False
+            self.cost = {}  # this run's calibration times its own probes
+            _import_probe_modules()
         self._durations, self._last_end = [], time.perf_counter()
 
     def _ensure_written(self, state: TrainState) -> None:
@@ -580,6 +640,8 @@ class Monitor(Callback):
                     self.skipped[name] += 1
         if self.plan is None and len(self._durations) >= CALIBRATION_STEPS:
             self._make_plan(state)
+        elif self.plan is not None:
+            self._calibration_measurements(state)
         self._last_end = time.perf_counter()
         self.spent += self._last_end - t
 
@@ -594,6 +656,8 @@ class Monitor(Callback):
         last = epochs - 1 if epochs is not None else None
         for name, sch in self.schedules.items():
             if sch.kind == "epoch":
+                if state.epoch == 0 and self.plan.get("calibration_measurement"):
+                    continue  # measured at the calibration step: neither run again nor thinned out
                 if self._planned(name, epoch=state.epoch, last_epoch=last):
                     self._run(name, state)
                 else:
