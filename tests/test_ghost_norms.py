@@ -90,6 +90,13 @@ def test_linear_flat_and_sequence_inputs():
     lambda: nn.Conv2d(3, 4, 2, padding="same", padding_mode="reflect"),
     lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
     lambda: nn.Conv2d(4, 8, 3, padding=1, groups=4, padding_mode="replicate"),  # depthwise with multiplier 2
+    # 4+ input channels per group: patches from the channels-last strided view (ghost._patches_channels_last)
+    lambda: nn.Conv1d(5, 4, 3, stride=2, padding=1, dilation=2),
+    lambda: nn.Conv1d(4, 3, 2, padding="same", dilation=2, padding_mode="circular"),
+    lambda: nn.Conv2d(4, 6, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(1, 2), bias=False),
+    lambda: nn.Conv2d(5, 4, 2, padding="same", padding_mode="reflect"),
+    lambda: nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2),
+    lambda: nn.Conv2d(4, 3, 3),
 ])
 def test_conv_layers(conv):
     torch.manual_seed(1)
@@ -160,6 +167,75 @@ def test_batch_statistics_policy_matches_vmap_reference():
     assert unchanged(model, snap)  # running statistics untouched, training flags restored
     assert torch.allclose(st.gram, ref @ ref.T, rtol=1e-10, atol=1e-12 * float((ref ** 2).sum(1).max()))
     assert not st.fallback
+
+
+class TwiceBN(nn.Module):
+    """One BatchNorm1d called twice (its frozen statistics are those of the last call), one BN left in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+        self.bn_eval = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.b(self.bn(torch.tanh(self.bn(self.bn_eval(self.a(x))))))
+
+
+@pytest.mark.parametrize("build", ["conv_bn", "twice_bn"])
+def test_batch_statistics_recorded_by_the_capture_forward_match_the_separate_pass(build):
+    """per_sample_stats records bn='batch' statistics in its capture forward (one forward fewer): a fresh model (first
+    use: the validation checks run on those statistics) gives the same Gram as the engine's separate statistics pass
+    with vmap(grad), and the buffers and flags are untouched. A BN module called twice takes the separate pass."""
+    torch.manual_seed(6)
+    if build == "conv_bn":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3),
+                              nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3)).double().train()
+        x, y = xy((2, 4, 4), b=7)
+    else:
+        model = TwiceBN().double().train()
+        model.bn_eval.eval()
+        with torch.no_grad():
+            model.bn_eval.running_mean.uniform_(-1, 1)
+            model.bn_eval.running_var.uniform_(0.5, 2)
+        x, y = xy((4,), b=7)
+    snap = snapshot(model)
+    with Engine(model, F.cross_entropy, x, y, bn="batch", backend="func") as e:
+        ref = e.per_sample_matrix()
+    st = per_sample_stats(model, F.cross_entropy, (x, y), bn="batch")
+    assert unchanged(model, snap)
+    scale = float((ref ** 2).sum(1).max())
+    assert torch.allclose(st.gram, ref @ ref.T, rtol=1e-10, atol=1e-12 * scale)
+    assert torch.allclose(st.sq_norms, (ref ** 2).sum(1), rtol=1e-10, atol=1e-12 * scale)
+    assert not st.fallback
+    # norms alone and a second (validated) call give the same numbers
+    again = per_sample_stats(model, F.cross_entropy, (x, y), bn="batch", gram=False)
+    assert torch.allclose(again.sq_norms, st.sq_norms, rtol=1e-10, atol=1e-12 * scale)
+    assert unchanged(model, snap)
+
+
+def test_deferred_batch_statistics_when_the_layer_path_gives_up_mid_capture():
+    """A train-mode BN model whose capture fails (a keyword-argument call) falls back to vmap(grad) with statistics
+    from the separate pass: same Gram as the reference, fallback reported, buffers untouched."""
+
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(input=torch.tanh(self.bn(self.a(x))))
+
+    torch.manual_seed(7)
+    model = KW().double().train()
+    x, y = xy((4,), b=7)
+    snap = snapshot(model)
+    with Engine(model, F.cross_entropy, x, y, bn="batch", backend="func") as e:
+        ref = e.per_sample_matrix()
+    st = per_sample_stats(model, F.cross_entropy, (x, y), bn="batch")
+    assert unchanged(model, snap)
+    assert set(st.fallback) == {n for n, _ in model.named_parameters()}
+    assert "called with keyword" in next(iter(st.fallback.values()))
+    assert torch.allclose(st.gram, ref @ ref.T, rtol=1e-10, atol=1e-12 * float((ref ** 2).sum(1).max()))
 
 
 def test_module_called_twice_adds_its_gradients():

@@ -21,6 +21,9 @@ Conventions (decisions where the source is silent)
     runs BN in eval mode with those statistics in place of the running buffers. Per-sample outputs therefore equal
     the train-mode batch outputs, but the statistics are treated as constants: no gradient flows through them and
     they do not move with ω or δ. The function measured is ``L(w, x; s(w₀, χ))``.
+    (:func:`gradcond.probes.per_sample_stats` records the same statistics in its own capture forward instead of a
+    separate pass; every other method computes them on entry, or on first use when deferred:
+    :meth:`Engine.resolve_batch_statistics`.)
   - ``bn="eval"``: use the running statistics (the model's eval-mode function).
 
   For a model already in eval mode the two coincide (running statistics are used). A BN layer that does not track
@@ -59,15 +62,18 @@ DEFAULT_MEMORY_BYTES = 256 * 2**20  # bound for one chunk of per-sample gradient
 
 
 @contextlib.contextmanager
-def _eval_flags(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode for the block; each module's own training flag is restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
+def _eval_flags(model: nn.Module, modules=None) -> Iterator[None]:
+    """Every module in eval mode for the block; each module's own training flag is restored afterwards.
+    ``modules``: ``model.modules()`` when the caller has already listed them (saves a walk of the module tree)."""
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     try:
-        model.eval()
+        if any(t for _, t in flags):  # model.eval() walks the tree with Module.__setattr__ per module
+            model.eval()
         yield
     finally:
         for m, t in flags:
-            m.training = t
+            if m.training != t:
+                m.training = t
 
 
 class Engine:
@@ -116,6 +122,7 @@ class Engine:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         self.model, self.loss_fn, self.bn = model, loss_fn, bn
         raw = dict(model.named_parameters())
+        self._own_params = raw  # the model's own parameters (the layer path differentiates through them directly)
         self.names = [n for n, p in raw.items() if p.requires_grad]
         if not self.names:
             raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to measure.")
@@ -143,14 +150,27 @@ class Engine:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "Engine":
-        self._ctx = _eval_flags(self.model)
-        training = {m: m.training for m in self.model.modules()}
-        bns = [(n, m) for n, m in self.model.named_modules() if isinstance(m, BN_TYPES)]
+        named = list(self.model.named_modules())
+        self._ctx = _eval_flags(self.model, [m for _, m in named])
+        training = {m: m.training for _, m in named}
+        bns = [(n, m) for n, m in named if isinstance(m, BN_TYPES)]
         self._ctx.__enter__()
         try:
             buffers = {n: b.detach() for n, b in self.model.named_buffers()}
+            self._pending_bn = None
             if self.bn == "batch" and any(training[m] for _, m in bns):
-                buffers = self._batch_statistics(bns, training, buffers)
+                if getattr(self, "_defer_bn", False) and self._use_fast():
+                    # statistics recorded by the layer path's own capture forward (LayerPath.capture), which saves
+                    # one forward pass; resolve_batch_statistics() computes them here if that path is not taken
+                    for n, m in bns:
+                        if m.running_mean is None:
+                            raise ValueError(
+                                f"BatchNorm layer {n!r} does not track running statistics; per-sample gradients "
+                                "need track_running_stats=True."
+                            )
+                    self._pending_bn = (bns, training)
+                else:
+                    buffers = self._batch_statistics(bns, training, buffers)
             else:
                 for n, m in bns:
                     if m.running_mean is None:
@@ -169,6 +189,23 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
+
+    def resolve_batch_statistics(self) -> None:
+        """Compute deferred BatchNorm batch statistics now (one no-grad forward), if they are still pending."""
+        if getattr(self, "_pending_bn", None) is not None:
+            bns, training = self._pending_bn
+            self.buffers = self._batch_statistics(bns, training, self.buffers)
+            self._own_buffers = False
+            self._pending_bn = None
+
+    def set_batch_statistics(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Install deferred BatchNorm batch statistics {BN module name: (mean, biased variance)} recorded by a forward
+        of the engine's batch at the base weights (what :meth:`_batch_statistics` would have recorded)."""
+        new = dict(self.buffers)
+        for name, (mean, var) in stats.items():
+            new[name + ".running_mean"] = mean
+            new[name + ".running_var"] = var
+        self.buffers, self._own_buffers, self._pending_bn = new, False, None
 
     def _batch_statistics(self, bns, training, buffers):
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -258,13 +295,14 @@ class Engine:
     # ------------------------------------------------------------------ gradients
     def batch_grad(self, omega: torch.Tensor | None = None, x=None, y=None) -> torch.Tensor:
         """Flat batch-mean gradient h̄_W(w + ω, χ) (one batched forward+backward)."""
+        self.resolve_batch_statistics()
         w = self.w if omega is None else self.add(omega)
         x = self.x if x is None else self.cast(x)
         y = self.y if y is None else y
         # plain autograd (no torch.func transform: its per-call overhead was a third of a step-consistency call);
         # the base weights are differentiated through the model's own parameters (torch.autograd.grad writes no .grad)
         if self._direct(w):
-            own = dict(self.model.named_parameters())
+            own = self._own_params
             leaves, wl = [own[n] for n in self.names], None
         else:
             wl = {n: t.detach().requires_grad_(True) for n, t in w.items()}
@@ -282,6 +320,7 @@ class Engine:
     ]:
         """Yield ``(slice, G)`` chunks, ``G`` of shape (c, m) (weights, optionally masked by ``select``) or (c, k)
         (inputs, flattened). ``select`` is an index tensor applied to the flat weight gradient."""
+        self.resolve_batch_statistics()
         x = self.x if x is None else self.cast(x)
         y = self.y if y is None else y
         w = self.w if omega is None else self.add(omega)
@@ -356,6 +395,7 @@ class Engine:
                 return st
             except Unsupported as err:
                 self._disable_fast(str(err))
+        self.resolve_batch_statistics()
         reason = self.plan.reason if self.plan is not None else "backend='func' was asked for"
         sq = g = None
         if gram:
@@ -385,12 +425,14 @@ class Engine:
 
     def hvp(self, omega: torch.Tensor) -> torch.Tensor:
         """Exact Hessian-vector product H ω of the batch loss (forward-over-reverse ``jvp(grad)``)."""
+        self.resolve_batch_statistics()
         d = unflatten(omega.to(self.dtype), self.w, self.names)
         _, t = jvp(lambda w: grad(self._loss_batch)(w, self.x, self.y), (self.w,), (d,))
         return flatten(t, self.names)
 
     def mixed_jvp(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, *, select=None) -> torch.Tensor:
         """Per-sample mixed derivative (∂h_W/∂x)(w, x_i, t_i)·δ_i, shape (c, m); exact (forward-over-reverse)."""
+        self.resolve_batch_statistics()
         x, delta = self.cast(x), self.cast(delta)
 
         def one(xi, yi, di):

@@ -210,6 +210,23 @@ def _validate(model, names, path, calls, ref: dict, ref0: dict) -> None:
     _VALIDATED[model] = tuple(names)
 
 
+def _bn_stats_hook(name: str, stats: dict):
+    """Forward hook of a BN module (eval mode) that normalises its input with the input's own batch statistics, held
+    constant (detached), and records them in ``stats[name]``."""
+    def hook(module, args, output):
+        inp = args[0]
+        dims = [0] + list(range(2, inp.ndim))
+        d = inp.detach()
+        mean, var = d.mean(dims), d.var(dims, unbiased=False)
+        stats.setdefault(name, []).append((mean, var))
+        shape = [1, -1] + [1] * (inp.ndim - 2)
+        out = (inp - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+        if module.affine:
+            out = out * module.weight.view(shape) + module.bias.view(shape)
+        return out
+    return hook
+
+
 class LayerPath:
     """The layer fast path of one :class:`~gradcond.probes.per_sample.Engine`.
 
@@ -237,9 +254,13 @@ class LayerPath:
         autograd's gradient of Σ_i ℓ_i (``_validate``); a model that fails any check uses vmap(grad) instead."""
         eng = self.engine
         plan = eng.plan
+        pending = getattr(eng, "_pending_bn", None)
+        if pending is not None and not (w is eng.w and x is eng.x):
+            eng.resolve_batch_statistics()
+            pending = None
         direct = eng._direct(w)
         if direct:  # base weights: differentiate through the model's own parameters, skipping functional_call
-            own = dict(eng.model.named_parameters())
+            own = eng._own_params
             leaves = {n: own[n] for n in eng.names}
         else:
             leaves = {n: t.detach().requires_grad_(True) for n, t in w.items()}
@@ -257,13 +278,35 @@ class LayerPath:
                 return output.clone()  # later in-place ops must not touch the tensor we differentiate against
             return hook
 
-        handles = [mod.register_forward_hook(make_hook(name), with_kwargs=True) for name, mod in plan.modules.items()]
+        stats: dict[str, list] = {}
+        handles = []
+        if pending is not None:
+            # deferred bn="batch" statistics: this forward (eval mode, the model's own tensors) records each train-mode
+            # BN layer's batch mean and biased variance and normalises with them as constants, exactly what
+            # Engine._batch_statistics followed by a frozen-statistics forward computes, one forward fewer. Registered
+            # before the capture hooks, so those see the replaced output.
+            bns, training = pending
+            for bname, bmod in bns:
+                if training[bmod]:
+                    handles.append(bmod.register_forward_hook(_bn_stats_hook(bname, stats)))
+            direct = True
+        handles += [mod.register_forward_hook(make_hook(name), with_kwargs=True) for name, mod in plan.modules.items()]
         try:
             with torch.enable_grad():
                 loss = eng.loss_sum(None if direct else leaves, x, y)
         finally:
             for h in handles:
                 h.remove()
+        if stats:
+            if any(len(v) != 1 for v in stats.values()):
+                # a BN module called more than once: the frozen statistics are those of its last call (as
+                # Engine._batch_statistics records them); redo the capture with them
+                eng.resolve_batch_statistics()
+                return self.capture(w, x, y)
+            eng.set_batch_statistics({k: v[0] for k, v in stats.items()})
+            direct = eng._direct(w)
+            if not direct:
+                leaves = {n: own[n] for n in eng.names}
         missing = [name for name in plan.modules if not rec[name]]
         if missing:
             raise Unsupported(f"module(s) {missing} own parameters but were not called in the forward pass")
