@@ -25,12 +25,17 @@ samples.  With ``--rounds R`` the whole measurement is repeated R times and the 
 over rounds is printed (the spread shows the machine's noise).
 For models of a few thousand parameters both times are dominated by per-call overhead (tens of microseconds),
 so there the ratio compares Python/dispatch overheads: a clone is one call per parameter, a teleport a fixed
-number of vectorised calls (see ``gradcond.teleport.teleport``) plus the parameter walk -- and, for the
-transformer, wrapping its GELU modules and unwrapping them again at every pair, which is most of its cost.  For
-large models both are memory-bound: a clone reads and writes every parameter once; a teleport writes the factor of
-each weight (as large as the weight for Linear and 1x1 convolutions: mobilenet_v2's pointwise convolutions) and
-then reads both and writes the weight, so models dominated by such layers sit near 1x, and the ratio moves with
-how the allocator serves the clone's fresh memory (page faults on a busy machine).
+number of vectorised calls (see ``gradcond.teleport.teleport``: about 6 torch calls for the mlp, the finiteness
+re-check skipped for a CoB whose tau is unchanged since validation) plus the parameter walk that recognises the
+model -- and, where activations must be rewritten (the transformer's GELUs, mobilenet_v2's ReLU6 under a random
+CoB), wrapping those modules and unwrapping them again at every pair (the table [1, tau, 1, 1/tau] is built once
+and shared by the factors and the site decisions).  For large models both are memory-bound: a clone reads every
+parameter and writes fresh memory; the in-place teleport reads and writes each parameter once plus its factor
+(for mobilenet_v2 every factor is a per-channel vector, for 3x3 convolutions a (out, in) table 1/9 of the weight),
+and the ratio moves with how the allocator serves the clone's fresh memory (page faults on a busy machine: with
+a warm clone, 1.6-2.0 ms, mobilenet_v2 has been measured at 0.87-1.10x on a shared 2-core machine, and at ~0.3x
+when the clone page-faults, ~7 ms).  Weight factors are never materialised in float32 (see
+``gradcond.teleport.scaling``): a (O, I, 1, 1) factor broadcast over a 3x3 kernel alone took 2x a clone.
 """
 
 from __future__ import annotations

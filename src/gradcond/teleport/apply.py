@@ -79,10 +79,18 @@ def teleport(model: nn.Module, cob: CoB, inplace: bool = False, *, check: bool =
     the first checked teleport of a structure warns with the measured relative output change.
 
     Cost without the check: a fixed number of vectorised calls (one gather of every factor term from the lookup
-    table into a cached buffer, ``K - 1`` batched products for rules of ``K`` terms, one batched multiply of all
-    parameters), whatever the number of parameters; plus the module copy when ``inplace=False`` and one module
-    swap per activation that must be rewritten.  Plans are cached per (structure, device, dtype); the full
-    parameter name/shape check runs once per model (later calls compare parameter identities and shapes).
+    table into a cached buffer; float64: ``K - 1`` batched products for rules of ``K`` terms and one batched
+    multiply of all parameters, bit-identical to ``W * weight_scale_factors(...)``; other dtypes: ``K`` batched
+    in-place multiplies by the terms themselves -- no weight-sized factor is ever allocated, results within a few
+    ulps of the definition: a weight with an output and an input tau takes two passes by small row / column
+    vectors, each at about copy speed), whatever the number of parameters.  Plus the module copy when ``inplace=False`` and one module swap per
+    activation that must be rewritten (a wrapper removed when its tau returned to 1 is reused when that site is
+    wrapped again, unless someone else still holds it).  Plans are cached per (structure, device, dtype); the full
+    parameter name/shape check runs once per model (later calls compare parameter identities and shapes).  The
+    finiteness re-check of tau (one reduction) is skipped when the CoB's tau tensor is unchanged since the CoB
+    validated it (its autograd version counter; edits that bypass it -- ``tau.data[...] = ``, writes through a numpy
+    view -- are then not re-checked: with ``check=True`` such a tau is still caught by the self-check and the model
+    restored).
     """
     if not check:
         return _teleport(model, cob, inplace)
@@ -295,16 +303,22 @@ def _teleport(model: nn.Module, cob: CoB, inplace: bool = False) -> nn.Module:
     if not isinstance(cob, CoB):
         raise TypeError(f"teleport expects a CoB as second argument, got {type(cob).__name__}.")
     structure = cob.structure
-    tau = cob.tau.detach()
+    tau = cob._tau if (cob._tau is not None and not cob._tau.requires_grad) else cob.tau.detach()
     ruled, same = _ruled_params(model, structure, _rule_order(structure))
     # `same`: every ruled parameter has the first one's dtype and device (then one look decides)
     half = bool(ruled) and (ruled[0].dtype in _HALF if same else any(p.dtype in _HALF for p in ruled))
     fplan = _fast_plan(structure, ruled[0].device, ruled[0].dtype) if (ruled and same and not half) else None
+    # factors first: they validate tau (ValueError before anything is touched) and leave the table [1, tau, 1, 1/tau]
+    # that sites() reuses; views into the plan's buffers, used below before any other call of factors()
+    # sign sites matter only when some tau < 0; sites() decides per site in one vectorised pass
+    need_sites = bool(structure.sites) and fplan is not None and (
+        fplan.scale_vars is not None or (cob._any_negative and fplan.sign_vars is not None))
+    facs = fplan.factors(tau, keep_table=need_sites, trusted=cob._tau is not None and cob._trusted(ruled[0].dtype)) \
+        if fplan is not None else None
     plan, final = [], False
     if structure.sites:
         if fplan is not None:
-            # sign sites matter only when some tau < 0; sites() decides per site in one vectorised pass
-            if fplan.scale_vars is not None or (cob._any_negative and fplan.sign_vars is not None):
+            if need_sites:
                 active, vals = fplan.sites(structure, tau)
                 if any(active):
                     plan, final = _plan(model, structure, vals, active=active), True
@@ -320,12 +334,11 @@ def _teleport(model: nn.Module, cob: CoB, inplace: bool = False) -> nn.Module:
     torch._C._set_grad_enabled(False)  # = torch.no_grad(), without the context-manager overhead
     try:
         if fplan is not None:
-            facs = fplan.factors(tau)
             if inplace:
-                torch._foreach_mul_(ruled, facs)
+                fplan.scale_(ruled, facs)
                 new = None
             else:
-                new = dict(zip(fplan.names, torch._foreach_mul(ruled, facs)))
+                new = dict(zip(fplan.names, fplan.scaled(ruled, facs)))
         else:
             new = _scaled_half(structure, cob, model, inplace) if half else \
                 _scaled(structure, cob, _params_checked(model, structure), inplace)
@@ -339,7 +352,8 @@ def _teleport(model: nn.Module, cob: CoB, inplace: bool = False) -> nn.Module:
         if plan:
             tau_dtype = ruled[0].dtype if ruled else next(
                 (p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            out = _realise(out, structure, plan, tau_dtype, final=final)
+            out = _realise(out, structure, plan, tau_dtype, final=final,
+                           device=ruled[0].device if (ruled and same) else None)
     finally:
         torch._C._set_grad_enabled(grad_was)
     return out

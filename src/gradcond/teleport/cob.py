@@ -24,6 +24,8 @@ from gradcond.graph import CoBStructure
 
 __all__ = ["CoB", "random_cob", "weight_scale_factors"]
 
+_FMAX: dict = {}  # dtype -> largest finite value
+
 
 class CoB:
     """A change of basis for one :class:`CoBStructure`: ``tau`` of shape ``(structure.num_free,)``.
@@ -59,6 +61,11 @@ class CoB:
             self._tau = tau
             self._log_abs = None
             self._signs = None
+            if n:
+                lo, hi = chk.abs().aminmax()
+                # (version, min|tau|, max|tau|) when validated: lets a teleport skip its finiteness re-check when the
+                # tau tensor has not been written since (the version counter, shared with views and detach())
+                self._valid = (chk._version, float(lo), float(hi))
         self._any_negative = bool((self.signs < 0).any()) if n else False
         if n and bool(structure.positive.any()):
             s = self.signs
@@ -67,6 +74,19 @@ class CoB:
                 i = int(bad.nonzero()[0])
                 raise ValueError(f"CoB violates a sign constraint: tau[{i}] < 0 but the structure requires tau > 0 "
                                  f"there (max-reduction over features); {int(bad.sum())} entries affected.")
+
+    _valid = None
+
+    def _trusted(self, dtype: torch.dtype) -> bool:
+        """Whether tau is unchanged since it was validated and every tau and 1/tau is finite in ``dtype``
+        (then :func:`gradcond.teleport.teleport` skips its re-check).  Python arithmetic on the recorded bounds."""
+        v = self._valid
+        if v is None or self._tau._version != v[0]:
+            return False
+        lim = _FMAX.get(dtype)
+        if lim is None:
+            lim = _FMAX[dtype] = float(torch.finfo(dtype).max) if dtype.is_floating_point else 0.0
+        return v[2] <= lim and v[1] > 0 and 1.0 / v[1] <= lim
 
     # ---- constructors --------------------------------------------------------------------------------
     @classmethod

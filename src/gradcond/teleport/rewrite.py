@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ from .cob import CoB
 __all__: list[str] = []
 
 _NP_FLOAT = (torch.float32, torch.float64)
+_EPS: dict = {}  # dtype -> machine epsilon (torch.finfo costs a call per use)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype (0 for other dtypes), cached."""
+    e = _EPS.get(dtype)
+    if e is None:
+        e = _EPS[dtype] = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    return e
 
 
 def _get_module(root: nn.Module, path: str):
@@ -47,6 +57,12 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
         parent._modules[last] = new  # same effect as setattr for an existing submodule, without its checks
     else:
         setattr(parent, last, new)
+
+
+def _parent_slot(root: nn.Module, path: str):
+    """``(parent module, key)`` of the submodule at ``path`` (which exists: ``parent._modules[key]`` is it)."""
+    parent_path, _, last = path.rpartition(".")
+    return (_get_module(root, parent_path) if parent_path else root), last
 
 
 def _buf_name(site) -> str:
@@ -102,13 +118,18 @@ def _site_value(site, tau: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype, final: bool = False) -> nn.Module:
+def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype, final: bool = False,
+             device=None) -> nn.Module:
     """Apply a plan to ``model`` (mutated; may return a new GraphModule wrapping it).  ``final``: the plan's
-    values are already the buffer values (sign or tau, in ``dtype``, owned), as made by :meth:`_FastPlan.sites`."""
+    values are already the buffer values (sign or tau, in ``dtype``, owned), as made by :meth:`_FastPlan.sites`.
+    ``device``: the model's device when the caller knows it (all its ruled parameters are there), else found from
+    the first parameter or buffer."""
     graph_sites = []
     composed, factors = [], []
+    spare = structure._cache.setdefault("spare_wrappers", {})  # site node -> the wrapper last removed there
     # The taus come from the CoB (often drawn on the CPU); the wrappers and buffers live on the model's device.
-    device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+    if device is None:
+        device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
     for how, site, tau in plan:
         val = tau if final else _site_value(site, tau.detach(), dtype)
         if device is not None and val.device != device:
@@ -117,28 +138,46 @@ def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype, final
             buf = model._buffers[_buf_name(site)]
             buf.mul_(val.to(buf.dtype))
         elif how == "compose_wrapper":
-            w = _get_module(model, site.module_path)
-            composed.append((site, w))
-            factors.append(val.to(w.tau.dtype))
+            parent, key = _parent_slot(model, site.module_path)
+            w = parent._modules[key]
+            composed.append((parent, key, w, site.node))
+            factors.append(val if val.dtype == w.tau.dtype else val.to(w.tau.dtype))
         elif how == "wrap":
-            inner = _get_module(model, site.module_path)
-            _set_module(model, site.module_path, TeleportedActivation._make(inner, val if final else val.clone(),
-                                                                            site.kind))
+            parent, key = _parent_slot(model, site.module_path)  # one walk for the read and the swap
+            inner = parent._modules[key]
+            w = spare.pop(site.node, None) if spare else None
+            # reuse the wrapper this site had before it was unwrapped: only when it wraps this very module, and no
+            # one else holds it (references: the local name and getrefcount's argument) or hooked it
+            if w is not None and w.inner is inner and w.kind == site.kind and sys.getrefcount(w) == 2 \
+                    and not w._forward_hooks and not w._forward_pre_hooks:
+                w._buffers["tau"] = val if final else val.clone()
+                w.training = inner.training
+            else:
+                w = TeleportedActivation._make(inner, val if final else val.clone(), site.kind)
+            parent._modules[key] = w
         else:
             graph_sites.append((site, val))
     if composed:
-        taus = [w.tau for _, w in composed]
+        taus = [w.tau for _, _, w, _ in composed]
         torch._foreach_mul_(taus, factors)
         # composed back to the identity (all |tau - 1| <= 4 eps; sign taus are +-1, so exactly 1): restore the
         # user's module.  One batched max-norm for all wrappers (a few small CPU taus: numpy, cheaper per call).
         if len(taus) <= 8 and all(t.device.type == "cpu" and t.dtype in _NP_FLOAT for t in taus):
-            dev = [float(np.abs(t.detach().numpy() - 1).max(initial=0.0)) for t in taus]
+            arrs = [(t.detach() if t.requires_grad else t).numpy() for t in taus]
+            # one max over all wrappers: when it is within the threshold every wrapper returns to the identity (the
+            # usual teleport-back case); otherwise each wrapper is decided on its own
+            top = float(np.abs(np.concatenate(arrs) - 1).max(initial=0.0)) if len({a.dtype for a in arrs}) == 1 \
+                else None
+            if top is not None and top <= 4 * _eps(taus[0].dtype):
+                dev = [top] * len(arrs)
+            else:
+                dev = [float(np.abs(a - 1).max(initial=0.0)) for a in arrs]
         else:
             dev = torch.stack(torch._foreach_norm(torch._foreach_sub(taus, 1), float("inf"))).tolist()
-        for (site, w), d in zip(composed, dev):
-            eps = torch.finfo(w.tau.dtype).eps if w.tau.is_floating_point() else 0
-            if d <= 4 * eps:
-                _set_module(model, site.module_path, w.inner)
+        for (parent, key, w, node), d in zip(composed, dev):
+            if d <= 4 * _eps(w.tau.dtype):
+                parent._modules[key] = w.inner
+                spare[node] = w  # one spare wrapper per site (bounded), reused by the next wrap of this module
     if not graph_sites:
         return model
     graph = copy.deepcopy(structure.graph_module.graph)

@@ -28,12 +28,19 @@ __all__: list[str] = []
 # structure; a teleport is then a fixed number of vectorised calls whatever the number of parameters:
 #   ext[1:n+1] <- tau; ext[n+2:] <- 1/tau           (2 calls, into a cached buffer)
 #   G <- ext[idx]                                    (1 index_select into a cached buffer; G holds every term)
-#   facs <- T1 * T2 (* T3 ...)                       (K-1 _foreach_mul calls over the multi-term parameters)
-#   params *= facs                                   (1 _foreach_mul_ / _foreach_mul)
+#   float64 ("products", bit-identical to weight_scale_factors: V = W * (T1 * T2 ...)):
+#     facs <- T1 * T2 (* T3 ...)                     (K-1 _foreach_mul calls over the multi-term parameters)
+#     params *= facs                                 (1 _foreach_mul_ / _foreach_mul)
+#   other dtypes ("passes": V = (W * T1) * T2 ..., a few ulps from the definition in float32):
+#     params *= T1; params[:k] *= T2; ...            (K _foreach_mul_ calls, no factor tensor is allocated)
 # T_k are views into G made once (parameters sorted by their number of terms, so each level is a list prefix).
+# Why passes: a Linear / 1x1-conv factor T1 * T2 is as large as the weight (allocating and reading it doubles the
+# memory traffic of a clone), and a k x k conv factor (O, I, 1, 1) broadcast over the kernel makes torch's kernel loop
+# over 9-element blocks (2x a clone on a 512x512x3x3 weight); each pass by a row or column vector runs at copy speed
+# once a term whose trailing broadcast block is short (the kernel dims) is stored expanded over it (_expand_term).
 class _FastPlan:
     __slots__ = ("names", "ext", "ext_tau", "ext_inv", "zeros", "idx", "G", "first", "levels", "n_multi", "singles",
-                 "scale_vars", "sign_vars", "_site_data", "_site_np")
+                 "scale_vars", "sign_vars", "_site_data", "_site_np", "_np", "_e", "passes")
 
     def __init__(self, structure: CoBStructure, device, dtype):
         n = structure.num_free
@@ -43,7 +50,11 @@ class _FastPlan:
         self.ext_tau = self.ext[1:n + 1]
         self.ext_inv = self.ext[n + 2:]
         self.zeros = torch.zeros_like(self.ext)
-        terms = [g for r in rules for g in r.gidx]
+        self.passes = dtype != torch.float64
+        if self.passes:
+            terms = [_expand_term(g, tuple(structure.param_shapes[r.name])) for r in rules for g in r.gidx]
+        else:
+            terms = [g for r in rules for g in r.gidx]
         self.idx = (torch.cat([g.reshape(-1) for g in terms]) if terms
                     else torch.zeros(0, dtype=torch.int64)).to(device)
         self.G = torch.empty(self.idx.numel(), dtype=dtype, device=device)
@@ -72,6 +83,9 @@ class _FastPlan:
 
         self._site_data = None
         self._site_np = None
+        self._np = None  # numpy views of the CPU buffers (built on first use, see _factors_np)
+        # (tau, its table [1, tau, 1, 1/tau] in tau's dtype, tau._version) of the last _factors_np call, for sites()
+        self._e = None
         self.scale_vars = vars_of([s for s in structure.sites if s.kind == "scale"])
         self.sign_vars = vars_of([s for s in structure.sites if s.kind == "sign"])
 
@@ -138,15 +152,19 @@ class _FastPlan:
                  [s.kind == "scale" for s in structure.sites])
             self._site_np = d
         sizes, starts, idx, scale, kinds, shapes, is_scale = d
+        last = self._e
+        if last is not None and last[0] is tau and last[2] == tau._version:  # factors() just built it for this tau
+            return self._sites_np_eval(last[1], sizes, starts, idx, scale, kinds, shapes, is_scale)
         with np.errstate(all="ignore"):  # a zero / overflowing tau is refused by factors(), warning-free like torch
-            return self._sites_np_eval(tau.detach().numpy(), sizes, starts, idx, scale, kinds, shapes, is_scale)
+            t = tau.detach().numpy()
+            n = t.shape[0]
+            e = np.empty(2 * n + 2, dtype=t.dtype)
+            e[0] = e[n + 1] = 1
+            e[1:n + 1] = t
+            np.divide(1, t, out=e[n + 2:])
+            return self._sites_np_eval(e, sizes, starts, idx, scale, kinds, shapes, is_scale)
 
-    def _sites_np_eval(self, t, sizes, starts, idx, scale, kinds, shapes, is_scale):
-        n = t.shape[0]
-        e = np.empty(2 * n + 2, dtype=t.dtype)
-        e[0] = e[n + 1] = 1
-        e[1:n + 1] = t
-        np.divide(1, t, out=e[n + 2:])
+    def _sites_np_eval(self, e, sizes, starts, idx, scale, kinds, shapes, is_scale):
         v = e[idx]
         if kinds == {"scale"}:
             flag = v != 1
@@ -164,14 +182,26 @@ class _FastPlan:
                 x = v[starts[i]:starts[i] + sizes[i]]
                 if not is_scale[i]:
                     x = np.sign(x)
-                vals.append(torch.from_numpy(x.astype(out_dt)).view(shapes[i]))
+                vals.append(torch.from_numpy(x.astype(out_dt).reshape(shapes[i])))  # owned copy, numpy reshape
             else:
                 vals.append(None)
         return active, vals
 
-    def factors(self, tau: torch.Tensor) -> list:
-        """Per-parameter factors (order of ``self.names``); views into cached buffers, valid until the next call.
-        ``ValueError`` (nothing touched) when some tau or 1/tau is not finite in the buffers' dtype."""
+    def factors(self, tau: torch.Tensor, keep_table: bool = False, trusted: bool = False) -> list:
+        """Gather every factor term of ``tau`` into ``G`` and return the per-parameter factors (order of
+        ``self.names``; views into cached buffers, valid until the next call) -- or None in "passes" mode (not
+        float64), where :meth:`scale_` / :meth:`scaled` multiply by the terms directly.
+        ``ValueError`` (nothing touched) when some tau or 1/tau is not finite in the buffers' dtype.
+        ``keep_table`` (the caller will call :meth:`sites` with the same ``tau`` object next): CPU taus and
+        float32/float64 buffers build the table in numpy (:meth:`_factors_np`: the same values, and the table in
+        tau's dtype is kept for :meth:`sites`, which then skips building its own); otherwise torch ops (fewer
+        calls when no site is evaluated).  ``trusted``: the caller knows every tau and 1/tau is finite in the
+        buffers' dtype (:meth:`CoB._trusted`), so the torch path skips its re-check."""
+        if keep_table and tau.device.type == "cpu" and self.ext.device.type == "cpu" \
+                and self.ext.dtype in _NP_DTYPE and tau.dtype in _NP_DTYPE and not tau.requires_grad:
+            self._factors_np(tau)
+            return self._products()
+        self._e = None
         self.ext_tau.copy_(tau)
         if tau.device == self.ext.device:
             torch.reciprocal(tau, out=self.ext_inv)  # computed in tau's dtype (float64), rounded once
@@ -180,16 +210,84 @@ class _FastPlan:
         # taus are validated when the CoB is made; this re-check also catches a tau tensor edited since, before any
         # parameter is touched: dot(ext, 0) is NaN iff some entry of ext = [1, tau, 1, 1/tau] is inf or NaN (one
         # call, vs three for isfinite(ext).all())
-        if not float(torch.dot(self.ext, self.zeros)) == 0.0:
+        if not trusted and not float(torch.dot(self.ext, self.zeros)) == 0.0:
             raise ValueError("CoB tau must be finite and non-zero everywhere, with 1/tau finite in the parameters' "
                              f"dtype {self.ext.dtype} (found 0, NaN, inf or an overflowing reciprocal).")
         torch.index_select(self.ext, 0, self.idx, out=self.G)
+        return self._products()
+
+    def _factors_np(self, tau: torch.Tensor) -> None:
+        """The table ``[1, tau, 1, 1/tau]`` in tau's dtype (IEEE division, as ``torch.reciprocal``), checked, rounded
+        once to the buffers' dtype (numpy, on a CPU view of the torch buffer) and gathered into ``G`` (one
+        ``index_select``); bit-identical to the torch path: copies, one division in tau's dtype, one rounding."""
+        d = self._np
+        if d is None:
+            d = self._np = dict(ext=self.ext.numpy(), tables={},
+                                lim=float(torch.finfo(self.ext.dtype).max))
+        t = tau.numpy()
+        n = t.shape[0]
+        e = d["tables"].get(t.dtype)
+        if e is None:
+            e = np.ones(2 * n + 2, dtype=t.dtype)
+            d["tables"][t.dtype] = e = (e, torch.from_numpy(e)[n + 2:])
+        e, inv = e
+        e[1:n + 1] = t
+        torch.reciprocal(tau, out=inv)  # torch: no floating-point warnings for a zero tau (refused just below)
+        # NaN fails the comparison; inf, and values that overflow the buffers' dtype, exceed lim: nothing touched yet
+        if not float(np.abs(e).max()) <= d["lim"]:
+            self._e = None
+            raise ValueError("CoB tau must be finite and non-zero everywhere, with 1/tau finite in the parameters' "
+                             f"dtype {self.ext.dtype} (found 0, NaN, inf or an overflowing reciprocal).")
+        np.copyto(d["ext"], e, casting="same_kind")
+        torch.index_select(self.ext, 0, self.idx, out=self.G)  # ext shares memory with d["ext"]
+        self._e = (tau, e, tau._version)
+
+    def scale_(self, params: list, facs) -> None:
+        """``params *= factors`` in place (order of ``self.names``; ``facs`` from :meth:`factors`)."""
+        if facs is not None:
+            torch._foreach_mul_(params, facs)
+            return
+        torch._foreach_mul_(params, self.first)
+        for lv in self.levels:
+            torch._foreach_mul_(params[:len(lv)], lv)
+
+    def scaled(self, params: list, facs) -> list:
+        """``params * factors`` as new tensors (order of ``self.names``; ``facs`` from :meth:`factors`)."""
+        if facs is not None:
+            return torch._foreach_mul(params, facs)
+        out = torch._foreach_mul(params, self.first)
+        for lv in self.levels:
+            torch._foreach_mul_(out[:len(lv)], lv)
+        return out
+
+    def _products(self) -> list | None:
+        """The factors from the gathered terms in ``G``: ``K - 1`` batched products for rules of ``K`` terms
+        (None in "passes" mode: :meth:`scale_` multiplies by the terms one level at a time)."""
+        if self.passes:
+            return None
         if not self.levels:
             return self.first
         prods = torch._foreach_mul(self.first[:self.n_multi], self.levels[0])
         for lv in self.levels[1:]:
             torch._foreach_mul_(prods[:len(lv)], lv)
         return [*prods, *self.singles]
+
+
+def _expand_term(g: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``g`` (a factor term's index tensor, broadcastable to a parameter of ``shape``) expanded over the dimensions
+    after its last non-singleton one when they hold fewer than 64 elements (a conv's kernel dims), so that the
+    in-place multiply runs over long contiguous blocks; otherwise ``g`` itself.  Same values either way."""
+    if g.dim() != len(shape):
+        return g
+    last = max((d for d in range(g.dim()) if g.shape[d] != 1), default=None)
+    if last is None:
+        return g
+    block = 1
+    for d in shape[last + 1:]:
+        block *= d
+    if not 1 < block < 64:
+        return g
+    return g.expand(*g.shape[:last + 1], *shape[last + 1:])
 
 
 def _fast_plan(structure: CoBStructure, device, dtype) -> _FastPlan:
@@ -217,8 +315,9 @@ def _walk_params(model: nn.Module) -> list:
     """``list(model.parameters())`` without the generator machinery (same order: modules depth first, pre-order, each
     module's ``_parameters`` in order, modules and parameters de-duplicated by identity): one loop over an explicit
     stack instead of recursion (a module is marked when popped, so a module reachable twice is visited where the
-    recursive walk first reaches it).  Used only to *recognise* a model already checked against the structure; any
-    mismatch falls back to the full ``named_parameters`` check."""
+    recursive walk first reaches it).  :func:`_ruled_params` recognises a model with the cheaper
+    :func:`_walk_tokens` (no per-parameter de-duplication); this exact-order walk is kept for callers that need
+    ``parameters()`` order."""
     out, seen = [], set()
     stack = [model]
     pop, push, add, append = stack.pop, stack.append, seen.add, out.append
@@ -243,24 +342,62 @@ def _ruled_params(model: nn.Module, structure: CoBStructure, names: list):
     """``([parameters of model named names], same_dtype_and_device)`` after checking the model against the structure.
 
     The full name/shape check (:func:`_params_checked`) runs once per model; later calls only compare the identities
-    and shapes of the model's parameters with those seen at that check (last model only, held by weak reference).
+    of the model's parameters (:func:`_walk_tokens`) and the shapes of the ruled ones with those seen at that check
+    (last model only, held by weak reference).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}.")
-    plist = _walk_params(model)
     last = structure._cache.get("last_model")
     if last is not None and last[0]() is model:
-        _, ids, shapes, where, same = last
-        if ids == tuple(map(id, plist)) and shapes == list(map(_SHAPE, plist)):
-            return list(map(plist.__getitem__, where)), same
+        _, ids, shapes, where, same, visits = last
+        walk = _walk_tokens(model, visits)
+        plist = walk[0] if walk is not None else None
+        if plist is not None and ids == tuple(map(id, plist)):
+            ruled = list(map(plist.__getitem__, where))
+            if shapes == list(map(_SHAPE, ruled)):
+                return ruled, same
     params = _params_checked(model, structure)
     ruled = [params[n] for n in names]
-    pos = {id(p): i for i, p in enumerate(plist)}
+    # bound the token walk (it does not de-duplicate modules): a model with shared modules visits some twice
+    n_mod = sum(1 for _ in model.modules())
+    walk = _walk_tokens(model, 4 * n_mod + 16)
+    if walk is None:  # modules shared many times over: not cached, every call takes the full check
+        return ruled, all(p.dtype == ruled[0].dtype and p.device == ruled[0].device for p in ruled)
+    plist, visits = walk
+    pos = {}
+    for i, p in enumerate(plist):
+        pos.setdefault(id(p), i)
     same = all(p.dtype == ruled[0].dtype and p.device == ruled[0].device for p in ruled)
     if all(id(p) in pos for p in ruled):
-        structure._cache["last_model"] = (weakref.ref(model), tuple(map(id, plist)), list(map(_SHAPE, plist)),
-                                          tuple(pos[id(p)] for p in ruled), same)
+        structure._cache["last_model"] = (weakref.ref(model), tuple(map(id, plist)), list(map(_SHAPE, ruled)),
+                                          tuple(pos[id(p)] for p in ruled), same, visits)
     return ruled, same
+
+
+def _walk_tokens(model: nn.Module, limit: int):
+    """``(tokens, visits)``: every entry of every module's ``_parameters`` (None entries included), modules depth
+    first *without* de-duplication (a module reachable twice is walked twice), or None after more than ``limit``
+    module visits (a changed model, or modules shared many times over).  Cheaper than :func:`_walk_params` (no identity sets); used
+    only to *recognise* a model already checked against the structure -- the same model gives the same list, and a
+    replaced module or parameter anywhere changes the identities in it; ``visits`` counts the module visits."""
+    out = []
+    stack = [model]
+    pop, extend, push_all = stack.pop, out.extend, stack.extend
+    n = 0
+    while stack:
+        m = pop()
+        if m is None:
+            continue
+        n += 1
+        if n > limit:
+            return None
+        ps = m._parameters
+        if ps:
+            extend(ps.values())
+        kids = m._modules
+        if kids:
+            push_all(kids.values())
+    return out, n
 
 
 def _scaled(structure: CoBStructure, cob: CoB, params: dict, inplace: bool) -> dict:
