@@ -159,6 +159,15 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
 
 
 def launch_ranks(worker, world: int, cfg: dict, out_dir: str | Path, join_timeout: float, on_tick=None):
+    """:func:`_launch_once`, retried once on a fresh port when a rank reports that its port was taken (the free
+    port is probed, released, then bound by the ranks: another process can take it in between)."""
+    codes, exited, ranks = _launch_once(worker, world, cfg, out_dir, join_timeout, on_tick)
+    if any("address already in use" in str(r.get("error", "")).lower() for r in ranks):
+        codes, exited, ranks = _launch_once(worker, world, cfg, out_dir, join_timeout, on_tick)
+    return codes, exited, ranks
+
+
+def _launch_once(worker, world: int, cfg: dict, out_dir: str | Path, join_timeout: float, on_tick=None):
     """Start ``world`` spawned processes ``worker(rank, world, port, cfg, out_dir)`` on a free loopback port and
     poll (every 20 ms, at most ``join_timeout`` s) until all have exited; ``on_tick(procs)`` runs at each poll (e.g.
     to kill a rank). A rank still alive at the deadline is terminated and gets exit code None.
