@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ from gradcond import zoo
 from gradcond.data import load_dataset
 from gradcond.probes import conditioning as C
 from gradcond.probes.per_sample import Engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import paired  # noqa: E402
 
 
 def timeit(fn, repeats):
@@ -91,7 +96,7 @@ def main():
 
         ref = naive()
         for backend in ("auto", "func"):
-            te, tn, ratios = paired(lambda: engine(backend), naive, max(args.repeats, 11))
+            tn, te, ratios = paired(naive, lambda: engine(backend), max(args.repeats, 11))  # ratios: naive / engine
             err = float((engine(backend) - ref).abs().max() / ref.abs().max())
             label = "layer fast paths" if backend == "auto" else "generic vmap(grad)"
             print(f"per-sample gradients, engine backend={backend!r} ({label}): engine {te * 1e3:.2f} ms, naive loop "
@@ -103,23 +108,6 @@ def main():
 def quantile(v, q):
     v = sorted(v)
     return v[min(len(v) - 1, int(q * len(v)))]
-
-
-def paired(fa, fb, repeats):
-    """Alternate the two functions and time each pair, so load changes on a shared machine hit both alike; returns
-    the median times and the per-pair ratios t_b / t_a."""
-    fa(), fb()
-    ta, tb, ratios = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ta), statistics.median(tb), ratios
 
 
 if __name__ == "__main__":

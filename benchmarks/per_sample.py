@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +35,10 @@ from gradcond.data import load_dataset
 from gradcond.probes import per_sample_stats
 from gradcond.probes.per_sample import Engine
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import paired  # noqa: E402
+
 TARGET = 1.5
-
-
-def paired(fa, fb, repeats):
-    """Per-pair ratios t_a / t_b with the two calls alternated (after one warm-up call of each)."""
-    fa(), fb()
-    ratios, ta, tb = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fa()
-        t1 = time.perf_counter()
-        fb()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(ta), statistics.median(tb), sorted(ratios)
 
 
 def measure(repeats: int = 15, b: int = 64) -> tuple[list, list[str]]:
