@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradcond.compression import (EntropyHookState, decode, encode, entropy_compress_hook,
                                   sync_weights_compressed)
-from gradcond.experiments.compression_repro import DDP_DEFAULTS, free_port, run_ddp
+from gradcond.distributed import free_port
+from gradcond.experiments.compression_repro import DDP_DEFAULTS, run_ddp
 from gradcond.utils import UserError
 
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradcond import distributed as D
-from gradcond.experiments.compression_repro import free_port
+from gradcond.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradcond.experiments.compression_repro import free_port
+from gradcond.distributed import free_port
 from gradcond.experiments.dpl_repro import DPL_DEFAULTS, build, digest, fit_local, run_dpl
 from gradcond.train import LossFilter
 from gradcond.train.layerwise.dpl import PartitionwiseResult, fit_partitionwise, make_partitions

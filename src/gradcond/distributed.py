@@ -22,13 +22,23 @@ import hashlib
 
 import torch
 
-__all__ = ["active", "rank", "world_size", "is_main", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
+__all__ = ["active", "rank", "world_size", "is_main", "free_port", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
            "replica_digests", "assert_replicas_identical", "sync_after_teleport", "run_on_main",
            "ReplicaMismatchError"]
 
 
 class ReplicaMismatchError(RuntimeError):
     """Replicas of a model (or of its optimizer state) differ across ranks where they must be bit-identical."""
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a local process group's rendezvous (bound and released: another
+    process can take it before the ranks bind it; launchers retry on "address already in use")."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def active() -> bool:

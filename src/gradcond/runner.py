@@ -569,7 +569,7 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
     final, partial = out / name, out / f".{name}.partial"
     with RunLock(out, name), tempfile.TemporaryDirectory(prefix="gradcond-ranks-") as errdir:
         shutil.rmtree(partial, ignore_errors=True)
-        port = _free_port()
+        port = _dist.free_port()
         ctx = mp.start_processes(_rank_main, args=(nproc, port, cfg, str(partial), str(dev), is_quiet(), errdir),
                                  nprocs=nproc, join=False, start_method="spawn")
         # torch logs a warning per rank it terminates after a failure; the CLI reports the failure in one line
@@ -595,14 +595,6 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
         report = json.loads((Path(errdir) / "report.json").read_text())["report"]
         _publish(partial, final)
         return final / report
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_failure(errdir: Path, exc: BaseException) -> BaseException:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ._launch import launch_ranks
 from .registry import Row, register
 
 SOURCE = "seed 002 (Øland 2024, CMU-CS-24-147), ch. 3, §3.8-3.9, fig. 3.4-3.5"
@@ -69,13 +69,6 @@ def _accuracy(model, x, y) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # compression-ddp: launcher and worker
-def free_port() -> int:
-    """A free TCP port on the loopback interface (bound and released; a race with another process is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_ddp(rank: int, world: int, cfg: dict, mode: str, result: dict) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -156,58 +149,6 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
     if code:
         os._exit(code)  # skip destroy_process_group: the peer may be gone
     dist.destroy_process_group()
-
-
-def launch_ranks(worker, world: int, cfg: dict, out_dir: str | Path, join_timeout: float, on_tick=None):
-    """:func:`_launch_once`, retried once on a fresh port when a rank reports that its port was taken (the free
-    port is probed, released, then bound by the ranks: another process can take it in between)."""
-    codes, exited, ranks = _launch_once(worker, world, cfg, out_dir, join_timeout, on_tick)
-    if any("address already in use" in str(r.get("error", "")).lower() for r in ranks):
-        codes, exited, ranks = _launch_once(worker, world, cfg, out_dir, join_timeout, on_tick)
-    return codes, exited, ranks
-
-
-def _launch_once(worker, world: int, cfg: dict, out_dir: str | Path, join_timeout: float, on_tick=None):
-    """Start ``world`` spawned processes ``worker(rank, world, port, cfg, out_dir)`` on a free loopback port and
-    poll (every 20 ms, at most ``join_timeout`` s) until all have exited; ``on_tick(procs)`` runs at each poll (e.g.
-    to kill a rank). A rank still alive at the deadline is terminated and gets exit code None.
-
-    Returns ``(exit codes, monotonic exit times (None if never seen exiting), per-rank results)``, the results read
-    from ``out_dir/rank{r}.json`` (``{}`` where a rank wrote none; stale files are removed first)."""
-    import torch.multiprocessing as mp
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in out_dir.glob("rank*.json"):
-        f.unlink()
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, cfg, str(out_dir)), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + join_timeout
-    exited: list[float | None] = [None] * world
-    while time.monotonic() < deadline and any(e is None for e in exited):
-        if on_tick is not None:
-            on_tick(procs)
-        for r, p in enumerate(procs):
-            if exited[r] is None and not p.is_alive():
-                exited[r] = time.monotonic()
-        time.sleep(0.02)
-    codes = []
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-            codes.append(None)
-        else:
-            p.join()
-            codes.append(p.exitcode)
-    ranks = []
-    for r in range(world):
-        f = out_dir / f"rank{r}.json"
-        ranks.append(json.loads(f.read_text()) if f.exists() else {})
-    return codes, exited, ranks
 
 
 def run_ddp(cfg: dict, out_dir: str | Path, world: int = 2, join_timeout: float = 300.0) -> dict:

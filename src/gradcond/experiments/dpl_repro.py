@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compression_repro import launch_ranks
+from ._launch import launch_ranks
 from .registry import Row, register
 
 SOURCE = "seed 002 (Øland 2024, CMU-CS-24-147), ch. 6, §6.8 (DPL), Table 6.6 and §6.8.4"
