@@ -507,12 +507,6 @@ def _error_train_mode(model: nn.Module, X, Y, b: int) -> float:
     """Classification error with BatchNorm in train mode on consecutive batches of ``b`` rows (the statistics
     training sees); computed on a copy, so the model's running statistics are not touched."""
     m = copy.deepcopy(model).train()
-    for mod in m.modules():
-        # batch statistics without running-statistics updates: the same train-mode outputs, and no in-place buffer
-        # writes (which torch.func transforms, e.g. the jvp inside a Taylor-truncated network, refuse)
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mod.track_running_stats = False
-            mod.running_mean = mod.running_var = mod.num_batches_tracked = None
     wrong = 0
     with torch.no_grad():
         for s in range(0, len(X) - b + 1, b):
