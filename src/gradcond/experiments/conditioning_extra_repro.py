@@ -13,7 +13,6 @@ All on the CPU, float64 where an exact value is compared; digits data (8×8 imag
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import numpy as np

@@ -97,7 +97,7 @@ def _prop1(rows: list[Row], quick: bool) -> None:
     rows.append(Row(
         claim=f"Prop. 1: f' has exponentially growing Jacobians (rate R = {R:g} per linear layer) while its GSC "
               "equals f's",
-        source=f"{SRC}, Prop. 1, Def. 2 / Prop. 4", paper=f"||J_k^l|| ≥ r'^(k-l) for any r'",
+        source=f"{SRC}, Prop. 1, Def. 2 / Prop. 4", paper="||J_k^l|| ≥ r'^(k-l) for any r'",
         ours=f"growth of log(||J_k^l||_f' / ||J_k^l||_f) per linear layer between k and l = {slope:.6f} (log R = "
              f"{math.log(R):.6f}); max |GSC_f'/GSC_f − 1| = {gsc_rel:.1e}",
         criterion="|slope − log R| < 1e-6 and GSC profiles equal within 1e-9",
@@ -153,10 +153,11 @@ def _prop3(rows: list[Row], quick: bool) -> None:
     U = U / U.flatten(1).norm(dim=1)[:, None, None]
     eps = 1e-6
     vals = []
+    m2 = copy.deepcopy(model)
+    w2 = dict(m2.named_modules())[name].weight
     with torch.no_grad():
         for i in range(n_dir):
-            m2 = copy.deepcopy(model) if i == 0 else m2
-            dict(m2.named_modules())[name].weight.copy_(theta + eps * float(theta.norm()) * U[i])
+            w2.copy_(theta + eps * float(theta.norm()) * U[i])
             vals.append(abs(float((m2(x) * y).sum()) - f0) / abs(f0) / eps)
     v2 = np.array(vals) ** 2
     q_mc = float(np.sqrt(v2.mean()))

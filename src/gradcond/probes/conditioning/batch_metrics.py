@@ -24,7 +24,6 @@ from gradcond.probes.conditioning.common import (
     need_samples,
     take_batches,
 )
-from gradcond.probes.per_sample import Engine
 from gradcond.probes.conditioning.train_mode import engine_for
 from gradcond.utils import accepts_model_output, as_batch
 

@@ -26,7 +26,6 @@ from gradcond.probes.conditioning.common import (
     need_samples,
 )
 from gradcond.probes.conditioning.directions import input_directions, weight_directions
-from gradcond.probes.per_sample import Engine
 from gradcond.probes.conditioning.train_mode import engine_for
 from gradcond.utils import accepts_model_output, as_batch
 
