@@ -226,18 +226,6 @@ def _eval_forward(model: nn.Module, inputs: tuple):
             torch.cuda.set_rng_state(st, d)
 
 
-def _flat_outputs(out, name="output"):
-    """``(name, tensor)`` for every tensor of a (nested) model output, named like ``output[0]['logits']``."""
-    if isinstance(out, torch.Tensor):
-        yield name, out
-    elif isinstance(out, dict):
-        for k, v in out.items():
-            yield from _flat_outputs(v, f"{name}[{k!r}]")
-    elif isinstance(out, (list, tuple)):
-        for i, v in enumerate(out):
-            yield from _flat_outputs(v, f"{name}[{i}]")
-
-
 def _deviations(a, b, output=None):
     """``(name, relative deviation)`` for every floating output tensor the structure preserves
     (:func:`gradcond.utils.output_tensors` with the ``output`` selector given to ``analyze``: the logits of a

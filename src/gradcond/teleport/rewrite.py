@@ -11,7 +11,6 @@ the plan to a model (a new ``torch.fx.GraphModule`` when some site needs the gra
 from __future__ import annotations
 
 import copy
-import itertools
 import sys
 
 import numpy as np
@@ -21,6 +20,7 @@ from torch import nn
 
 from gradcond.graph import CoBStructure
 from gradcond.graph._modules import TeleportedActivation
+from gradcond.utils import module_device
 
 from .cob import CoB
 
@@ -129,10 +129,10 @@ def _realise(model: nn.Module, structure: CoBStructure, plan: list, dtype, final
     spare = structure._cache.setdefault("spare_wrappers", {})  # site node -> the wrapper last removed there
     # The taus come from the CoB (often drawn on the CPU); the wrappers and buffers live on the model's device.
     if device is None:
-        device = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), None)
+        device = module_device(model)
     for how, site, tau in plan:
         val = tau if final else _site_value(site, tau.detach(), dtype)
-        if device is not None and val.device != device:
+        if val.device != device:
             val = val.to(device)
         if how == "compose_buffer":
             buf = model._buffers[_buf_name(site)]
