@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 import tempfile
@@ -113,6 +115,21 @@ def module_device(model):
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model, modules=None):
+    """Context: every module of ``model`` in eval mode for the block; each module's own training flag is restored afterwards.
+    ``modules``: ``model.modules()`` when the caller has already listed them (saves a walk of the module tree)."""
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
+    try:
+        if any(t for _, t in flags):  # model.eval() walks the tree with Module.__setattr__ per module
+            model.eval()
+        yield
+    finally:
+        for m, t in flags:
+            if m.training != t:
+                m.training = t
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -44,7 +44,6 @@ matrices from layer identities without the b × P matrix (:meth:`Engine.per_samp
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Iterator
 
@@ -53,27 +52,13 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from gradcond.probes.flat_vectors import flatten, unflatten
-from gradcond.utils import as_batch  # re-exported: the package's one batch normaliser
+from gradcond.utils import as_batch, eval_mode  # as_batch re-exported: the package's one batch normaliser
 from gradcond.probes.per_sample_fast import BN_TYPES, LayerPath, Unsupported, is_batch_mean_loss, layer_plan
 
 __all__ = ["Engine", "as_batch", "DEFAULT_MEMORY_BYTES"]
 
 DEFAULT_MEMORY_BYTES = 256 * 2**20  # bound for one chunk of per-sample gradients
 
-
-@contextlib.contextmanager
-def _eval_flags(model: nn.Module, modules=None) -> Iterator[None]:
-    """Every module in eval mode for the block; each module's own training flag is restored afterwards.
-    ``modules``: ``model.modules()`` when the caller has already listed them (saves a walk of the module tree)."""
-    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
-    try:
-        if any(t for _, t in flags):  # model.eval() walks the tree with Module.__setattr__ per module
-            model.eval()
-        yield
-    finally:
-        for m, t in flags:
-            if m.training != t:
-                m.training = t
 
 
 class Engine:
@@ -151,7 +136,7 @@ class Engine:
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "Engine":
         named = list(self.model.named_modules())
-        self._ctx = _eval_flags(self.model, [m for _, m in named])
+        self._ctx = eval_mode(self.model, [m for _, m in named])
         training = {m: m.training for _, m in named}
         bns = [(n, m) for n, m in named if isinstance(m, BN_TYPES)]
         self._ctx.__enter__()

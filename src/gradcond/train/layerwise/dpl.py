@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...utils import TrainingDiverged, UserError, atomic_write_text, module_device
+from ...utils import TrainingDiverged, UserError, atomic_write_text, eval_mode, module_device
 from ..filters import LossFilter
 from ..losses import get_loss
 from ..trainer import make_optimizer
@@ -278,15 +278,9 @@ class _Stage:
     def eval_step(self, x, y):
         """Eval-mode forward of partition + head (modes restored); returns the features and labels to send on."""
         x, y = self._in(x, y)
-        was = self.partition.training, self.head.training
-        self.partition.eval()
-        self.head.eval()
-        try:
+        with eval_mode(self.partition), eval_mode(self.head):
             z = self.partition(x)
             out = self.head(z)
-        finally:
-            self.partition.train(was[0])
-            self.head.train(was[1])
         self.te_loss += float(self.loss_fn(out, y)) * len(y)
         if self.task == "classification":
             self.te_correct += int((out.argmax(1) == y).sum())
@@ -298,18 +292,12 @@ class _Stage:
         """Frozen forward (eval mode, no autograd state) for the sequential schedule; on training batches
         (``train``) applies the loss filter with the frozen head's per-sample losses."""
         x, y = self._in(x, y)
-        was = self.partition.training, self.head.training
-        self.partition.eval()
-        self.head.eval()
-        try:
+        with eval_mode(self.partition), eval_mode(self.head):
             z = self.partition(x)
             f = self.loss_filter
             if train and f is not None and epoch >= f.from_epoch and int(math.floor(f.fraction * len(y))) > 0:
                 return self._filter(epoch, z, y, self.head(z))
             return z, y
-        finally:
-            self.partition.train(was[0])
-            self.head.train(was[1])
 
     def end_epoch(self, epoch: int) -> dict:
         nan = float("nan")
