@@ -326,8 +326,8 @@ def _write_result(exp: Experiment, rows: list[Row], out: Path, quick: bool, dev,
     text = json.dumps(result, indent=2, default=str)
     # result.json is the latest run; result-<mode>.json keeps each mode's last run, so REPRODUCTION.md can show the
     # full runs beside the quick ones
-    atomic_write_text(out / f"result-{_mode(quick)}.json", text)
     atomic_write_text(out / "result.json", text)
+    atomic_write_text(out / f"result-{_mode(quick)}.json", text)
     atomic_write_text(out / "result.md", entry_markdown(exp, rows, quick, seconds))
 
 
