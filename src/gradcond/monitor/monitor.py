@@ -68,7 +68,7 @@ from .. import distributed as D
 from ..distributed import is_main, unwrap
 from ..train.run import RunLogger
 from ..train.trainer import Callback, TrainState
-from ..utils import atomic_write_text, selecting_output
+from ..utils import atomic_write_text, plain_forward, selecting_output
 from .schedule import PRESETS, PROBES, Schedule
 
 SCHEDULE_FILE = "monitor_schedule.json"
@@ -434,6 +434,7 @@ class Monitor(Callback):
         self.unavailable: dict[str, str] = {}  # probes left out under the active strategy -> why
         # the global batch of one optimizer step, when an integration knows it (else per-rank batch x ranks)
         self.global_batch_size: int | None = None
+        self.samples_per_step: int | None = None  # this rank's samples per optimizer step, when an integration knows
 
     def use_plan(self, plan: dict | str | Path) -> None:
         """Pin the schedule to ``plan`` (a plan dict or the path of a ``monitor_schedule.json``) instead of planning:
@@ -653,7 +654,7 @@ class Monitor(Callback):
             try:
                 model = unwrap(state.model)
                 batch = self._probe_batch(state) if where == "all" else self._global_batch(state)
-                with selecting_output(model, getattr(self, "output", None)):
+                with plain_forward(model), selecting_output(model, getattr(self, "output", None)):
                     rows = self._probe_fn(name)(model, state.loss_fn, batch, state)
             except Exception as exc:  # a failing probe must not stop training
                 err = exc
@@ -771,8 +772,10 @@ class Monitor(Callback):
         self.before_update(state)
 
     def on_step_end(self, state: TrainState) -> None:
-        if state.batch is not None and hasattr(state.batch[0], "shape"):
-            self._samples += int(state.batch[0].shape[0])  # this rank's samples since the last noise_scale read
+        if self.samples_per_step is not None:  # this rank's samples since the last noise_scale read
+            self._samples += self.samples_per_step
+        elif state.batch is not None and hasattr(state.batch[0], "shape"):
+            self._samples += int(state.batch[0].shape[0])
         t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
         if self._t0 is None:
             self._t0 = t

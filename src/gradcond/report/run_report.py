@@ -332,12 +332,13 @@ def coverage(rr: list[dict], evs: list[dict], schedule: dict | None, timings: li
         if r["probe"] not in _TRAINER_PROBES and (r["probe"] in monitor_probes or r["probe"] in planned):
             steps.setdefault(r["probe"], set()).add(r["step"])
     failed = {e.get("probe"): e for e in evs if e.get("kind") == "probe_failed"}
+    unavailable = {e.get("probe"): e for e in evs if e.get("kind") == "probe_unavailable"}
     skipped: dict[str, float] = {}
     for r in rr:
         if r["probe"] == "monitor" and r["name"] == "skipped":
             skipped[r["layer"]] = skipped.get(r["layer"], 0) + r["value"]
     out = []
-    for probe in list(dict.fromkeys([*planned, *steps, *(k for k in failed if k)])):
+    for probe in list(dict.fromkeys([*planned, *steps, *(k for k in failed if k), *(k for k in unavailable if k)])):
         word = PROBE_WORDS.get(probe, probe)
         st = sorted(steps.get(probe, ()))
         if st:
@@ -347,6 +348,9 @@ def coverage(rr: list[dict], evs: list[dict], schedule: dict | None, timings: li
             reason = p.get("reason") or ("disabled" if p.get("skipped") or not p.get("enabled", True) else "")
             if probe in failed:
                 reason = f"it failed at step {failed[probe]['step']} ({failed[probe].get('error', '')})"
+            if probe in unavailable:
+                reason = (f"not run under {unavailable[probe].get('strategy', 'this strategy')}: "
+                          f"{unavailable[probe].get('reason', '')}")
             s = f"{word} was not measured: {reason or 'no rows in metrics.csv'}"
         if st and probe in failed:
             s += f"; it failed at step {failed[probe]['step']} and was switched off ({failed[probe].get('error', '')})"
