@@ -843,8 +843,17 @@ class Monitor(Callback):
         self._last_end = time.perf_counter()
 
     # ---- plain loops --------------------------------------------------------------------------------------
-    def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None) -> list[dict]:
+    def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None,
+             scaler=None) -> list[dict]:
         """Call after ``optimizer.step()`` in your own loop; returns the rows logged at this step.
+
+        Mixed precision: call it after ``scaler.step(optimizer)`` and ``scaler.update()`` and pass ``scaler``
+        (a ``torch.amp.GradScaler``): ``scaler.step`` has unscaled the gradients in place, so the monitor reads
+        the true gradients; a step the scaler skipped (inf/NaN gradients -- checked on the gradients themselves,
+        the scaler's own criterion) is not measured but logged as an ``optimizer_step_skipped`` event and a
+        ``monitor/skipped_step`` row. Probes that run forward passes run outside autocast, in the parameters'
+        dtype (accumulating in float32/float64). ``model`` and ``optimizer`` may be ``accelerator.prepare``-d:
+        the monitor measures the inner module without accelerate's autocast wrapper.
 
         Rows accumulate in ``monitor.rows`` (and in ``run``'s directory when given). ``epoch`` probes run every
         ``len(loader)`` steps only under the trainer; here they run when :meth:`end_epoch` is called. The number of
@@ -864,6 +873,15 @@ class Monitor(Callback):
             self.batch = (x[: self.probe_batch_size], y[: self.probe_batch_size])
         n0 = len(st.run.metrics)
         st.step += 1
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            from ..probes.norms import gradients_finite
+
+            if not gradients_finite(model):
+                if is_main():
+                    st.log_event("optimizer_step_skipped", reason="the gradient scaler found inf/NaN gradients "
+                                                                  "and skipped this step; it was not measured")
+                    st.log_metrics([("monitor", "", "skipped_step", 1.0)])
+                return st.run.metrics[n0:]
         self.on_step_end(st)
         return st.run.metrics[n0:]
 

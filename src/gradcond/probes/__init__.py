@@ -33,7 +33,7 @@ _EXPORTS = {
                      "gradient_coherence", "batch_efficiency_ratio"],
     "mask": ["LayerwiseMask"],
     "noise": ["NoiseScale", "gradient_noise_scale", "noise_scale_from_norms", "NoiseScaleRecorder"],
-    "norms": ["weight_layers", "layer_norms", "snapshot_weights", "update_norms"],
+    "norms": ["weight_layers", "layer_norms", "snapshot_weights", "update_norms", "gradients_finite"],
     "representation": ["least_squares_distance", "k_redundancy", "redundant_mask", "knn_indices", "selection_entropy",
                        "SelectionEntropy", "stable_rank", "weight_entropy", "error_gradient_rms"],
 }

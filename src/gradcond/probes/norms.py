@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import distributed as D
 
-__all__ = ["weight_layers", "layer_norms", "snapshot_weights", "update_norms"]
+__all__ = ["weight_layers", "layer_norms", "snapshot_weights", "update_norms", "gradients_finite"]
 
 
 def weight_layers(model: nn.Module):
@@ -96,3 +96,17 @@ def update_norms(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str,
         if b2 > 0:
             out[name] = math.sqrt(d2) / math.sqrt(b2)
     return out
+
+
+def gradients_finite(model: nn.Module) -> bool:
+    """False when any parameter's ``.grad`` holds an inf or NaN on any rank -- the criterion by which a gradient
+    scaler (``torch.amp.GradScaler``) skips an optimizer step. Collective under DDP/FSDP2 (one tiny all-reduce);
+    cost: one pass over the rank-local gradients."""
+    bad = False
+    for p in D.unwrap(model).parameters():
+        if p.grad is not None:
+            g = D.local_tensor(p.grad)
+            if g.numel() and not bool(torch.isfinite(g).all()):
+                bad = True
+                break
+    return not D.all_agree(bad)
