@@ -10,6 +10,6 @@ from ..utils import lazy_exports
 
 _EXPORTS = {
     "hf": ["GradcondCallback", "causal_lm_loss"],
-    "accelerate": ["AcceleratedMonitor", "unwrap_prepared"],
+    "accelerate": ["unwrap_prepared"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -873,15 +873,17 @@ class Monitor(Callback):
             self.batch = (x[: self.probe_batch_size], y[: self.probe_batch_size])
         n0 = len(st.run.metrics)
         st.step += 1
-        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # accelerate's AcceleratedOptimizer says so
+        if not skipped and scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             from ..probes.norms import gradients_finite
 
-            if not gradients_finite(model):
-                if is_main():
-                    st.log_event("optimizer_step_skipped", reason="the gradient scaler found inf/NaN gradients "
-                                                                  "and skipped this step; it was not measured")
-                    st.log_metrics([("monitor", "", "skipped_step", 1.0)])
-                return st.run.metrics[n0:]
+            skipped = not gradients_finite(model)
+        if skipped:
+            if is_main():
+                st.log_event("optimizer_step_skipped", reason="the gradient scaler found inf/NaN gradients and "
+                                                              "skipped this step; it was not measured")
+                st.log_metrics([("monitor", "", "skipped_step", 1.0)])
+            return st.run.metrics[n0:]
         self.on_step_end(st)
         return st.run.metrics[n0:]
 
