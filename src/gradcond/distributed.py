@@ -4,9 +4,9 @@ Contract (docs: methods/compression.md, "Monitor and teleports under DDP"):
 
 * **One writer.** Only rank 0 (:func:`is_main`) writes the run directory; :func:`gradcond.train.fit` gives the
   other ranks an in-memory :class:`~gradcond.train.RunLogger` whatever ``run`` they pass.
-* **Monitor on rank 0 only.** Every probe of :class:`~gradcond.monitor.Monitor` is measured on rank 0 only, on
-  rank 0's probe batch, on the inner module (``model.module``) so that no probe triggers a DDP collective; the
-  other ranks' monitors do nothing. Probes never call collectives.
+* **One measurement for the whole model.** Every rank runs :class:`~gradcond.monitor.Monitor`; the probes that
+  can reduce rank-local partial sums (below), those that need the full model run on rank 0 only, on the inner
+  module (``model.module``, so that no probe triggers a DDP collective), and rank 0 alone logs the rows.
 * **Teleports computed on rank 0, broadcast.** A teleport callback computes its change of basis / level-set update
   on rank 0 only (on the inner module), then :func:`sync_after_teleport` broadcasts the parameters, buffers and the
   optimizer state from rank 0 and checks with :func:`assert_replicas_identical` that every rank holds the same
