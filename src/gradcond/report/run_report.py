@@ -508,8 +508,14 @@ def write_run_report(run_dir: Path, cfg: dict, runs: dict[str, Path], seconds: f
         text += "<p>Teleport (dashed red line on every time axis): " + "; ".join(
             html.escape(f"{event_when(e, epochs)}, {k} run") for k, e in tp) + ".</p>"
     curves = Section("Training curves", text, tables=[("final values", summary)])
+    # a run that logs its training loss several times per epoch (a Trainer's logging_steps) is drawn against steps
+    per_step = any(len([r for r in rr if r["probe"] == "train" and r["name"] == "loss"]) >
+                   len({r["epoch"] for r in rr if r["probe"] == "train" and r["name"] == "loss"}) for rr in rows.values())
     curves.figures.append(Figure("loss", figures.curves(rows, [("train", "loss", "train"), ("test", "loss", "test")],
-                                                        "Loss per epoch", "loss (mean over samples)", events=events),
+                                                        "Loss per logged step" if per_step else "Loss per epoch",
+                                                        "loss (mean over samples)", x="step" if per_step else "epoch",
+                                                        events=events),
+                                 "Training loss at each logged step." if per_step else
                                  "Training and test loss after each epoch."))
     if any(r["name"] == "acc" for rr in rows.values() for r in rr):
         curves.figures.append(Figure("accuracy", figures.curves(rows, [("train", "acc", "train"), ("test", "acc", "test")],
