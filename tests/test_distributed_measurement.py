@@ -68,6 +68,13 @@ def _worker(rank, world, port, cfg, out_dir):
             model = nn.parallel.DistributedDataParallel(model)
         rows, events = _train(model, x[sl], y[sl], world)
         res.update(rows=rows, events=[{k: v for k, v in e.items() if k != "time"} for e in events])
+        from gradcond.distributed import refuse_sharded
+
+        try:
+            refuse_sharded(model, "TeleportCallback")
+            res["refusal"] = None
+        except ValueError as exc:
+            res["refusal"] = str(exc)
     except Exception:  # noqa: BLE001 -- reported through the result file
         res["error"] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
@@ -159,3 +166,10 @@ def test_fsdp2_leaves_out_the_full_model_probes_with_the_reason(runs):
     assert ref and set(got) == set(ref)
     for k, v in ref.items():
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-7), k
+
+
+def test_teleports_are_refused_on_a_sharded_model_in_one_sentence(runs):
+    assert runs["ddp"][0]["refusal"] is None
+    assert runs["fsdp2"][0]["refusal"] == (
+        "TeleportCallback cannot run on an FSDP2 (fully_shard) model: it needs every parameter in one process, and "
+        "each rank holds only a shard; teleport before sharding, or train with DDP.")

@@ -32,7 +32,7 @@ import torch
 __all__ = ["active", "rank", "world_size", "is_main", "free_port", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
            "replica_digests", "assert_replicas_identical", "sync_after_teleport", "run_on_main",
            "ReplicaMismatchError", "strategy", "is_sharded", "local_tensor", "all_reduce_sum", "all_agree",
-           "broadcast_object", "rank_slice"]
+           "broadcast_object", "rank_slice", "refuse_sharded"]
 
 
 class ReplicaMismatchError(RuntimeError):
@@ -271,3 +271,11 @@ def rank_slice(n: int, r: int | None = None, world: int | None = None) -> slice:
     base, rem = divmod(n, world)
     start = r * base + min(r, rem)
     return slice(start, start + base + (1 if r < rem else 0))
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """ValueError (one sentence) when ``model`` is FSDP2-sharded: ``what`` needs every parameter in one process and
+    gradcond does not gather parameters."""
+    if strategy(model) == "fsdp2":
+        raise ValueError(f"{what} cannot run on an FSDP2 (fully_shard) model: it needs every parameter in one process, "
+                         "and each rank holds only a shard; teleport before sharding, or train with DDP.")

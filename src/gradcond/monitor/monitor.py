@@ -772,10 +772,13 @@ class Monitor(Callback):
         self.before_update(state)
 
     def on_step_end(self, state: TrainState) -> None:
-        if self.samples_per_step is not None:  # this rank's samples since the last noise_scale read
-            self._samples += self.samples_per_step
-        elif state.batch is not None and hasattr(state.batch[0], "shape"):
-            self._samples += int(state.batch[0].shape[0])
+        # this rank's samples since the last noise_scale read; with a recorder, only steps whose gradient
+        # communication it saw (it may be attached after the first backward, e.g. from Monitor.step)
+        if self._recorder is None or self._recorder.counts:
+            if self.samples_per_step is not None:
+                self._samples += self.samples_per_step
+            elif state.batch is not None and hasattr(state.batch[0], "shape"):
+                self._samples += int(state.batch[0].shape[0])
         t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
         if self._t0 is None:
             self._t0 = t
