@@ -173,3 +173,17 @@ def test_teleports_are_refused_on_a_sharded_model_in_one_sentence(runs):
     assert runs["fsdp2"][0]["refusal"] == (
         "TeleportCallback cannot run on an FSDP2 (fully_shard) model: it needs every parameter in one process, and "
         "each rank holds only a shard; teleport before sharding, or train with DDP.")
+
+
+def test_update_size_is_the_sgd_step_over_the_weights_before_it(runs):
+    """Independent identity for plain SGD (lr 0.5): ||W_s - W_{s-1}|| / ||W_{s-1}|| = 0.5 ||g_s|| / ||W_{s-1}||, with
+    ||g_s|| the grad_norm row of step s and ||W_{s-1}|| the weight_norm row of step s-1."""
+    rows = runs["single"][0]
+    up, gn, wn = _table(rows, "update_size"), _table(rows, "grad_norm"), _table(rows, "weight_norm")
+    checked = 0
+    for (s, layer, name), v in up.items():
+        if s > 1:
+            expected = 0.5 * gn[(s, layer, "grad_norm")] / wn[(s - 1, layer, "weight_norm")]
+            assert v == pytest.approx(expected, rel=1e-5), (s, layer)
+            checked += 1
+    assert checked == 3 * (STEPS - 1)

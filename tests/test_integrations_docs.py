@@ -19,16 +19,17 @@ pytest.importorskip("lightning")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "integrations.md"
-BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", PAGE.read_text(), re.S)
+# ```py blocks (not ```python: tests/test_docs.py runs those in the repository root, in one process)
+BLOCKS = re.findall(r"```(py|bash)\n(.*?)```", PAGE.read_text(), re.S)
 
 
 def test_the_page_is_in_the_nav_and_has_its_blocks():
     assert "integrations.md" in (ROOT / "mkdocs.yml").read_text()
     kinds = [k for k, _ in BLOCKS]
-    assert kinds.count("python") == 6 and kinds.count("bash") == 1
+    assert kinds.count("py") == 6 and kinds.count("bash") == 1
 
 
-@pytest.mark.parametrize("i", [i for i, (k, code) in enumerate(BLOCKS) if k == "python"
+@pytest.mark.parametrize("i", [i for i, (k, code) in enumerate(BLOCKS) if k == "py"
                                and not code.startswith("# torchrun")])
 def test_python_block_runs(i, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -54,6 +55,7 @@ def test_torchrun_block_runs_on_two_ranks(tmp_path):
     assert "'grad_norm', 'gsc', 'noise_scale'" in proc.stdout
 
 
+@pytest.mark.slow  # the same command path (gradcond run --nproc 2, strategy fsdp2) is in tests/test_run_fsdp2.py
 def test_gradcond_run_block(tmp_path, capsys):
     from gradcond.cli import main
 
