@@ -8,7 +8,8 @@ Under DDP and FSDP2 (``torch.distributed``, more than one rank) the monitor runs
 (:func:`gradcond.distributed.rank_slice` of ``probe_batch_size``, from its own data), and the probes that can --
 ``grad_norm``, ``weight_norm``, ``update_size``, ``gsc``, ``domain`` and the distributed ``noise_scale`` -- compute
 per-rank partial sums from rank-local values (FSDP2 shards, this rank's samples) and reduce them with one
-all-reduce (:mod:`gradcond.probes.norms`, ``reduce=`` of the probes); no parameter is gathered. Probes that need the
+all-reduce (:mod:`gradcond.probes.norms`, ``reduce=`` of the probes); the measurement gathers no parameter (forward
+passes go through the FSDP2 model, which unshards a unit only for its computation, as in training). Probes that need the
 full model (``conditioning``, ``representation``, the per-sample ``noise_scale``) are measured on rank 0 only under
 DDP, on the inner module (``model.module``) and the gathered global probe batch (the probe batch's samples, never a
 parameter, are gathered); under FSDP2 they are not run, and a ``probe_unavailable`` event (and the report) says why.
