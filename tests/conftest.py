@@ -20,6 +20,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide AcceleratorState (mixed precision, device); a program makes one Accelerator,
+    a test session many (the Trainer makes its own): start every test from a clean state, as a new program would."""
+    yield
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run ``gradcond`` in-process; returns (exit code, stdout, stderr)."""

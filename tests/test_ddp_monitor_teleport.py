@@ -1,5 +1,6 @@
 """The monitor and the teleports under DDP (issue 16 part 3): 2 gloo ranks on 127.0.0.1, one run directory written
-by rank 0, probes measured on rank 0 only, a teleport computed on rank 0 and broadcast, replicas checked identical.
+by rank 0, probes measured by all ranks and logged by rank 0 only, a teleport computed on rank 0 and broadcast,
+replicas checked identical.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def test_one_run_directory_written_by_rank_0_with_rank_0_metrics(ddp_run):
     assert losses == r0["train_loss"] and losses != r1["train_loss"]  # rank 0's shard, not a reduction
     ev = [e for e in read_events(out / "runs" / "ddp" / "events.jsonl") if e["kind"] == "replicas_identical"]
     assert [(e["epoch"], e["world_size"]) for e in ev] == [(0, WORLD), (1, WORLD)] and all(e["tensors"] > 0 for e in ev)
-    # probes measured on rank 0 only: rank 1's monitor logged nothing
+    # rank 0 alone logs the probes' rows: rank 1's monitor logged nothing
     probe_names = {r["probe"] for r in rows} - {"train", "test", "optim", "teleport"}
     assert probe_names and probe_names <= set(r0["probes"])
     assert set(r1["probes"]) <= {"train", "test", "optim"}
@@ -144,6 +145,7 @@ def test_one_run_directory_written_by_rank_0_with_rank_0_metrics(ddp_run):
 def test_docs_say_which_ranks_measure():
     text = (ROOT / "docs" / "methods" / "compression.md").read_text()
     assert "Monitor and teleports under DDP" in text and "measured on rank 0 only" in text
+    assert "the whole model on the global probe batch" in text  # the reduced probes (issue 24)
 
 
 def test_helpers_are_single_process_no_ops():

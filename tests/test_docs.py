@@ -22,7 +22,7 @@ REFERENCED = {
 }
 PAGES = ["index", "getting-started", "concepts", "cli", "run-directory", "reproductions",
          "methods/neural-teleportation", "methods/null-space-teleportation", "methods/gradient-scale",
-         "methods/gradient-conditioning", "methods/efficient-training"]
+         "methods/gradient-conditioning", "methods/efficient-training", "integrations"]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ LAYERS = {
     "monitor": 5,
     "report": 6, "experiments": 6,
     "runner": 7, "diagnose": 7,
-    "cli": 8,
+    "cli": 8, "integrations": 8,
 }
 # Same-layer imports that the architecture allows: reproductions draw their figures with the report's helpers;
 # the stand-alone seed-002 ideas (compression, closedform) may use the probes (e.g. the least-squares distance).

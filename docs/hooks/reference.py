@@ -32,6 +32,7 @@ PACKAGES = [
     ("gradcond.compression", "compression"),
     ("gradcond.closedform", "closedform"),
     ("gradcond.experiments", "experiments"),
+    ("gradcond.integrations", "integrations"),
 ]
 
 _GRIFFE = {}

@@ -13,6 +13,7 @@ Sections and their keys (defaults in :data:`DEFAULTS`)::
     [monitor]  enabled, schedule (preset "default"|"full"|"off"), budget (fraction of training time),
                probe_batch_size, probes = {probe = "every:N"|"epoch"|"log", ...} (overrides the preset)
     [[callbacks]]  name = "...", plus that callback's keywords
+    [distributed]  strategy ("ddp" | "fsdp2"): how the ranks of `gradcond run --nproc N` share the model
     compare_teleport = false   # also train a copy with one optimised teleport and compare (the demo does)
 
 Every fixed value is checked for type and range before anything is built or written (e.g. ``optim.lr`` a positive
@@ -44,12 +45,14 @@ DEFAULTS: dict = {
     "train": {"epochs": 8, "loss": "auto"},
     "monitor": {"enabled": False, "schedule": "default", "budget": 0.05, "probe_batch_size": 64, "probes": {}},
     "callbacks": [],
+    "distributed": {"strategy": "ddp"},
 }
 
 # sections whose keys are fixed here; [model], [data.options], [monitor] and callbacks take open keyword sets
 _FIXED = {"data": {"name", "form", "batch_size", "options"}, "optim": set(DEFAULTS["optim"]) | {"name"},
           "monitor": set(DEFAULTS["monitor"]),
-          "schedule": set(DEFAULTS["schedule"]), "train": set(DEFAULTS["train"])}
+          "schedule": set(DEFAULTS["schedule"]), "train": set(DEFAULTS["train"]),
+          "distributed": set(DEFAULTS["distributed"])}
 _TOP = set(DEFAULTS)
 
 
@@ -159,6 +162,8 @@ _VALUE_RULES = (
     ("monitor.budget", lambda v: _is_num(v) and 0 < v <= 1, "a fraction in (0, 1]"),
     ("monitor.probe_batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
     ("monitor.probes", lambda v: isinstance(v, dict), "a table probe = \"every:N\"|\"epoch\"|\"log\""),
+    ("distributed.strategy", lambda v: v in ("ddp", "fsdp2"), "\"ddp\" or \"fsdp2\" (how --nproc N ranks share "
+                                                               "the model)"),
 )
 
 

@@ -121,9 +121,31 @@ def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-@accepts_model_output
-def diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None, cob_steps: int = 20) -> dict:
+def diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None, cob_steps: int = 20, *,
+             output=None) -> dict:
     """Run every diagnostic section on ``batches`` (a list of (x, y)); returns the ``report.json`` dict.
+
+    ``model`` may be wrapped for training: ``DistributedDataParallel`` (its ``.module`` is diagnosed, no collective
+    is called: run it on one rank) or ``accelerate.Accelerator.prepare``-d (accelerate's autocast wrapper is set
+    aside while diagnosing, so the sections run in the parameters' dtype; it is back afterwards).
+
+    ``output=`` (keyword): for models returning a ``ModelOutput`` / dataclass / dict / tuple (a Hugging Face
+    model), which tensor ``loss_fn`` and every probe see -- by default the ``logits`` field, else the first tensor
+    (:func:`gradcond.utils.select_output`); no wrapper module needed.
+
+    Runs on the model's device (the batches and ``example_input`` are moved there); a progress bar over the
+    sections shows on a terminal (:func:`gradcond.utils.progress`)."""
+    from .distributed import unwrap
+    from .utils import plain_forward
+
+    inner = unwrap(model)
+    with plain_forward(inner):
+        return _diagnose(inner, loss_fn, batches, example_input, cob_steps, output=output)
+
+
+@accepts_model_output
+def _diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=None, cob_steps: int = 20) -> dict:
+    """:func:`diagnose` on an unwrapped model.
 
     ``output=`` (keyword): for models returning a ``ModelOutput`` / dataclass / dict / tuple (a Hugging Face
     model), which tensor ``loss_fn`` and every probe see -- by default the ``logits`` field, else the first tensor

@@ -4,13 +4,20 @@ Contract (docs: methods/compression.md, "Monitor and teleports under DDP"):
 
 * **One writer.** Only rank 0 (:func:`is_main`) writes the run directory; :func:`gradcond.train.fit` gives the
   other ranks an in-memory :class:`~gradcond.train.RunLogger` whatever ``run`` they pass.
-* **Monitor on rank 0 only.** Every probe of :class:`~gradcond.monitor.Monitor` is measured on rank 0 only, on
-  rank 0's probe batch, on the inner module (``model.module``) so that no probe triggers a DDP collective; the
-  other ranks' monitors do nothing. Probes never call collectives.
+* **One measurement for the whole model.** Every rank runs :class:`~gradcond.monitor.Monitor`; the probes that
+  can reduce rank-local partial sums (below), those that need the full model run on rank 0 only, on the inner
+  module (``model.module``, so that no probe triggers a DDP collective), and rank 0 alone logs the rows.
 * **Teleports computed on rank 0, broadcast.** A teleport callback computes its change of basis / level-set update
   on rank 0 only (on the inner module), then :func:`sync_after_teleport` broadcasts the parameters, buffers and the
   optimizer state from rank 0 and checks with :func:`assert_replicas_identical` that every rank holds the same
   bytes.
+
+Distributed measurement (issue 24): the probes that can, compute **per-rank partial sums** (sums of squares,
+counts, per-neuron sums) from rank-local values -- the local shard of a ``DTensor`` parameter under FSDP2
+(:func:`local_tensor`), this rank's slice of the probe batch (:func:`rank_slice`) -- and add them over the ranks with
+one :func:`all_reduce_sum` per measurement; every rank then finishes the same numbers and rank 0 writes them. No
+probe gathers a parameter. DDP and FSDP2 share this layer: a replicated tensor (a plain parameter under DDP, a
+``Replicate`` placement) is counted once, a ``Shard`` placement is summed over the ranks (:func:`is_sharded`).
 
 When ``torch.distributed`` is not initialised (or the world has one rank) every helper here is a no-op or returns
 the single-process answer, at the cost of one ``is_initialized()`` call.
@@ -24,7 +31,8 @@ import torch
 
 __all__ = ["active", "rank", "world_size", "is_main", "free_port", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
            "replica_digests", "assert_replicas_identical", "sync_after_teleport", "run_on_main",
-           "ReplicaMismatchError"]
+           "ReplicaMismatchError", "strategy", "is_sharded", "local_tensor", "all_reduce_sum", "all_agree",
+           "broadcast_object", "rank_slice", "refuse_sharded"]
 
 
 class ReplicaMismatchError(RuntimeError):
@@ -181,3 +189,93 @@ def sync_after_teleport(model: torch.nn.Module, optimizer=None) -> int:
     broadcast_module_(model, src=0)
     broadcast_optimizer_state_(optimizer, src=0)
     return assert_replicas_identical(model, optimizer, what="teleported model")
+
+
+# ------------------------------------------------------------------------------ distributed measurement (issue 24)
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without the distributed tensor package
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or gradient)."""
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of ``t``: ``t.to_local()`` of a ``DTensor`` (its shard, without FSDP2's padding), else
+    ``t`` itself. Never communicates."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_sharded(t) -> bool:
+    """True when ``t`` is a ``DTensor`` with a ``Shard`` placement: its rank-local sums must be added over the ranks
+    (a plain tensor or a ``Replicate`` placement holds the same values on every rank and is counted once)."""
+    if not is_dtensor(t):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(p, Shard) for p in t.placements)
+
+
+def strategy(model: torch.nn.Module) -> str:
+    """How ``model`` is distributed: ``"fsdp2"`` (some parameter is a ``DTensor``, e.g. after
+    ``torch.distributed.fsdp.fully_shard``), ``"ddp"`` (a ``DistributedDataParallel`` wrapper, or plain replicas while
+    a process group with more than one rank is active) or ``"single"``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if any(is_dtensor(p) for p in unwrap(model).parameters()):
+        return "fsdp2"
+    if isinstance(model, DistributedDataParallel) or active():
+        return "ddp"
+    return "single"
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (in place, float64 advised; returns ``t``). Identity without a process group.
+    Collective: every rank must call it with a tensor of the same shape."""
+    if active():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on some rank (a logical OR over the ranks; one tiny all-reduce).
+    Collective. Without a process group: ``flag``."""
+    if not active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``broadcast_object_list`` between the job's own processes). Collective;
+    without a process group: ``obj``."""
+    if not active():
+        return obj
+    box = [obj if rank() == src else None]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def rank_slice(n: int, r: int | None = None, world: int | None = None) -> slice:
+    """The contiguous part of ``range(n)`` that rank ``r`` of ``world`` takes: ``n // world`` items, one more for the
+    first ``n % world`` ranks (so the slices of all ranks, in rank order, are ``range(n)``)."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    base, rem = divmod(n, world)
+    start = r * base + min(r, rem)
+    return slice(start, start + base + (1 if r < rem else 0))
+
+
+def refuse_sharded(model: torch.nn.Module, what: str) -> None:
+    """ValueError (one sentence) when ``model`` is FSDP2-sharded: ``what`` needs every parameter in one process and
+    gradcond does not gather parameters."""
+    if strategy(model) == "fsdp2":
+        raise ValueError(f"{what} cannot run on an FSDP2 (fully_shard) model: it needs every parameter in one process, "
+                         "and each rank holds only a shard; teleport before sharding, or train with DDP.")

@@ -133,11 +133,9 @@ def train_into(job: Job, run_path: Path, resume: bool, extra_callbacks=(), desc:
     cfg = job.cfg
     train_loader, test_loader = job.bundle.loaders(cfg["data"]["batch_size"], seed=cfg["seed"])
     model, run = job.model, None
-    if _dist.active():  # a rank of `gradcond run --nproc N`: DDP on this rank's shard, rank 0 writes the run
-        from torch.nn.parallel import DistributedDataParallel
-
+    if _dist.active():  # a rank of `gradcond run --nproc N`: DDP or FSDP2 on this rank's shard, rank 0 writes the run
         train_loader = _shard_loader(job.bundle.train, cfg, _dist.rank(), _dist.world_size())
-        model = DistributedDataParallel(job.model, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+        model = wrap_for_strategy(job.model, cfg["distributed"]["strategy"], job.device)
     if _dist.is_main():
         run = RunLogger(run_path)
     return fit(
@@ -281,6 +279,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
     callbacks are left out of the comparison of the callback lists. Numbers compare by value (1 == 1.0)."""
     def norm(c):
         c = dict(c)  # config.toml leaves an empty callback list out: missing and [] are the same
+        c.setdefault("distributed", {"strategy": "ddp"})  # saved before the key existed: the default strategy
         c["callbacks"] = [cb for cb in c.get("callbacks") or [] if not (isinstance(cb, dict) and cb.get("name") == "stop_after")]
         return flatten_config(c)
 
@@ -507,6 +506,28 @@ def check_nproc(nproc, device="cpu") -> int:
     return n
 
 
+STRATEGIES = ("ddp", "fsdp2")  # distributed.strategy of `gradcond run --nproc N`
+
+
+def wrap_for_strategy(model: torch.nn.Module, strategy: str, device=None) -> torch.nn.Module:
+    """This rank's training model under ``strategy``: ``"ddp"`` wraps it in ``DistributedDataParallel``;
+    ``"fsdp2"`` shards it in place with ``torch.distributed.fsdp.fully_shard`` -- every top-level child that holds
+    parameters is one FSDP unit, then the root (parameters become ``DTensor`` shards; gloo on the CPU, NCCL on
+    CUDA). Needs an active process group."""
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
 def _shard_loader(train, cfg: dict, rank: int, world: int):
     """This rank's training loader: samples ``rank, rank + world, ...`` truncated to ``len(train) // world`` (every
     rank then makes the same number of steps, which DDP needs), shuffled by ``seed + rank``; ``data.batch_size`` is
@@ -525,7 +546,8 @@ def _refuse_multirank_checkpoint(ck: Path, name: str) -> None:
         return
     from .train import load_checkpoint
 
-    if any(k.startswith("module.") for k in load_checkpoint(ck)["model"]):
+    saved = load_checkpoint(ck)
+    if any(k.startswith("module.") for k in saved["model"]) or int(saved.get("world_size", 1)) > 1:
         raise UserError(f"run {name!r} was trained with --nproc > 1 and cannot be resumed (resuming is single-process "
                         "only); run it again without --resume.")
 
@@ -554,6 +576,11 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
     from .utils import is_quiet
 
     nproc = check_nproc(nproc, device)
+    if cfg["distributed"]["strategy"] == "fsdp2" and (cfg.get("compare_teleport") or any(
+            isinstance(c, dict) and "teleport" in str(c.get("name", "")) for c in cfg.get("callbacks") or [])):
+        raise UserError("distributed.strategy = \"fsdp2\" cannot run teleports (compare_teleport or a teleport "
+                        "callback): a teleport needs every parameter in one process and FSDP2 shards them; use "
+                        "distributed.strategy = \"ddp\".")
     if resume:
         raise UserError("--resume is not supported with --nproc > 1 (only single-process runs are resumed); run "
                         "without --resume, or resume with --nproc 1 a run that was trained in one process.")

@@ -430,6 +430,28 @@ def call_model(model, example):
     return model(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def plain_forward(model):
+    """While open, ``model(...)`` runs the model's own forward, not the mixed-precision wrapper that
+    ``accelerate.Accelerator.prepare`` installs on the instance (autocast around the forward, outputs converted to
+    float32; recognised by accelerate's ``_original_forward`` attribute). Measurements then run in the parameters'
+    dtype -- the float32 reference -- while training keeps its autocast; the wrapper is put back on exit. A model
+    without such a wrapper is left as it is. Cost: two attribute writes."""
+    d = getattr(model, "__dict__", {})
+    if "_original_forward" not in d or "forward" not in d:
+        yield model
+        return
+    saved, orig = d["forward"], d["_original_forward"]
+    if getattr(orig, "__func__", None) is type(model).forward:
+        del d["forward"]  # the class's forward
+    else:
+        d["forward"] = orig  # an instance forward the model had before prepare
+    try:
+        yield model
+    finally:
+        d["forward"] = saved
+
+
 class selecting_output:
     """Context: while it is open, ``model(...)`` (and ``torch.func.functional_call(model, ...)``) returns
     :func:`select_output` of what the model's forward returns, so code written for tensor outputs (losses,

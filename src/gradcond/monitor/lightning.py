@@ -63,6 +63,10 @@ class LightningMonitor(_Base):
     def on_train_start(self, trainer, pl_module) -> None:
         self.monitor.on_train_start(self._sync(trainer, pl_module))
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # the weights before the step, for update_size (when it is due at the step about to complete)
+        self.monitor.before_update(self._sync(trainer, pl_module), step=int(trainer.global_step) + 1)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n0 = len(self.run.metrics)
         self.monitor.on_step_end(self._sync(trainer, pl_module, batch))

@@ -3,9 +3,17 @@
 Use as a trainer callback (``fit(..., callbacks=[Monitor()])``, or ``[monitor]`` in a run config) or from a plain
 loop with :meth:`Monitor.step`. Each probe has a configured schedule (``every:N`` steps, ``epoch``, ``log``).
 
-Under DDP (``torch.distributed``, more than one rank) every probe is measured **on rank 0 only**, on rank 0's probe
-batch, on the inner module (``model.module``): the other ranks' monitors do nothing, and no probe calls a
-collective (see :mod:`gradcond.distributed`). Rank 0's plan and rows are the run's.
+Under DDP and FSDP2 (``torch.distributed``, more than one rank) the monitor runs on every rank and measures the
+**whole model on the global probe batch** (issue 24): each rank takes its slice of the probe batch
+(:func:`gradcond.distributed.rank_slice` of ``probe_batch_size``, from its own data), and the probes that can --
+``grad_norm``, ``weight_norm``, ``update_size``, ``gsc``, ``domain`` and the distributed ``noise_scale`` -- compute
+per-rank partial sums from rank-local values (FSDP2 shards, this rank's samples) and reduce them with one
+all-reduce (:mod:`gradcond.probes.norms`, ``reduce=`` of the probes); the measurement gathers no parameter (forward
+passes go through the FSDP2 model, which unshards a unit only for its computation, as in training). Probes that need the
+full model (``conditioning``, ``representation``, the per-sample ``noise_scale``) are measured on rank 0 only under
+DDP, on the inner module (``model.module``) and the gathered global probe batch (the probe batch's samples, never a
+parameter, are gathered); under FSDP2 they are not run, and a ``probe_unavailable`` event (and the report) says why.
+Rank 0 makes the plan and broadcasts it, failures are agreed between the ranks, and rank 0 alone logs rows.
 
 The schedule is decided once, deterministically
 -----------------------------------------------
@@ -57,10 +65,11 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from ..distributed import is_main, unwrap
 from ..train.run import RunLogger
 from ..train.trainer import Callback, TrainState
-from ..utils import atomic_write_text, selecting_output
+from ..utils import atomic_write_text, plain_forward, selecting_output
 from .schedule import PRESETS, PROBES, Schedule
 
 SCHEDULE_FILE = "monitor_schedule.json"
@@ -369,7 +378,7 @@ def _import_probe_modules() -> None:
     not count import time as the probe's cost."""
     import importlib
 
-    for mod in ("scale", "domain", "conditioning", "representation"):
+    for mod in ("norms", "noise", "scale", "domain", "conditioning", "representation"):
         importlib.import_module(f"gradcond.probes.{mod}")
 
 
@@ -418,6 +427,15 @@ class Monitor(Callback):
         self._last_end: float | None = None
         self._plan_written = False
         self._resumed = False
+        self._calls: Counter = Counter()  # measurements attempted per probe (the same on every rank)
+        self._gathered = None  # DDP: the global probe batch on rank 0
+        self._recorder = None  # DDP/FSDP2: the noise-scale recorder on the gradient communication
+        self._before = None  # the layer weights before the optimizer step (update_size)
+        self._samples = 0  # this rank's training samples since the last noise_scale measurement
+        self.unavailable: dict[str, str] = {}  # probes left out under the active strategy -> why
+        # the global batch of one optimizer step, when an integration knows it (else per-rank batch x ranks)
+        self.global_batch_size: int | None = None
+        self.samples_per_step: int | None = None  # this rank's samples per optimizer step, when an integration knows
 
     def use_plan(self, plan: dict | str | Path) -> None:
         """Pin the schedule to ``plan`` (a plan dict or the path of a ``monitor_schedule.json``) instead of planning:
@@ -486,21 +504,26 @@ class Monitor(Callback):
                 if name in self.failed:
                     costs[f"{name}:failed"] = self.failed[name]
                     continue
-                if not self._calibration_due(name, calib) and name in self.cost:
-                    costs[name] = self.cost[name]  # measured during the calibration steps: no extra call
+                if not self._calibration_due(name, calib) and name in self._calls:
+                    if name in self.cost:
+                        costs[name] = self.cost[name]  # measured during the calibration steps: no extra call
                     continue
                 # one measurement, timed; it is not discarded: its rows are logged once the plan is known (a probe
                 # the plan leaves out logs nothing). Probe modules were imported at train start, so this call pays
                 # no import time.
                 rows = self._measure(name, state)
-                if rows is None:
+                if name in self.failed:
                     costs[f"{name}:failed"] = self.failed[name]
                     continue
-                costs[name] = self.cost[name]
+                if name in self.cost:
+                    costs[name] = self.cost[name]
                 if self._calibration_due(name, calib):
                     pending[name] = rows
-        self.plan = plan_schedule({n: s for n, s in self.schedules.items()}, costs, step_time, self.budget, spe,
-                                  epochs, self.min_measurements, calib)
+        plan = None
+        if is_main():  # rank 0 decides (its clock); every rank follows the same plan
+            plan = plan_schedule({n: s for n, s in self.schedules.items()}, costs, step_time, self.budget, spe,
+                                 epochs, self.min_measurements, calib)
+        self.plan = D.broadcast_object(plan)
         for name, rows in pending.items():
             if not self._entry(name)["skipped"]:
                 self._log(name, rows, state)
@@ -516,7 +539,7 @@ class Monitor(Callback):
                 self._run(name, state)
 
     def _write_plan(self, state: TrainState) -> None:
-        path = getattr(state.run, "path", None) if state.run is not None else None
+        path = getattr(state.run, "path", None) if state.run is not None and is_main() else None
         if path is not None and self.plan is not None:
             atomic_write_text(Path(path) / SCHEDULE_FILE, json.dumps(self.plan, indent=2) + "\n")
         self._plan_written = True
@@ -544,30 +567,106 @@ class Monitor(Callback):
     # ---- running probes ---------------------------------------------------------------------------------------
     def _fail(self, name: str, exc: Exception, state: TrainState) -> None:
         self.failed[name] = f"{type(exc).__name__}: {exc}"
-        state.log_event("probe_failed", probe=name, error=self.failed[name])
+        if is_main():
+            state.log_event("probe_failed", probe=name, error=self.failed[name])
 
     def _probe_batch(self, state: TrainState):
+        """This rank's probe batch: the first ``probe_batch_size`` training samples in one process; under DDP/FSDP2
+        this rank's :func:`~gradcond.distributed.rank_slice` of that size, taken from the start of its own data
+        (an integration that sees the full dataset on every rank sets :attr:`batch` to the rank's slice itself)."""
         if self.batch is None:
+            n = len(range(self.probe_batch_size)[D.rank_slice(self.probe_batch_size)])
             ds = getattr(state.train_loader, "dataset", None)
             if ds is not None and hasattr(ds, "tensors"):
-                x, y = ds.tensors[0][: self.probe_batch_size], ds.tensors[1][: self.probe_batch_size]
+                x, y = ds.tensors[0][:n], ds.tensors[1][:n]
             else:
                 x, y = state.batch
+                x, y = x[:n], y[:n]
             p = next(unwrap(state.model).parameters())  # the dataset's tensors may sit on the CPU: move them to the model
-            dtype, dev = p.dtype, p.device
+            dtype, dev = p.dtype, D.local_tensor(p).device
             self.batch = (x.to(dev, dtype) if x.is_floating_point() else x.to(dev),
                           y.to(dev, dtype) if y.is_floating_point() else y.to(dev))
         return self.batch
 
+    def _global_batch(self, state: TrainState):
+        """The whole probe batch on rank 0 (the ranks' slices in rank order; gathered once, samples only) for the
+        probes that run on rank 0's full replica under DDP; None on the other ranks."""
+        local = self._probe_batch(state)
+        if not D.active():
+            return local
+        if self._gathered is None:
+            parts = [None] * D.world_size()
+            torch.distributed.all_gather_object(parts, tuple(t.cpu() for t in local))
+            if is_main():
+                dev = local[0].device
+                self._gathered = tuple(torch.cat([p[i] for p in parts]).to(dev) for i in range(2))
+            else:
+                self._gathered = ()
+        return self._gathered if is_main() else None
+
+    def _placement(self, name: str, state: TrainState):
+        """Where probe ``name`` runs under the active strategy: ``"all"`` (every rank, partial sums reduced),
+        ``"main"`` (rank 0 only, full replica, gathered probe batch) or ``("unavailable", reason)``."""
+        strategy = D.strategy(state.model)
+        if strategy == "single":
+            return "all"
+        reduced = {"grad_norm", "weight_norm", "update_size", "gsc", "domain"}
+        if name in reduced or (name == "noise_scale" and self._recorder is not None):
+            return "all"
+        if strategy == "ddp":
+            return "main"
+        return ("unavailable", f"it needs every parameter of the model in one process, and under FSDP2 each rank "
+                               f"holds only a shard (gradcond never gathers a parameter); measure {name} in a "
+                               f"single-process or DDP run")
+
+    def _probe_fn(self, name: str):
+        """The function measuring ``name``: the registry's, or one bound to the monitor's own state (the weights
+        before the step for ``update_size``, the gradient-communication recorder for ``noise_scale``)."""
+        if name == "update_size":
+            from .schedule import update_size
+
+            return lambda m, lf, b, st: update_size(m, lf, b, st, before=self._before)
+        if name == "noise_scale":
+            from .schedule import noise_scale
+
+            def fn(m, lf, b, st):
+                samples, self._samples = self._samples, 0
+                return noise_scale(m, lf, b, st, recorder=self._recorder, samples=samples,
+                                   batch_size=self._batch_in_use(st))
+            return fn
+        return PROBES[name]
+
+    def _batch_in_use(self, state: TrainState):
+        """The global batch of an optimizer step (per-rank batch x ranks x accumulation), when known."""
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        b = state.batch[0] if state.batch is not None else None
+        return None if b is None or not hasattr(b, "shape") else int(b.shape[0]) * D.world_size()
+
     def _measure(self, name: str, state: TrainState):
-        """Run probe ``name`` once: its rows, or None when it raised (then it is disabled and the failure logged).
-        Its time updates :attr:`cost` (the fastest call so far)."""
+        """Run probe ``name`` once: its rows, or None when it raised on some rank (then it is disabled on every rank
+        and the failure logged) or ran on another rank. Its time updates :attr:`cost` (the fastest call so far).
+        Every rank calls it for the same probes in the same order (one small all-reduce agrees on failures)."""
+        self._calls[name] += 1
+        where = self._placement(name, state)
         t = time.perf_counter()
-        try:
-            with selecting_output(unwrap(state.model), getattr(self, "output", None)):
-                rows = PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
-        except Exception as exc:  # a failing probe must not stop training
-            self._fail(name, exc, state)
+        rows, err = None, None
+        if where == "all" or (where == "main" and is_main()):
+            try:
+                model = unwrap(state.model)
+                batch = self._probe_batch(state) if where == "all" else self._global_batch(state)
+                with plain_forward(model), selecting_output(model, getattr(self, "output", None)):
+                    rows = self._probe_fn(name)(model, state.loss_fn, batch, state)
+            except Exception as exc:  # a failing probe must not stop training
+                err = exc
+        elif where == "main":
+            self._global_batch(state)  # the gather is collective: the other ranks take part
+        if D.all_agree(err is not None):
+            if err is None:
+                err = RuntimeError("it failed on another rank (see rank 0's probe_failed event)")
+            self._fail(name, err, state)
+            return None
+        if rows is None:
             return None
         dt = time.perf_counter() - t
         # kept for information (and for calibration); no decision reads it once the plan exists
@@ -582,15 +681,39 @@ class Monitor(Callback):
             self._log(name, rows, state)
 
     def _log(self, name: str, rows, state: TrainState) -> None:
+        if not is_main():  # one writer: rank 0 logs the (reduced, identical) rows
+            return
         state.log_metrics([(name, layer, metric, value) for layer, metric, value in rows])
         if self._tb is not None:
             for layer, metric, value in rows:
                 self._tb.add_scalar(f"{name}/{metric}/{layer}" if layer else f"{name}/{metric}", value, state.step)
 
     # ---- callback hooks ---------------------------------------------------------------------------------------
-    def on_train_start(self, state: TrainState) -> None:
-        if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
+    def _setup_distributed(self, state: TrainState) -> None:
+        """Under DDP/FSDP2: attach the noise-scale recorder to the gradient communication (when ``noise_scale`` is
+        enabled and the model allows it), and leave out, with a ``probe_unavailable`` event naming the reason, the
+        probes that cannot run under the strategy."""
+        self._recorder = None
+        if D.strategy(state.model) == "single":
             return
+        if "noise_scale" in self.schedules:
+            from ..probes.noise import NoiseScaleRecorder
+
+            try:
+                self._recorder = NoiseScaleRecorder.attach(state.model)
+            except (ValueError, RuntimeError):
+                self._recorder = None  # e.g. an unwrapped DDP replica: the per-sample estimator on rank 0
+        for name in list(self.schedules):
+            where = self._placement(name, state)
+            if isinstance(where, tuple):
+                self.unavailable[name] = where[1]
+                del self.schedules[name]
+                if is_main():
+                    state.log_event("probe_unavailable", probe=name, strategy=D.strategy(state.model),
+                                    reason=where[1])
+
+    def on_train_start(self, state: TrainState) -> None:
+        self._setup_distributed(state)
         self._t0 = time.perf_counter()
         if self._tb_dir is not None and self._tb is None:
             try:
@@ -623,9 +746,40 @@ class Monitor(Callback):
                 self._write_plan(state)
             self._plan_written = True
 
-    def on_step_end(self, state: TrainState) -> None:
-        if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
+    def _due(self, name: str, step: int, state: TrainState) -> bool:
+        """Whether ``name`` may be measured at the end of optimizer step ``step`` (calibration: all steps)."""
+        sch = self.schedules[name]
+        if self.plan is None:
+            return True
+        if sch.kind == "epoch":
+            spe = self._steps_per_epoch(state)
+            return spe is None or step % spe == 0
+        return sch.due_at_step(step) and self._planned(name, step=step)
+
+    def before_update(self, state: TrainState, step: int | None = None) -> None:
+        """Call before the optimizer step that completes optimizer step ``step`` (default ``state.step + 1``):
+        keeps the rank-local layer weights when ``update_size`` is due then (the relative update size needs the
+        weights before the step). The trainer's ``on_step_start`` calls it."""
+        self._before = None
+        if "update_size" not in self.schedules or "update_size" in self.failed:
             return
+        step = state.step + 1 if step is None else step
+        if self._due("update_size", step, state):
+            from ..probes.norms import snapshot_weights
+
+            self._before = snapshot_weights(state.model)
+
+    def on_step_start(self, state: TrainState) -> None:
+        self.before_update(state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        # this rank's samples since the last noise_scale read; with a recorder, only steps whose gradient
+        # communication it saw (it may be attached after the first backward, e.g. from Monitor.step)
+        if self._recorder is None or self._recorder.counts:
+            if self.samples_per_step is not None:
+                self._samples += self.samples_per_step
+            elif state.batch is not None and hasattr(state.batch[0], "shape"):
+                self._samples += int(state.batch[0].shape[0])
         t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
         if self._t0 is None:
             self._t0 = t
@@ -646,8 +800,6 @@ class Monitor(Callback):
         self.spent += self._last_end - t
 
     def on_epoch_end(self, state: TrainState) -> None:
-        if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
-            return
         t = time.perf_counter()
         self._ensure_written(state)
         if self.plan is None:
@@ -663,13 +815,14 @@ class Monitor(Callback):
                 else:
                     self.skipped[name] += 1
         rows = [("monitor", probe, "skipped", n) for probe, n in sorted(self.skipped.items())]
-        state.log_metrics(rows)
         self.skipped.clear()
         self.spent += time.perf_counter() - t
-        # timing values vary between executions: they go to the timing file, never to metrics.csv
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        timing = [("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9))]
-        (state.log_timings if hasattr(state, "log_timings") else state.log_metrics)(timing)
+        if is_main():  # one writer
+            state.log_metrics(rows)
+            # timing values vary between executions: they go to the timing file, never to metrics.csv
+            elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+            timing = [("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9))]
+            (state.log_timings if hasattr(state, "log_timings") else state.log_metrics)(timing)
         self._last_end = time.perf_counter()
 
     def on_train_end(self, state: TrainState) -> None:
@@ -694,8 +847,17 @@ class Monitor(Callback):
         self._last_end = time.perf_counter()
 
     # ---- plain loops --------------------------------------------------------------------------------------
-    def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None) -> list[dict]:
+    def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None,
+             scaler=None) -> list[dict]:
         """Call after ``optimizer.step()`` in your own loop; returns the rows logged at this step.
+
+        Mixed precision: call it after ``scaler.step(optimizer)`` and ``scaler.update()`` and pass ``scaler``
+        (a ``torch.amp.GradScaler``): ``scaler.step`` has unscaled the gradients in place, so the monitor reads
+        the true gradients; a step the scaler skipped (inf/NaN gradients -- checked on the gradients themselves,
+        the scaler's own criterion) is not measured but logged as an ``optimizer_step_skipped`` event and a
+        ``monitor/skipped_step`` row. Probes that run forward passes run outside autocast, in the parameters'
+        dtype (accumulating in float32/float64). ``model`` and ``optimizer`` may be ``accelerator.prepare``-d:
+        the monitor measures the inner module without accelerate's autocast wrapper.
 
         Rows accumulate in ``monitor.rows`` (and in ``run``'s directory when given). ``epoch`` probes run every
         ``len(loader)`` steps only under the trainer; here they run when :meth:`end_epoch` is called. The number of
@@ -715,6 +877,17 @@ class Monitor(Callback):
             self.batch = (x[: self.probe_batch_size], y[: self.probe_batch_size])
         n0 = len(st.run.metrics)
         st.step += 1
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # accelerate's AcceleratedOptimizer says so
+        if not skipped and scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            from ..probes.norms import gradients_finite
+
+            skipped = not gradients_finite(model)
+        if skipped:
+            if is_main():
+                st.log_event("optimizer_step_skipped", reason="the gradient scaler found inf/NaN gradients and "
+                                                              "skipped this step; it was not measured")
+                st.log_metrics([("monitor", "", "skipped_step", 1.0)])
+            return st.run.metrics[n0:]
         self.on_step_end(st)
         return st.run.metrics[n0:]
 

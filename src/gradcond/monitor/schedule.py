@@ -6,7 +6,8 @@ function of :mod:`gradcond.probes` (the quantities themselves live there; this m
 them -- it was ``monitor/probes.py``, a name that hid that difference).
 
 Probes never change parameters, gradients or BatchNorm buffers (the underlying ``gradcond.probes`` functions are
-pure; ``grad_norm`` only reads the ``.grad`` left by the last optimizer step).
+pure; ``grad_norm`` only reads the ``.grad`` left by the last optimizer step). Under DDP/FSDP2 the norm, update,
+GSC, domain and distributed noise-scale probes reduce rank-local partial sums (see :mod:`gradcond.monitor.monitor`).
 """
 
 from __future__ import annotations
@@ -22,29 +23,66 @@ Rows = list[tuple[str, str, float]]
 
 def _param_layers(model: nn.Module):
     """(module name, weight) for every module owning a ``weight`` parameter of dim >= 2 (Linear, Conv, Embedding...)."""
-    for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(w, nn.Parameter) and w.dim() >= 2:
-            yield name or "<root>", w
+    from ..probes.norms import weight_layers
+
+    return weight_layers(model)
+
+
+def _reduce():
+    """The partial-sum reduction of a distributed measurement (identity in one process)."""
+    from ..distributed import active, all_reduce_sum
+
+    return all_reduce_sum if active() else None
 
 
 def grad_norm(model, loss_fn, batch, state=None) -> Rows:
-    """Per-layer ||dL/dW||_F from the gradients of the last training step (free: no extra pass)."""
-    rows = []
-    for name, w in _param_layers(model):
-        if w.grad is not None:
-            rows.append((name, "grad_norm", float(w.grad.detach().norm())))
-    return rows
+    """Per-layer ||dL/dW||_F from the gradients of the last training step (free: no extra pass). Under FSDP2 from the
+    gradient shards, their sums of squares all-reduced (:func:`gradcond.probes.layer_norms`)."""
+    from ..probes.norms import layer_norms
+
+    return [(name, "grad_norm", v["grad_norm"]) for name, v in layer_norms(model).items() if "grad_norm" in v]
 
 
 def weight_norm(model, loss_fn, batch, state=None) -> Rows:
-    """Per-layer ||W||_F and the relative gradient size ||dW|| / ||W||."""
+    """Per-layer ||W||_F and the relative gradient size ||dW|| / ||W|| (shard-local sums under FSDP2)."""
+    from ..probes.norms import layer_norms
+
     rows = []
-    for name, w in _param_layers(model):
-        wn = float(w.detach().norm())
-        rows.append((name, "weight_norm", wn))
-        if w.grad is not None and wn > 0:
-            rows.append((name, "grad_to_weight", float(w.grad.detach().norm()) / wn))
+    for name, v in layer_norms(model).items():
+        rows.append((name, "weight_norm", v["weight_norm"]))
+        if "grad_norm" in v and v["weight_norm"] > 0:
+            rows.append((name, "grad_to_weight", v["grad_norm"] / v["weight_norm"]))
+    return rows
+
+
+def update_size(model, loss_fn, batch, state=None, before=None) -> Rows:
+    """Per-layer relative update size ||W_after - W_before||_F / ||W_before||_F of the optimizer step just taken
+    (shard-local sums under FSDP2). ``before``: the weights kept before the step
+    (:func:`gradcond.probes.snapshot_weights`; the Monitor keeps them when the probe is due)."""
+    from ..probes.norms import update_norms
+
+    if before is None:
+        raise ValueError("update_size needs the layer weights from before the optimizer step; the trainer's "
+                         "on_step_start (or Monitor.before_update) keeps them.")
+    return [(name, "update_to_weight", v) for name, v in update_norms(model, before).items()]
+
+
+def noise_scale(model, loss_fn, batch, state=None, recorder=None, samples=0, batch_size=None) -> Rows:
+    """The simple gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) with its two estimates and the
+    training batch in use: from the per-sample gradient norms of the probe batch
+    (:func:`gradcond.probes.gradient_noise_scale`), or, under DDP/FSDP2 with a ``recorder``
+    (:class:`gradcond.probes.NoiseScaleRecorder`), from every rank's and the reduced gradient norms of the
+    training steps since the last measurement (``samples``: this rank's samples in those steps)."""
+    if recorder is not None:
+        ns = recorder.read(samples)
+    else:
+        from ..probes.noise import gradient_noise_scale
+
+        ns = gradient_noise_scale(model, loss_fn, batch)
+    rows = [("", "b_simple", ns.b_simple), ("", "trace_sigma", ns.trace_sigma), ("", "grad_sq", ns.grad_sq),
+            ("", "b_small", ns.b_small), ("", "b_big", ns.b_big)]
+    if batch_size:
+        rows.append(("", "batch_size", float(batch_size)))
     return rows
 
 
@@ -52,7 +90,7 @@ def gsc(model, loss_fn, batch, state=None) -> Rows:
     """GSC(l, 0) per measured layer (seed 003 Def. 2) and the fitted explosion rate per linear layer."""
     from ..probes.scale import gsc_profile
 
-    prof = gsc_profile(model, loss_fn, batch, per_sample=False)
+    prof = gsc_profile(model, loss_fn, batch, per_sample=False, reduce=_reduce())
     rows = [(layer, "gsc", float(v)) for layer, v in zip(prof.layers, prof.gsc)]
     try:
         fit = prof.fit_explosion()
@@ -67,7 +105,7 @@ def domain(model, loss_fn, batch, state=None) -> Rows:
     """Pre-activation std and sign diversity per nonlinearity (seed 003 §I.2)."""
     from ..probes.domain import domain_stats
 
-    st = domain_stats(model, batch)
+    st = domain_stats(model, batch, reduce=_reduce())
     rows = []
     for layer, s, sd in zip(st.layers, st.std, st.sign_diversity):
         rows += [(layer, "preact_std", float(s)), (layer, "sign_diversity", float(sd))]
@@ -140,6 +178,8 @@ PROBES: dict[str, Callable] = {
     "domain": domain,
     "conditioning": conditioning,
     "representation": representation,
+    "update_size": update_size,
+    "noise_scale": noise_scale,
 }
 
 
@@ -178,7 +218,7 @@ class Schedule:
 PRESETS = {
     "default": {"grad_norm": "every:5", "weight_norm": "epoch", "gsc": "epoch", "domain": "epoch", "conditioning": "epoch"},
     "full": {"grad_norm": "every:1", "weight_norm": "every:5", "gsc": "every:5", "domain": "every:5",
-             "conditioning": "every:10"},
+             "conditioning": "every:10", "update_size": "every:5", "noise_scale": "every:10"},
     "off": {},
 }
 

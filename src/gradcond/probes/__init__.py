@@ -4,7 +4,9 @@ Gradient scale (seed 003): ``gsc_profile``, ``gsc``, ``domain_stats``, ``dilutio
 and the trainer callbacks ``ResidualTracker`` and ``EffectiveDepth``. Gradient conditioning (seed 004):
 ``step_consistency``, ``step_metrics``, ``consecutive_step_consistency``, ``batch_dissonance``,
 ``relative_gradient_rank``, ``gradient_confusion``, ``gradient_diversity``, ``gradient_coherence``,
-``batch_efficiency_ratio``, the per-sample ``Engine`` and ``LayerwiseMask``. Names are imported lazily.
+``batch_efficiency_ratio``, the per-sample ``Engine`` and ``LayerwiseMask``. Gradient noise scale (McCandlish et al.
+2018): ``gradient_noise_scale``, ``noise_scale_from_norms``, ``NoiseScaleRecorder``. Per-layer norms from rank-local
+values (single process, DDP, FSDP2): ``layer_norms``, ``update_norms``. Names are imported lazily.
 
 Where things live: ``scale``, ``domain``, ``dilution``, ``taylor``, ``tracking`` (seed 003); the ``conditioning``
 subpackage (seed 004 metrics, one module per metric family; ``from gradcond.probes import conditioning as C`` gives
@@ -30,6 +32,8 @@ _EXPORTS = {
                      "batch_dissonance", "input_condition_exact", "relative_gradient_rank", "gradient_confusion", "gradient_diversity",
                      "gradient_coherence", "batch_efficiency_ratio"],
     "mask": ["LayerwiseMask"],
+    "noise": ["NoiseScale", "gradient_noise_scale", "noise_scale_from_norms", "NoiseScaleRecorder"],
+    "norms": ["weight_layers", "layer_norms", "snapshot_weights", "update_norms", "gradients_finite"],
     "representation": ["least_squares_distance", "k_redundancy", "redundant_mask", "knn_indices", "selection_entropy",
                        "SelectionEntropy", "stable_rank", "weight_entropy", "error_gradient_rms"],
 }

@@ -78,14 +78,22 @@ class DomainStats:
 
 
 def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = False,
-                 corr_samples: int = 512) -> DomainStats:
+                 corr_samples: int = 512, reduce=None) -> DomainStats:
     """Pre-activation std, sign diversity (and optionally mean pairwise correlation) per nonlinearity layer.
 
     ``layers``: None (inputs of every activation module) or module names whose *inputs* are measured.
     ``data``: x, (x, y), a TensorDataset or an iterable of batches; statistics are over all samples.
     Cost: forward passes only (no graph), O(N * sum d) memory-free accumulation; the correlation adds one
     ``corr_samples`` x ``corr_samples`` Gram matrix per layer. BatchNorm buffers are left unchanged.
+
+    ``reduce`` (distributed measurement, issue 24): a function summing a float64 tensor over the ranks (e.g.
+    :func:`gradcond.distributed.all_reduce_sum`); each rank passes its slice of the data and the per-neuron sums
+    (Σf, Σf², count of f > 0, samples) are reduced in one call, so every rank returns the statistics of the union of
+    the slices. Not with ``correlation=True`` (pairs across ranks would be missing): ValueError.
     """
+    if reduce is not None and correlation:
+        raise ValueError("domain_stats(correlation=True) cannot be reduced over ranks (the sample pairs across ranks "
+                         "are not formed); measure the correlation in one process.")
     if layers is None:
         mods = H.default_layers(model, kinds=("act",))
         if not mods:
@@ -140,6 +148,17 @@ def domain_stats(model: nn.Module, data, layers=None, *, correlation: bool = Fal
         missing = sorted(wanted - set(order))
         if missing:
             raise ValueError(f"layer(s) {', '.join(map(repr, missing))} received no floating-point input.")
+    if reduce is not None and order:
+        parts = [t for name in order for t in (acc[name]["s"], acc[name]["s2"], acc[name]["pos"],
+                                                 torch.tensor([float(acc[name]["n"])], dtype=torch.float64,
+                                                              device=acc[name]["s"].device))]
+        sizes = [t.numel() for t in parts]
+        flat = reduce(torch.cat(parts).double())
+        chunks = list(torch.split(flat, sizes))
+        for i, name in enumerate(order):
+            a = acc[name]
+            a["s"], a["s2"], a["pos"], cnt = chunks[4 * i: 4 * i + 4]
+            a["n"] = int(round(float(cnt)))
     stds, sds, corrs, dims = [], [], [], []
     n = None
     for name in order:

@@ -159,7 +159,7 @@ def _accumulate(calls, acc, keep, per):
 
 
 @accepts_model_output
-def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: bool = True) -> GSCProfile:
+def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: bool = True, reduce=None) -> GSCProfile:
     """GSC(l, 0) at every measured layer (seed 003 Def. 2, unsquared; dataset aggregate of protocol I.2).
 
     ``loss_fn``: a loss name (``"dot"`` for the noise protocol, ``"cross_entropy"``, ``"mse"``) or a callable
@@ -171,6 +171,12 @@ def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: boo
     train mode normalises with batch statistics: pass the data as one batch); no buffer, parameter or ``.grad``
     is changed. A layer whose activations are all zero, or a dataset whose errors are all zero, has an undefined
     GSC: its value is NaN and a RuntimeWarning names it.
+
+    ``reduce`` (distributed measurement, issue 24): a function that sums a float64 tensor over the ranks, e.g.
+    :func:`gradcond.distributed.all_reduce_sum`. Each rank passes its own slice of the data; the partial sums
+    (Σ||df0/df_l||², Σ||f_l||², Σ f_0², sample count) are reduced once and every rank returns the profile of the
+    union of the slices, equal to the single-process profile of the whole data up to float rounding. The per-sample
+    arrays (``per_sample=True``) then hold this rank's samples only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -214,7 +220,15 @@ def gsc_profile(model: nn.Module, loss_fn, data, layers=None, *, per_sample: boo
             losses.append(ell.detach().double().cpu().numpy())
             n += int(ell.shape[0])
     loss_vals = np.concatenate(losses)
-    q_loss = float(np.sqrt(np.mean(loss_vals ** 2)))
+    l2 = float(np.sum(loss_vals ** 2))
+    if reduce is not None:  # one all-reduce of the partial sums, in the (identical) forward order of the layers
+        packed = torch.tensor([v for k in order for v in (acc[k]["g2"], acc[k]["a2"])] + [l2, float(n)],
+                              dtype=torch.float64)
+        packed = reduce(packed).tolist()
+        for i, k in enumerate(order):
+            acc[k]["g2"], acc[k]["a2"] = packed[2 * i], packed[2 * i + 1]
+        l2, n = packed[-2], int(round(packed[-1]))
+    q_loss = float(np.sqrt(l2 / n))
     gsc_vals, q_grad, q_act = [], [], []
     for name in order:
         a = acc[name]

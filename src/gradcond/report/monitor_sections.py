@@ -81,6 +81,39 @@ def _per_run_layer_figures(rows, events, probe, name, stem, title, ylabel, capti
             for label, rr in rows.items() if any(r["probe"] == probe and r["name"] == name for r in rr)]
 
 
+def _noise_fig(rows, events):
+    """B_simple over training (finite points), with the global batch size in use as a dashed line: above the line
+    the batch is smaller than the critical batch (noise-dominated steps); far below it, larger than useful."""
+    fig, ax = figures.new_figure()
+    for label, rr in rows.items():
+        pts = [(r["step"], r["value"]) for r in rr if r["probe"] == "noise_scale" and r["name"] == "b_simple"
+               and r["value"] == r["value"] and r["value"] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"B_simple, {label} run")
+        bs = [(r["step"], r["value"]) for r in rr if r["probe"] == "noise_scale" and r["name"] == "batch_size"]
+        if bs:
+            ax.plot(*zip(*bs), ls="--", color="grey", label=f"batch size in use, {label} run")
+    figures.mark_events(ax, events, x="step")
+    return figures.finish_axes(ax, "Gradient noise scale over training", "optimizer step", "samples", logy=True)
+
+
+def noise_finding(rows: list[dict]) -> str | None:
+    """One sentence comparing the last B_simple estimates with the batch size in use, or None when fewer than 3
+    measurements gave a positive |G|² estimate (the evidence is too thin for a statement)."""
+    b = [r["value"] for r in rows if r["probe"] == "noise_scale" and r["name"] == "b_simple"]
+    ok = [v for v in b if v == v and v > 0]
+    bs = [r["value"] for r in rows if r["probe"] == "noise_scale" and r["name"] == "batch_size"]
+    if len(ok) < 3 or not bs:
+        return None
+    last = sorted(ok[-3:])[1]  # the median of the last three estimates
+    batch = bs[-1]
+    rel = "smaller than" if batch < 0.5 * last else "larger than" if batch > 2 * last else "close to"
+    return (f"The gradient noise scale B_simple is about {last:.3g} samples (median of the last 3 of {len(b)} "
+            f"measurements, {len(b) - len(ok)} without a positive |G|² estimate); the batch of {batch:g} is {rel} it"
+            + ("; larger batches would still speed up training almost linearly." if rel == "smaller than" else
+               "; larger batches would mostly spend more samples per step." if rel == "larger than" else "."))
+
+
 def monitor_sections(rows: dict, events: dict, labels: dict | None = None) -> list[Section]:
     sections = []
     if _has(rows, "grad_norm"):
@@ -126,6 +159,26 @@ def monitor_sections(rows: dict, events: dict, labels: dict | None = None) -> li
                                               labels=labels)
         sec.tables.append(("domain rows", _table(rows, "domain", labels)))
         sections.append(sec)
+    if _has(rows, "update_size"):
+        sec = Section("Relative update size", "<p>||W_after - W_before||_F / ||W_before||_F of the optimizer step, per "
+                      "layer: how far each step moves a layer relative to its size.</p>")
+        sec.figures += _per_run_layer_figures(rows, events, "update_size", "update_to_weight", "update_to_weight",
+                                              "Relative update size per layer", "||dW|| / ||W|| of the step",
+                                              "Relative update size per layer over training.", labels=labels)
+        sec.tables.append(("update size rows", _table(rows, "update_size", labels)))
+        sections.append(sec)
+    if _has(rows, "noise_scale"):
+        text = ("<p>The simple gradient noise scale B_simple = tr(&Sigma;)/|G|&sup2; (McCandlish et al. 2018), an "
+                "estimate of the critical batch size, beside the batch size in use. Points where the |G|&sup2; "
+                "estimate was not positive (the gradient lost in the noise) are left out of the figure.</p>")
+        found = [f for f in (noise_finding(rr) for rr in rows.values()) if f]
+        if found:
+            text += "<div class='finding'>" + " ".join(html.escape(f) for f in found) + "</div>"
+        sec = Section("Gradient noise scale", text)
+        sec.figures.append(Figure("noise_scale", _noise_fig(rows, events),
+                                  "B_simple over training (log scale) and the batch size in use (dashed)."))
+        sec.tables.append(("noise scale rows", _table(rows, "noise_scale")))
+        sections.append(sec)
     if _has(rows, "conditioning"):
         names = sorted({r["name"] for rr in rows.values() for r in rr if r["probe"] == "conditioning"})
         sec = Section("Gradient conditioning", "<p>Seed 004's metrics on a fixed probe batch: gradient coherence "
@@ -137,6 +190,11 @@ def monitor_sections(rows: dict, events: dict, labels: dict | None = None) -> li
         sec.tables.append(("conditioning rows", _table(rows, "conditioning")))
         sections.append(sec)
     failures = [e for evs in events.values() for e in evs if e.get("kind") == "probe_failed"]
+    unavailable = [e for evs in events.values() for e in evs if e.get("kind") == "probe_unavailable"]
+    if unavailable:
+        sections.append(Section("Probes not run under the distributed strategy", "<ul>" + "".join(
+            f"<li>{html.escape(e['probe'])} ({html.escape(str(e.get('strategy', '')))}): not run because "
+            f"{html.escape(e['reason'])}.</li>" for e in unavailable) + "</ul>"))
     if _has(rows, "monitor") or failures:  # timing rows may live in timings.csv: failures alone still get a section
         text = "<p>Measurements skipped to stay within the time budget, and probes that failed (the summary at the " \
                "top says what was measured and the share of training time it took).</p>"

@@ -332,12 +332,13 @@ def coverage(rr: list[dict], evs: list[dict], schedule: dict | None, timings: li
         if r["probe"] not in _TRAINER_PROBES and (r["probe"] in monitor_probes or r["probe"] in planned):
             steps.setdefault(r["probe"], set()).add(r["step"])
     failed = {e.get("probe"): e for e in evs if e.get("kind") == "probe_failed"}
+    unavailable = {e.get("probe"): e for e in evs if e.get("kind") == "probe_unavailable"}
     skipped: dict[str, float] = {}
     for r in rr:
         if r["probe"] == "monitor" and r["name"] == "skipped":
             skipped[r["layer"]] = skipped.get(r["layer"], 0) + r["value"]
     out = []
-    for probe in list(dict.fromkeys([*planned, *steps, *(k for k in failed if k)])):
+    for probe in list(dict.fromkeys([*planned, *steps, *(k for k in failed if k), *(k for k in unavailable if k)])):
         word = PROBE_WORDS.get(probe, probe)
         st = sorted(steps.get(probe, ()))
         if st:
@@ -347,6 +348,9 @@ def coverage(rr: list[dict], evs: list[dict], schedule: dict | None, timings: li
             reason = p.get("reason") or ("disabled" if p.get("skipped") or not p.get("enabled", True) else "")
             if probe in failed:
                 reason = f"it failed at step {failed[probe]['step']} ({failed[probe].get('error', '')})"
+            if probe in unavailable:
+                reason = (f"not run under {unavailable[probe].get('strategy', 'this strategy')}: "
+                          f"{unavailable[probe].get('reason', '')}")
             s = f"{word} was not measured: {reason or 'no rows in metrics.csv'}"
         if st and probe in failed:
             s += f"; it failed at step {failed[probe]['step']} and was switched off ({failed[probe].get('error', '')})"
@@ -504,8 +508,14 @@ def write_run_report(run_dir: Path, cfg: dict, runs: dict[str, Path], seconds: f
         text += "<p>Teleport (dashed red line on every time axis): " + "; ".join(
             html.escape(f"{event_when(e, epochs)}, {k} run") for k, e in tp) + ".</p>"
     curves = Section("Training curves", text, tables=[("final values", summary)])
+    # a run that logs its training loss several times per epoch (a Trainer's logging_steps) is drawn against steps
+    per_step = any(len([r for r in rr if r["probe"] == "train" and r["name"] == "loss"]) >
+                   len({r["epoch"] for r in rr if r["probe"] == "train" and r["name"] == "loss"}) for rr in rows.values())
     curves.figures.append(Figure("loss", figures.curves(rows, [("train", "loss", "train"), ("test", "loss", "test")],
-                                                        "Loss per epoch", "loss (mean over samples)", events=events),
+                                                        "Loss per logged step" if per_step else "Loss per epoch",
+                                                        "loss (mean over samples)", x="step" if per_step else "epoch",
+                                                        events=events),
+                                 "Training loss at each logged step." if per_step else
                                  "Training and test loss after each epoch."))
     if any(r["name"] == "acc" for rr in rows.values() for r in rr):
         curves.figures.append(Figure("accuracy", figures.curves(rows, [("train", "acc", "train"), ("test", "acc", "test")],

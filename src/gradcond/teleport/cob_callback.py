@@ -17,7 +17,7 @@ import torch
 
 from gradcond.graph import analyze
 from gradcond.callbacks import Callback
-from gradcond.distributed import active as _dist_active, is_main, run_on_main, sync_after_teleport, unwrap, world_size
+from gradcond.distributed import active as _dist_active, is_main, refuse_sharded, run_on_main, sync_after_teleport, unwrap, world_size
 
 from .errors import TeleportError
 from .apply import teleport
@@ -153,6 +153,7 @@ class TeleportCallback(Callback):
         ``replicas_identical`` event (``tensors`` checked, ``world_size``). Single process: just ``teleport_now``."""
         if not _dist_active():
             return self.teleport_now(state)
+        refuse_sharded(state.model, "TeleportCallback")
         if self.rewrite:  # a rewrite swaps submodules on rank 0 only: replicas would differ in structure
             raise ValueError("TeleportCallback under torch.distributed needs rewrite=False (mode='intra'): an "
                              "activation rewrite changes the module structure on rank 0 only.")

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 
 from gradcond.callbacks import Callback
-from gradcond.distributed import active as _dist_active, is_main, run_on_main, sync_after_teleport, unwrap, world_size
+from gradcond.distributed import active as _dist_active, is_main, refuse_sharded, run_on_main, sync_after_teleport, unwrap, world_size
 
 from .errors import TeleportError
 from .level_set import OPTIMIZER_STATE_POLICIES, sample_batches, split_held_out
@@ -116,6 +116,7 @@ class LevelSetTeleportCallback(Callback):
                 self._fire(state)
                 return
             # DDP: computed on rank 0 only (inner module), then broadcast from rank 0 and checked bit-identical
+            refuse_sharded(state.model, type(self).__name__)
             run_on_main(self._fire, state)
             n = sync_after_teleport(state.model, state.optimizer)
             if is_main():

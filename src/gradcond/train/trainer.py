@@ -330,7 +330,7 @@ def fit(
                 sched.step(row["train_loss"]) if schedule == "plateau" else sched.step()
             for cb in callbacks:
                 cb.on_epoch_end(state)
-            if run.path is not None:
+            if run.path is not None or _sharded(model):  # FSDP2: every rank takes part in gathering the state
                 _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step, config, device)
             if state.stop_training:
                 break
@@ -422,10 +422,37 @@ def _plain_config(config):
         return None
 
 
+def _sharded(model) -> bool:
+    """True for an FSDP2 model (``DTensor`` parameters) in an active process group."""
+    from ..distributed import strategy
+
+    return _dist_active() and strategy(model) == "fsdp2"
+
+
+def _full_state(model, opt):
+    """Model and optimizer state dicts with whole tensors: under FSDP2 gathered from the shards to every rank's CPU
+    with ``torch.distributed.checkpoint.state_dict`` (collective: every rank calls it; a checkpoint, unlike a
+    measurement, needs the full parameters), keyed like the unsharded model's; otherwise the plain state dicts."""
+    if not _sharded(model):
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+
+
 def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, config=None, device=None) -> None:
+    from ..distributed import strategy, world_size
+
+    model_state, opt_state = _full_state(model, opt)
+    if run.path is None:  # FSDP2 ranks other than 0: they only took part in gathering the state
+        return
     ck = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": model_state,
+        "optimizer": opt_state,
+        "world_size": world_size(),
+        "strategy": strategy(model),
         "schedule": sched.state_dict() if sched is not None else None,
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
