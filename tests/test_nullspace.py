@@ -519,3 +519,61 @@ def test_guards_switch_off_from_a_config():
     sym = build_callback({"name": "symmetry_teleport", "max_step_change": False, "held_out_tol": False})
     assert sym.teleporter.max_step_change is None and sym.teleporter.guards.held_out_tol is None
     assert sym.batch_size is None  # chosen from the model at the first teleport
+
+
+def test_float32_basis_comes_from_a_float64_svd():
+    """A float32 representation with a wide spectrum (singular values 1 .. 1e-3, rank 20 of 48): the kept basis
+    must span it to float32 rounding of B (leakage into the null space ~1e-8), not to the accuracy of a float32 SVD
+    (eps32 * s_max / s_k, here ~6e-7), which moved a float32 MLP's batch loss by 2.5e-4 over a 32-batch teleport."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    U, _ = np.linalg.qr(rng.randn(64, 20))
+    V, _ = np.linalg.qr(rng.randn(48, 20))
+    feats = torch.from_numpy((U * np.logspace(0, -3, 20)) @ V.T).float()
+    B, k = null_space_basis(feats, 1.0)
+    assert k == 20 and B.dtype == torch.float32 and B.shape == (48, 20)
+    F = feats.double().numpy()
+
+    def leak(basis):  # share of the features outside span(basis), in float64 (independent of the code under test)
+        b = basis.double().numpy()
+        return np.linalg.norm(F - F @ b @ b.T) / np.linalg.norm(F)
+
+    _, _, vh32 = torch.linalg.svd(feats, full_matrices=False)
+    assert leak(B) < 1e-7
+    assert leak(vh32[:20].T) > 5 * leak(B)  # the case is one where a float32 SVD is not accurate enough
+
+
+def test_float32_numerical_rank_ignores_float32_rounding_noise():
+    # rank 4 in exact arithmetic, computed in float32: the rounding noise (~1e-7 relative) must not count as rank
+    # (a float64 tolerance would keep all 12 directions and leave no null space)
+    torch.manual_seed(2)
+    feats = torch.randn(50, 4) @ torch.randn(4, 12)
+    assert int((torch.linalg.svdvals(feats.double()) > 1e-12 * 50).sum()) > 4  # the noise is there
+    _, k = null_space_basis(feats, 1.0)
+    assert k == 4
+
+
+def test_projection_of_a_float32_gradient_mostly_in_the_kept_space():
+    """G = 1e4 x (kept-space part) + (null-space part), float32: pi(G) must carry no kept-space component beyond
+    float32 rounding of the *result* (~1e-7 of ||pi(G)||); the float32 formula G - G B B^T leaves ~eps32 * ||G||,
+    i.e. ~1e-3 of ||pi(G)|| here (the leak that moved a float32 MLP's batch loss by 2.6e-4 in a teleport)."""
+    from gradcond.teleport.nullspace import project_out
+
+    g = torch.Generator().manual_seed(0)
+    B, _ = torch.linalg.qr(torch.randn(40, 12, generator=g, dtype=torch.float64))
+    kept = torch.randn(30, 12, generator=g, dtype=torch.float64) @ B.T
+    free = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    free = free - free @ B @ B.T
+    G = (1e4 * kept + free).float()
+    P = project_out(G, B)  # the teleport passes its float64 basis
+    assert P.dtype == torch.float32 and P.shape == G.shape
+
+    def leak(Q):  # kept-space share of Q, in float64 with the exact basis (independent of the code under test)
+        Qd = Q.double()
+        return float((Qd @ B).norm() / Qd.norm())
+
+    assert leak(P) < 1e-6
+    naive = G - (G @ B.float()) @ B.float().T
+    assert leak(naive) > 100 * leak(P)  # the case is one where float32 arithmetic is not enough
+    torch.testing.assert_close(P.double(), G.double() - G.double() @ B @ B.T, rtol=0, atol=1e-2)

@@ -212,9 +212,30 @@ def test_input_variance_quick(tmp_path):
 def test_slow_entries_quick(name, tmp_path):
     rows = _run(name, tmp_path)
     if name == "nullspace-resnet":
-        assert "guards off" in rows[0].ours and rows[0].judged and rows[1].judged  # exactness + held-out
+        assert rows[0].verdict == "reported" and "CAP" in rows[0].ours  # the setting first
+        assert "guards off" in rows[1].ours and rows[1].judged and rows[2].judged  # exactness + held-out
     elif name == "nullspace-lm":
-        assert rows[0].judged and "Embedding" in rows[0].claim and rows[0].holds
-        assert rows[1].data["row_change"] and max(rows[1].data["row_change"]) == 0.0  # untied: never moves
+        assert rows[0].verdict == "reported" and "CAP" in rows[0].ours
+        assert rows[1].judged and "Embedding" in rows[1].claim and rows[1].holds
+        assert rows[2].data["row_change"] and max(rows[2].data["row_change"]) == 0.0  # untied: never moves
     else:
         assert len(rows) == 5 and all(r.judged for r in rows)
+
+
+def test_time_pair_interleaves_the_two_methods_on_fresh_models():
+    """The runtime entry measures both teleports alternately (same cache and frequency conditions) on a fresh model
+    each time, with the requested t, and returns the median CPU seconds of each."""
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name, self.steps = name, None
+
+        def teleport(self, model, data):
+            calls.append((self.name, self.steps, id(model), len(data), tuple(data[0][0].shape)))
+
+    a, b = Fake("ns"), Fake("sym")
+    tn, ts = N._time_pair(a, b, t=3, d=8, n=5, l=2, b=2, repeats=3)
+    assert [c[0] for c in calls] == ["ns", "sym"] * 3
+    assert all(c[1] == 3 and c[3] == 2 and c[4] == (5, 8) for c in calls)
+    assert tn >= 0 and ts >= 0 and math.isfinite(tn) and math.isfinite(ts)

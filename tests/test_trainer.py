@@ -232,3 +232,32 @@ def test_make_schedule_rejects_bad_values():
         make_schedule("step", opt, step_size=0)
     with pytest.raises(ValueError, match=r"factor a number in \(0, 1\), got 1.5"):
         make_schedule("plateau", opt, factor=1.5)
+
+
+def test_accuracy_counts_targets_for_per_position_labels():
+    """(N, C, T) logits with (N, T) targets (a language model): accuracy is the share of positions predicted right,
+    in [0, 1], for both the training rows and evaluate -- not positions right per sample (it used to read 4.8)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradcond.train import evaluate
+
+    class PerPosition(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 5)
+
+        def forward(self, x):
+            return self.emb(x).transpose(1, 2)  # (N, C=5, T)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (40, 6), generator=g)
+    y = torch.randint(0, 5, (40, 6), generator=g)
+    torch.manual_seed(0)
+    model = PerPosition()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    loss, acc = evaluate(model, loader, get_loss("cross_entropy"), "classification")
+    with torch.no_grad():
+        expected = float((model(x).argmax(1) == y).float().mean())
+    assert acc == pytest.approx(expected) and 0.0 <= acc <= 1.0
+    h = fit(model, loader, loader, lr=1e-12, epochs=1, progress=False)  # (a step of 1e-12 moves no argmax)
+    assert h.rows[-1]["train_acc"] == pytest.approx(expected) and h.rows[-1]["test_acc"] == pytest.approx(expected)

@@ -139,11 +139,14 @@ def _is_number(v) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, loss_fn, task: str) -> tuple[float, float]:
-    """Mean loss and accuracy (NaN for regression) over ``loader`` in eval mode; restores the model's mode."""
+    """Mean loss and accuracy (NaN for regression) over ``loader`` in eval mode; restores the model's mode.
+
+    Accuracy is the share of *targets* predicted right (``argmax`` over dim 1): one per sample for ``(N,)`` targets,
+    one per position for per-position targets (``(N, C, T)`` logits and ``(N, T)`` targets, e.g. a language model)."""
     was_training = model.training
     model.eval()
     dtype, device = next(model.parameters()).dtype, module_device(model)
-    total, loss_sum, correct = 0, 0.0, 0
+    total, loss_sum, correct, targets = 0, 0.0, 0, 0
     try:
         for x, y in loader:
             x, y = to_model(x, dtype, device), to_model(y, dtype, device)
@@ -151,10 +154,11 @@ def evaluate(model: nn.Module, loader, loss_fn, task: str) -> tuple[float, float
             loss_sum += float(loss_fn(out, y)) * len(x)
             if task == "classification":
                 correct += int((out.argmax(1) == y).sum())
+                targets += y.numel()
             total += len(x)
     finally:
         model.train(was_training)
-    return loss_sum / max(total, 1), (correct / max(total, 1) if task == "classification" else float("nan"))
+    return loss_sum / max(total, 1), (correct / max(targets, 1) if task == "classification" else float("nan"))
 
 
 def to_model(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -284,7 +288,7 @@ def fit(
             state.epoch = epoch
             for cb in callbacks:
                 cb.on_epoch_start(state)
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen, targets = 0.0, 0, 0, 0
             for x, y in state.train_loader:  # a data filter (train.filters) may swap it at on_epoch_start
                 x, y = to_model(x, dtype, device), to_model(y, dtype, device)
                 state.batch = (x, y)
@@ -305,6 +309,7 @@ def fit(
                 loss_sum += state.loss * len(x)
                 if task == "classification":
                     correct += int((out.detach().argmax(1) == y).sum())
+                    targets += y.numel()  # per-position targets: accuracy over positions, not samples
                 seen += len(x)
                 for cb in callbacks:
                     cb.on_step_end(state)
@@ -315,7 +320,7 @@ def fit(
                     break
             row = {"epoch": epoch, "step": state.step, "train_loss": loss_sum / max(seen, 1)}
             if task == "classification":
-                row["train_acc"] = correct / max(seen, 1)
+                row["train_acc"] = correct / max(targets, 1)
             if test_loader is not None:
                 row["test_loss"], acc = evaluate(model, test_loader, loss_fn, task)
                 if task == "classification":
