@@ -381,6 +381,7 @@ def test_pseudo_teleport_l1_per_tensor_matches_each_tensors_l1_step():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     moved = 0
     for (n, w), v, u in zip(model.named_parameters(), tp.parameters(), ps.parameters()):
+        w, v, u = w.detach(), v.detach(), u.detach()
         l1_tele, l1_pseudo = float((v - w).abs().sum()), float((u - w).abs().sum())
         assert l1_pseudo == pytest.approx(l1_tele, rel=1e-12, abs=1e-300), n
         if l1_tele == 0:
