@@ -125,6 +125,7 @@ def teleport_sgd(quick: bool, out_dir: Path) -> list[Row]:
     return [summary] + judged + reported
 
 
+# ------------------------------------------------------------------------------------------------------------
 MID_SIGMAS = (0.0, 0.7, 0.8, 0.9)
 
 
