@@ -368,6 +368,40 @@ def test_pseudo_teleport_same_distance_random_direction():
         assert _rel(model(x), ps(x)) > 1e-3
 
 
+def test_pseudo_teleport_l1_per_tensor_matches_each_tensors_l1_step():
+    """The authors' reading (reference implementation): per parameter tensor, the L1 length of the teleport's step,
+    in a random direction; tensors the CoB leaves unchanged stay put; the model itself is not modified."""
+    torch.manual_seed(0)
+    model = zoo.build("mlp", width=16).double()
+    x = _input("mlp", {})
+    s = analyze(model, x[:2])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tp = teleport(model, random_cob(s, 0.9, "inter", torch.Generator().manual_seed(4)))
+    ps = pseudo_teleport(model, s, 0.9, "inter", torch.Generator().manual_seed(4), norm="l1_per_tensor")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    moved = 0
+    for (n, w), v, u in zip(model.named_parameters(), tp.parameters(), ps.parameters()):
+        w, v, u = w.detach(), v.detach(), u.detach()
+        l1_tele, l1_pseudo = float((v - w).abs().sum()), float((u - w).abs().sum())
+        assert l1_pseudo == pytest.approx(l1_tele, rel=1e-12, abs=1e-300), n
+        if l1_tele == 0:
+            assert torch.equal(u, w)  # e.g. the output bias: tau = 1 at both ends
+        else:
+            moved += 1
+            d_t, d_p = (v - w).reshape(-1), (u - w).reshape(-1)
+            if d_t.numel() > 50:
+                assert abs(float(d_t @ d_p / (d_t.norm() * d_p.norm()))) < 0.3  # a random direction
+    assert moved >= 3
+    with torch.no_grad():
+        assert _rel(model(x), ps(x)) > 1e-3
+    # the L2 reading is unchanged by the new option (same draws as before for the default)
+    a = pseudo_teleport(model, s, 0.9, "inter", torch.Generator().manual_seed(4))
+    b = pseudo_teleport(model, s, 0.9, "inter", torch.Generator().manual_seed(4), norm="l2")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="unknown pseudo-teleport norm 'l1'; accepted: l2, l1_per_tensor"):
+        pseudo_teleport(model, s, 0.9, "inter", norm="l1")
+
+
 def test_random_cob_distribution():
     """tau ~ U[1 - sigma, 1 + sigma] (intra) or with random sign (inter), seed 000 Sec. 4.1."""
     model = zoo.build("mlp", width=200, depth=3)

@@ -44,24 +44,42 @@ def micro_teleport(model: nn.Module, structure: CoBStructure, sigma: float = 1e-
     return tp, torch.cat(vec)
 
 
+PSEUDO_NORMS = ("l2", "l1_per_tensor")
+
+
 def pseudo_teleport(model: nn.Module, structure: CoBStructure, sigma: float = 0.5, mode: str = "intra",
-                    generator: torch.Generator | None = None) -> nn.Module:
-    """Pseudo-teleportation, the source's control (seed 000 Sec. 5): draw a CoB, measure
-    ``r = ||W - tau W||`` over all parameters, and return a copy of ``model`` with parameters ``W + r * u``,
-    ``u`` uniform on the unit sphere -- same distance, random direction, function not preserved."""
+                    generator: torch.Generator | None = None, norm: str = "l2") -> nn.Module:
+    """Pseudo-teleportation, the source's control (seed 000 Sec. 5.2): draw a CoB ``tau`` and move ``W`` by a random
+    step as long as the teleport ``W -> tau W`` would have moved it -- same distance, random direction, function not
+    preserved.  Returns a copy of ``model``; ``model`` is left unchanged.
+
+    The source's sentence ("sampling V from the sphere with center W and radius vector W - tau W") has two readings,
+    chosen by ``norm``:
+
+    * ``"l2"`` (default, the text): ``r = ||W - tau W||_2`` over all parameters, ``V = W + r u`` with ``u`` uniform on
+      the unit sphere of the whole parameter vector;
+    * ``"l1_per_tensor"`` (the authors' reference implementation, ``simulate_teleportation_sphere``): for each
+      parameter tensor ``t`` separately, a Gaussian direction scaled to unit L1 norm times the L1 norm of that
+      tensor's teleport step ``||W_t - tau W_t||_1``; tensors the CoB leaves unchanged (e.g. the output bias) do
+      not move.  Its L2 step is smaller than the teleport's where the teleport's step is heavy-tailed.
+
+    Cost: one CoB draw and one pass over the parameters.  Raises ValueError for an unknown ``norm``."""
+    if norm not in PSEUDO_NORMS:
+        raise ValueError(f"unknown pseudo-teleport norm {norm!r}; accepted: {', '.join(PSEUDO_NORMS)}.")
     cob = random_cob(structure, sigma, mode, generator)
     _params_checked(model, structure)
     fac = weight_scale_factors(structure, cob)
-    sq = torch.zeros((), dtype=torch.float64)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            sq += ((fac[name] - 1) * p.to(torch.float64)).pow(2).sum()
-        r = float(sq.sqrt())
-        dirs = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64)
-                for name, p in model.named_parameters()}
-        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in dirs.values()))
-        params = dict(model.named_parameters())
-        memo = {id(p): nn.Parameter(p + (r / norm) * dirs[name].to(p.dtype), requires_grad=p.requires_grad)
+        steps = {name: ((fac[name] - 1) * p.to(torch.float64)).expand(p.shape) for name, p in params.items()}
+        dirs = {name: torch.randn(p.shape, generator=generator, dtype=torch.float64) for name, p in params.items()}
+        if norm == "l2":
+            r = math.sqrt(sum(float(s.pow(2).sum()) for s in steps.values()))
+            n2 = math.sqrt(sum(float(d.pow(2).sum()) for d in dirs.values()))
+            shift = {name: (r / n2) * d for name, d in dirs.items()}
+        else:
+            shift = {name: d * (float(steps[name].abs().sum()) / float(d.abs().sum())) for name, d in dirs.items()}
+        memo = {id(p): nn.Parameter(p + shift[name].to(p.dtype), requires_grad=p.requires_grad)
                 for name, p in params.items()}
         return repair_deepcopy(model, copy.deepcopy(model, memo))
 
