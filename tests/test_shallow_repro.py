@@ -177,7 +177,7 @@ def test_corrected_gsc_undefined_when_a_block_has_non_positive_corrected_growth(
     assert S.corrected_log10([1.5, 0.6, 0.4], g, 2.0) == pytest.approx(
         math.log10(2.0) + math.log10(1.5 / 1.1) + math.log10(0.6 / 0.3) + math.log10(0.4 / 0.2))
     pre = S.correction_defined([1.0, float("nan"), 2.0], "(iv)")
-    assert not pre.met and pre.measured.startswith("1 of 3 networks of (iv)")
+    assert not pre.met and pre.measured.startswith("1 of 3 networks of (iv) with a block")
     assert S.correction_defined([1.0, 2.0], "(i)").met
 
 

@@ -511,8 +511,9 @@ def correction_defined(values: list[float], label: str):
     n_bad = sum(not math.isfinite(v) for v in values)
     return setting_matches(n_bad == 0, f"Theorem 3's dilution correction is defined in every network of {label} "
                            "(every block's corrected growth > 0, i.e. observed growth >= k^2/(k^2+1))",
-                           f"{n_bad} of {len(values)} networks of {label} have a block with a non-positive corrected "
-                           "growth (a skip-branch correlation Theorem 3 excludes)", float(n_bad))
+                           f"{n_bad} of {len(values)} networks of {label} with a block of non-positive corrected "
+                           "growth" + (" (a skip-branch correlation Theorem 3 excludes)" if n_bad else ""),
+                           float(n_bad))
 
 
 @register(
