@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .judging import (MIN_SEEDS, Precondition, TTest, at_least, at_most, baseline_learns, enough_samples, mean_se, one_sided_t,
+from .judging import (MIN_SEEDS, Precondition, TTest, at_most, baseline_learns, enough_samples, mean_se, one_sided_t,
                       setting_matches, spearman, spearman_critical, rho_power, treatment_happened)
 from .registry import Row, register
 
@@ -292,7 +292,7 @@ THM2_DET_D = 8
 THM2_DET_D_REPORTED = 3
 
 
-def judge_det_at_least_one(dets) -> tuple[bool, "TTest"]:
+def judge_det_at_least_one(dets) -> tuple[bool, TTest]:
     """Thm. 2, step 1: E|det J| >= 1. The claim fails when the one-sided t test at 5 % (:func:`~gradcond.
     experiments.judging.one_sided_t` on ``1 - |det J|``) finds the mean significantly below 1. Returns
     ``(holds, test)``."""
@@ -977,7 +977,7 @@ def effective_depth_rows(eds: dict, depth: int) -> list[Row]:
     return rows
 
 
-def _learned(name: str, err: float) -> "Precondition":
+def _learned(name: str, err: float) -> Precondition:
     return baseline_learns(1 - err, 0.1, 0.2, what=f"{name}'s training accuracy after training")
 
 
