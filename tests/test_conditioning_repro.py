@@ -17,19 +17,14 @@ def test_entries_registered():
     assert all(n in reg for n in NAMES)
 
 
-def test_descent_statistics_and_spearman():
+def test_descent_statistics():
     rate, best = R._descent([3.0 - 0.01 * i for i in range(100)], window=20)
     assert rate == pytest.approx(0.01, rel=1e-6) and best == pytest.approx(3.0 - 0.01 * 89.5, rel=1e-6)
-    assert R._spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert R._spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
 
 
-def test_spearman_ties_share_average_ranks_and_non_finite_pairs_are_dropped():
-    # ranks (1, 2.5, 2.5, 4) vs (1, 2, 3, 4): Pearson = 4.5 / sqrt(4.5 * 5), by hand
-    assert R._spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5, rel=1e-12)
-    assert R._spearman([1, 2, float("nan"), 3, 4], [1, 2, 0, 4, 3]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
-    assert math.isnan(R._spearman([1, float("inf"), 2, float("nan")], [1, 2, 3, 4]))  # 2 finite pairs: undefined
-    assert math.isnan(R._spearman([1, 1, 1, 1], [1, 2, 3, 4]))  # constant side: undefined
+def test_private_statistics_are_gone():
+    """The depth sweep uses judging.spearman / spearman_critical; no private copies are left (issue 27)."""
+    assert not any(hasattr(R, n) for n in ("_spearman", "_rho_critical", "_RHO_CRIT", "_judge_corr"))
 
 
 def test_mask_judged_on_the_worst_pair_and_the_loosened_case_fails():
@@ -45,17 +40,108 @@ def test_mask_judged_on_the_worst_pair_and_the_loosened_case_fails():
 
 
 def test_judge_corr_counter_examples():
-    assert R._rho_critical(6) == pytest.approx(0.886) and R._rho_critical(4) == math.inf
-    assert R._rho_critical(40) == pytest.approx(1.96 / 39 ** 0.5)
-    assert R._judge_corr(0.9, 6, "positive") is True
-    assert R._judge_corr(0.8, 6, "positive") is False  # below the 5 % critical value for 6 networks
-    assert R._judge_corr(0.95, 6, "negative") is False  # wrong sign
-    assert R._judge_corr(-0.95, 6, "any") is True
-    assert R._judge_corr(0.95, 6, "none") is False and R._judge_corr(0.3, 6, "none") is True
-    assert R._judge_corr(1.0, 4, "any") is False  # 4 networks can never show a significant correlation
-    assert R._judge_corr(float("nan"), 6, "any") is None  # undefined: not judged, never a pass
+    assert R.judge_corr(0.9, 6, "positive") is True
+    assert R.judge_corr(0.8, 6, "positive") is False  # below the 5 % critical value 0.886 for 6 networks
+    assert R.judge_corr(0.95, 6, "negative") is False  # wrong sign
+    assert R.judge_corr(-0.95, 6, "any") is True
+    assert R.judge_corr(0.95, 6, "none") is False and R.judge_corr(0.3, 6, "none") is True
+    assert R.judge_corr(1.0, 4, "any") is False  # 4 networks can never show a significant correlation
+    assert R.judge_corr(float("nan"), 6, "any") is None  # undefined: not judged, never a pass
     with pytest.raises(ValueError, match="expect must be"):
-        R._judge_corr(0.5, 6, "strong")
+        R.judge_corr(0.5, 6, "strong")
+
+
+def _fams(names):
+    return {n: n.rstrip("0123456789") for n in names}
+
+
+def test_correlation_row_needs_a_reachable_critical_value_and_can_fail():
+    """The stated-correlation row: 6 mixed networks at best reach rho = 1 against 0.886; 4 cannot reach the critical
+    value at all (untestable); 15 networks with a perfect ordering hold, and with the opposite sign fail."""
+    where = "Fig 3.13: 'a strong correlation'"
+    names4 = ["A1", "A2", "B1", "B2"]
+    row = R.correlation_row("confusion", "low", "positive", where, names4, [1, 2, 3, 4], [1, 2, 3, 4], _fams(names4))
+    assert row.verdict == "untestable" and row.unmet[0].name == "power"
+    names = [f"{f}{d}" for f in "ABCDE" for d in (3, 8, 16)]
+    xs = list(range(15))
+    assert R.correlation_row("c", "low", "positive", where, names, xs, xs, _fams(names)).verdict == "yes"
+    assert R.correlation_row("c", "low", "positive", where, names, xs, xs[::-1], _fams(names)).verdict == "no"
+    rng = __import__("random").Random(0)
+    noise = [rng.random() for _ in xs]
+    assert R.correlation_row("c", "low", "any", where, names, xs, noise, _fams(names)).data["n"] == 15
+
+
+def test_rank_failure_row_needs_five_networks_above_the_threshold():
+    ranks = {"a": 0.3, "b": 0.2, "c": 0.1}
+    losses = {"a": 2.0, "b": 2.0, "c": 0.1}
+    assert R.rank_failure_row(ranks, losses).verdict == "untestable"  # 2 networks above .15: a coin flip
+    ranks = {k: 0.3 for k in "abcdef"}
+    assert R.rank_failure_row(ranks, {k: 2.0 for k in "abcdef"}).verdict == "yes"
+    assert R.rank_failure_row(ranks, {k: 0.1 for k in "abcdef"}).verdict == "no"
+
+
+def test_sweep_networks_are_families_swept_over_depth():
+    import torch
+
+    nets = R.sweep_networks(quick=True)
+    fams = {}
+    for name, fam, kind, make in nets:
+        fams.setdefault(fam, []).append(name)
+    assert set(fams) == {"Ortho", "CReLU", "LL", "ConvNet", "ResNet"} and all(len(v) == 3 for v in fams.values())
+    assert len(nets) >= 15 and R.spearman_critical(len(nets)) < 1
+    for name, fam, kind, make in nets:
+        x = torch.randn(2, 64) if kind == "fc" else torch.randn(2, 1, 8, 8)
+        assert make()(x).shape == (2, 10), name
+    # depth grows within each family (parameter count as a proxy)
+    for fam, members in fams.items():
+        sizes = [sum(p.numel() for p in dict((n, m) for n, _, _, m in nets)[n]().parameters()) for n in members]
+        assert sizes == sorted(sizes) and len(set(sizes)) == 3, fam
+    assert len(R.sweep_networks(quick=False)) == 25
+
+
+def test_mirrored_distance_bound_against_a_direct_computation():
+    import copy
+
+    import torch
+
+    from gradcond.zoo import looks_linear_crelu_mlp
+
+    model = looks_linear_crelu_mlp(8, 3, depth=4, width=6, seed=0)
+    init = copy.deepcopy(model)
+    assert R.mirrored_distance(model) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model[2].weight.add_(0.3 * torch.randn_like(model[2].weight))
+    w = model[2].weight.detach()
+    a, b = w[:, :6], w[:, 6:]
+    a0, b0 = init[2].weight[:, :6], init[2].weight[:, 6:]
+    bound = float(((a - a0).norm() + (b - b0).norm()) / a.norm())
+    assert R.mirrored_distance_bound(model, init) == pytest.approx(bound, rel=1e-6)
+    assert R.mirrored_distance(model) <= R.mirrored_distance_bound(model, init) + 1e-9
+
+
+def _ll_runs(bn_last=0.2, nn_last=1.9, cr_last=2.0, mirror=0.1, bound=0.8):
+    return {"LL-40 + BN": {"first": 2.3, "last": bn_last, "mirror_init": 0.0, "mirror_final": mirror,
+                           "mirror_bound": bound},
+            "LL-40 no norm": {"first": 2.3, "last": nn_last, "mirror_init": 0.0, "mirror_final": 0.1,
+                              "mirror_bound": bound},
+            "CReLU-40 + BN, default init": {"first": 2.3, "last": cr_last, "mirror_init": None, "mirror_final": None,
+                                            "mirror_bound": None}}
+
+
+def test_looks_linear_rows_controls():
+    """Every judged row can fail, and the rows that need a trained BN network or moved weights are untestable
+    without them (the mirrored-pair row passed by construction when the weights barely moved)."""
+    ok = R.looks_linear_rows(_ll_runs(), 1e-6, 9.0)
+    assert [r.verdict for r in ok] == ["yes"] * 5
+    nonlinear = R.looks_linear_rows(_ll_runs(), 0.5, 9.0)
+    assert nonlinear[0].verdict == "no"
+    assert R.looks_linear_rows(_ll_runs(), 1e-6, 0.01)[0].verdict == "untestable"  # the check could not fail
+    trains = R.looks_linear_rows(_ll_runs(nn_last=0.2, cr_last=0.2, mirror=0.7), 1e-6, 9.0)
+    assert [r.verdict for r in trains[2:]] == ["no", "no", "no"]
+    untrained = R.looks_linear_rows(_ll_runs(bn_last=2.2), 1e-6, 9.0)
+    assert [r.verdict for r in untrained[1:]] == ["no", "untestable", "untestable", "untestable"]
+    still = R.looks_linear_rows(_ll_runs(bound=0.3), 1e-6, 9.0)
+    assert still[4].verdict == "untestable" and still[4].unmet[0].name == "the treatment happened"
 
 
 def test_descent_points_find_the_steepest_and_lowest_steps():
@@ -84,4 +170,5 @@ def test_quick_runs(fn, tmp_path):
         assert all(v == pytest.approx(1e-3, rel=1e-4) for v in lengths.values())
     if fn is R.depth_sweep:
         assert sum(r.judged for r in rows) >= 12
+        assert all(r.data["n"] >= 15 for r in rows if "Spearman" in r.ours)
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .judging import (MIN_SEEDS, Precondition, TTest, at_most, baseline_learns, enough_samples, mean_se, one_sided_t,
+                      setting_matches, spearman, spearman_critical, rho_power, treatment_happened)
 from .registry import Row, register
 
 SRC = "seed 003"
@@ -87,21 +89,24 @@ def _prop1(rows: list[Row], quick: bool) -> None:
     traj = float(np.max(np.abs(np.array(lf) - np.array(lp)) / np.abs(np.array(lf))))
     gsc_rel = float(np.max(np.abs(gsc_p / gsc_f - 1)))
     rows.append(Row(
-        claim=f"Prop. 1: a network f' (depth {depth}, x R = {R:g} after every linear layer, R^-{depth} on top) trains "
-              "to the same error in the same steps with the same predictions",
+        claim=f"Prop. 1 (check of the construction, reported): f' (depth {depth}, x R = {R:g} after every linear "
+              f"layer, R^-{depth} on top) trains to the same error in the same steps with the same predictions",
         source=f"{SRC}, Prop. 1 (App. E.1)", paper="identical training trajectory",
-        ours=f"max relative difference of the {steps} SGD batch losses: {traj:.1e}",
-        criterion="max_t |L_f(t) − L_f'(t)| / L_f(t) < tol (same batches, same step size)",
-        tolerance="1e-9: float64 rounding through a scaled forward pass",
-        holds=bool(traj < 1e-9), data={"max_rel_loss_diff": traj}))
+        ours=f"max relative difference of the {steps} SGD batch losses: {traj:.1e} (f' computes f's function by "
+             "construction, so this checks the construction, not the network)",
+        criterion="reported: identical by construction (issue 27: not a judged row)",
+        data={"max_rel_loss_diff": traj}))
     rows.append(Row(
-        claim=f"Prop. 1: f' has exponentially growing Jacobians (rate R = {R:g} per linear layer) while its GSC "
-              "equals f's",
-        source=f"{SRC}, Prop. 1, Def. 2 / Prop. 4", paper="||J_k^l|| ≥ r'^(k-l) for any r'",
+        claim=f"Prop. 1 / Prop. 4: the GSC is not fooled by f' (Jacobians growing at rate R = {R:g} per linear layer, "
+              "same function): its GSC profile equals f's",
+        source=f"{SRC}, Prop. 1, Def. 2 / Prop. 4", paper="||J_k^l|| ≥ r'^(k-l) for any r'; GSC invariant",
         ours=f"growth of log(||J_k^l||_f' / ||J_k^l||_f) per linear layer between k and l = {slope:.6f} (log R = "
              f"{math.log(R):.6f}); max |GSC_f'/GSC_f − 1| = {gsc_rel:.1e}",
-        criterion="|slope − log R| < 1e-6 and GSC profiles equal within 1e-9",
-        tolerance="float64 rounding", holds=bool(abs(slope - math.log(R)) < 1e-6 and gsc_rel < 1e-9),
+        criterion="max over linear layers |GSC_f' / GSC_f − 1| < 1e-9 (gsc_profile on both networks)",
+        tolerance="1e-9: float64 rounding",
+        holds=bool(gsc_rel < 1e-9),
+        preconditions=[treatment_happened(slope, 0.5 * math.log(R), "measured growth of the Jacobian-norm ratio per "
+                                          "linear layer (half of log R)", fmt=".4f")],
         data={"slope": slope, "gsc_rel": gsc_rel}))
 
 
@@ -256,12 +261,49 @@ def _invert_macro(W: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.atanh(((lo + hi) / 2) * a)
 
 
-def _thm2(rows: list[Row], quick: bool) -> None:
-    from torch.func import jacrev
+def tangent_jacobians(Ws: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    """Batched tangent-space Jacobians of the LO-tanh macro-layer (Thm. 2 / Prop. 6): for each weight ``Ws[i]``
+    (d x d) and point ``vs[i]`` on the sphere of radius sqrt(d), ``P_out J P_in`` with ``J`` the Jacobian of
+    :func:`_lo_tanh_macro` at ``vs[i]`` and ``P`` the projections onto the tangent spaces at the input and the output
+    (``torch.func.vmap`` of ``jacrev``). Its d - 1 largest singular values are the tangent singular values."""
+    from torch.func import jacrev, vmap
 
+    def one(W, v):
+        return jacrev(lambda t: _lo_tanh_macro(W, t))(v), _lo_tanh_macro(W, v)
+
+    J, fv = vmap(one)(Ws, vs)
+    d = vs.shape[-1]
+    eye = torch.eye(d, dtype=vs.dtype)
+    p_in = eye - vs[:, :, None] * vs[:, None, :] / d
+    p_out = eye - fv[:, :, None] * fv[:, None, :] / d
+    return p_out @ J @ p_in
+
+
+def _sphere_draws(d: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random macro-layers (Gaussian W, variance 1/d) and uniform points on the sphere of radius sqrt(d)."""
+    Ws = torch.randn(n, d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    vs = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return Ws, vs * math.sqrt(d) / vs.norm(dim=1, keepdim=True)
+
+
+#: Thm. 2's E|det J| >= 1 is judged at the dimension the first draft fixed before its run (d = 8; the paper's
+#: networks have width 100); d = 3, where the check was moved after it failed at d = 8, is reported only
+THM2_DET_D = 8
+THM2_DET_D_REPORTED = 3
+
+
+def judge_det_at_least_one(dets) -> tuple[bool, TTest]:
+    """Thm. 2, step 1: E|det J| >= 1. The claim fails when the one-sided t test at 5 % (:func:`~gradcond.
+    experiments.judging.one_sided_t` on ``1 - |det J|``) finds the mean significantly below 1. Returns
+    ``(holds, test)``."""
+    tt = one_sided_t([1.0 - float(x) for x in dets], margin=0.0)
+    return (not tt.significant), tt
+
+
+def _thm2(rows: list[Row], quick: bool) -> None:
     gen = torch.Generator().manual_seed(11)
-    d = 8
-    n = 400 if quick else 4000
+    d = THM2_DET_D
+    n = 4000  # vectorised draws (about a second): both modes use the full run's 4000
     # Prop. 6: bijective, checked constructively (every point has a preimage, found by the monotone construction)
     inv_err, rt_err = 0.0, 0.0
     for _ in range(50 if quick else 200):
@@ -283,50 +325,46 @@ def _thm2(rows: list[Row], quick: bool) -> None:
         tolerance="1e-8: bisection to float64 resolution; a non-injective map fails the second round trip",
         holds=bool(inv_err < 1e-8 and rt_err < 1e-8), data={"inv_err": inv_err, "rt_err": rt_err}))
     # Thm. 2: tangent-space singular values of the macro-layer's Jacobian
-    dets, s_all, qms = [], [], []
-    for _ in range(n):
-        W = torch.randn(d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
-        v = torch.randn(d, generator=gen, dtype=torch.float64)
-        v = v * math.sqrt(d) / v.norm()
-        J = jacrev(lambda t: _lo_tanh_macro(W, t))(v)
-        fv = _lo_tanh_macro(W, v)
-        Pin = torch.eye(d, dtype=torch.float64) - torch.outer(v, v) / d
-        Pout = torch.eye(d, dtype=torch.float64) - torch.outer(fv, fv) / d
-        s = torch.linalg.svdvals(Pout @ J @ Pin)[: d - 1]
-        dets.append(float(s.prod()))
-        s_all.append(s)
-        qms.append(float((s ** 2).mean()))
-    S = torch.cat(s_all).numpy()
-    # E|det J| on d = 3: for d = 8 |det J| is so heavy-tailed (median ≈ 0.01, maximum ≈ 1e3 over 4000 draws) that a
-    # Monte-Carlo mean is no estimate of the expectation; at d = 3 it is (SE ≈ 3 % with 4000 draws)
-    d3, dets = 3, []
-    for _ in range(n):
-        W = torch.randn(d3, d3, generator=gen, dtype=torch.float64) / math.sqrt(d3)
-        v = torch.randn(d3, generator=gen, dtype=torch.float64)
-        v = v * math.sqrt(d3) / v.norm()
-        J = jacrev(lambda t: _lo_tanh_macro(W, t))(v)
-        fv = _lo_tanh_macro(W, v)
-        Pin = torch.eye(d3, dtype=torch.float64) - torch.outer(v, v) / d3
-        Pout = torch.eye(d3, dtype=torch.float64) - torch.outer(fv, fv) / d3
-        dets.append(float(torch.linalg.svdvals(Pout @ J @ Pin)[: d3 - 1].prod()))
-    dets = np.array(dets)
-    det_m, det_se = float(dets.mean()), float(dets.std() / math.sqrt(n))
+    S_t = torch.linalg.svdvals(tangent_jacobians(*_sphere_draws(d, n, gen)))[:, : d - 1]
+    dets = S_t.prod(dim=1).numpy()
+    S = S_t.flatten().numpy()
+    qms = (S_t ** 2).mean(dim=1).numpy()
+    holds_det, tt = judge_det_at_least_one(dets)
+    first_rule = bool(float(np.mean(dets)) + 3 * tt.se >= 1)
+    rows.append(Row(
+        claim=f"Thm. 2 (proof, step 1): a surjective endomorphism of the sphere has E|det J| ≥ 1 on the tangent "
+              f"space (LO-tanh macro-layer, d = {d})",
+        source=f"{SRC}, Thm. 2 (App. F.2)", paper="E|det J| ≥ 1",
+        ours=f"d = {d}, {n} draws of (W, v): mean |det J| = {float(np.mean(dets)):.3f} ± {tt.se:.3f} (SE), median "
+             f"{float(np.median(dets)):.3g}, max {float(np.max(dets)):.3g}; one-sided t test of E|det J| < 1: "
+             f"t = {tt.t:.2f} vs t_0.95,{tt.n - 1} = {tt.critical:.2f} ({'significant' if tt.significant else 'not significant'}); "
+             f"the first draft's rule (mean + 3 SE ≥ 1) says {'yes' if first_rule else 'no'}. For a bijection of the "
+             "sphere (Prop. 6) E_v|det J| = 1 exactly (change of variables), so a mean below 1 is the heavy tail "
+             "of |det J| that 4000 draws do not sample",
+        criterion="the claim fails when a one-sided t test at 5 % finds mean |det J| significantly below 1 "
+                  "(judging.one_sided_t on 1 − |det J|)",
+        tolerance="5 % one-sided, the project's rule. History: the first draft judged d = 8 with mean + 3 SE ≥ 1, "
+                  "failed (0.32 ± 0.06 in full mode), and was moved to d = 3; issue 27 restores the setting fixed "
+                  "before that run (d = 8); d = 3 is reported below",
+        holds=holds_det, preconditions=[enough_samples(tt.n, MIN_SEEDS, "draws")],
+        data={"d": d, "det_mean": float(np.mean(dets)), "det_se": tt.se, "det_median": float(np.median(dets)),
+              "det_max": float(np.max(dets)), "t": tt.t, "critical": tt.critical, "first_rule": first_rule}))
+    d3 = THM2_DET_D_REPORTED
+    S3 = torch.linalg.svdvals(tangent_jacobians(*_sphere_draws(d3, n, gen)))[:, : d3 - 1]
+    dets3 = S3.prod(dim=1).numpy()
+    m3, se3, _ = mean_se(dets3)
+    rows.append(Row(
+        claim=f"Thm. 2, step 1 at d = {d3} (reported: the dimension the check was moved to after it failed at d = 8)",
+        source=f"{SRC}, Thm. 2 (App. F.2)", paper="E|det J| ≥ 1",
+        ours=f"d = {d3}, {n} draws: mean |det J| = {m3:.3f} ± {se3:.3f} (SE), median {float(np.median(dets3)):.3g}; "
+             f"|mean − 1| = {abs(m3 - 1) / se3:.1f} SE (a bijection has E|det J| = 1 exactly)",
+        criterion="reported only (issue 27: judge the setting fixed before the run, report the other)",
+        data={"d": d3, "det_mean": m3, "det_se": se3}))
     q_qm = float(math.sqrt(np.mean(qms)))
     dev = np.sort(np.abs(np.abs(S) - np.abs(S).mean()))
     # the theorem's r(δ, ε) = sqrt(1 + δε²) with δ = P(| |s| − E|s| | > ε): the best rate over ε (δε² ≤ Var|s|)
     delta_eps2 = float(np.max(dev ** 2 * (1 - np.arange(1, len(dev) + 1) / len(dev))))
     var_s = delta_eps2
-    rows.append(Row(
-        claim="Thm. 2 (proof, step 1): a surjective endomorphism of the sphere has E|det J| ≥ 1 on the tangent space",
-        source=f"{SRC}, Thm. 2 (App. F.2)", paper="E|det J| ≥ 1",
-        ours=f"LO-tanh macro-layer, d = {d3}, {n} draws of (W, F): mean |det J| = {det_m:.3f} ± {det_se:.3f}",
-        criterion="|mean |det J| − 1| ≤ 3 SE: a bijection of the sphere (Prop. 6) has E_F|det J| = 1 exactly, the "
-                  "equality case of the theorem's ≥ 1",
-        tolerance="3 Monte-Carlo standard errors. Changed while writing the entry: a first draft used d = 8 and the "
-                  "one-sided test mean + 3 SE ≥ 1; at d = 8 the mean of the heavy-tailed |det J| is no estimate "
-                  "(0.52 ± 0.34 quick, 0.32 ± 0.06 full), so the check moved to d = 3 and became two-sided (stricter)",
-        holds=bool(abs(det_m - 1) <= 3 * det_se),
-        data={"det_mean": det_m, "det_se": det_se}))
     rows.append(Row(
         claim="Thm. 2: Q ||J||_qm ≥ r(δ, ε) = sqrt(1 + δε²) > 1: the tangent singular values' spread makes the GSC grow",
         source=f"{SRC}, Thm. 2 (App. F.2)", paper="Q||J||_qm ≥ sqrt(1 + δε²)",
@@ -339,20 +377,15 @@ def _thm2(rows: list[Row], quick: bool) -> None:
         holds=bool(q_qm >= math.sqrt(1 + var_s) and q_qm > 1), data={"q_qm": q_qm, "var_s": var_s}))
     # chained: Q GSC(K, 0) over K macro-layers vs sqrt((d-1)/d) r^K with r = sqrt(1 + Var|s|)
     K = 10
-    g_all = []
-    for _ in range(n // 4):
-        Ws = [torch.randn(d, d, generator=gen, dtype=torch.float64) / math.sqrt(d) for _ in range(K)]
-        v = torch.randn(d, generator=gen, dtype=torch.float64)
-        v = v * math.sqrt(d) / v.norm()
-        Jt = torch.eye(d, dtype=torch.float64)
-        h = v
-        for W in Ws:
-            J = jacrev(lambda t, W=W: _lo_tanh_macro(W, t))(h)
-            nh = _lo_tanh_macro(W, h)
-            P_in = torch.eye(d, dtype=torch.float64) - torch.outer(h, h) / d
-            Jt = (torch.eye(d, dtype=torch.float64) - torch.outer(nh, nh) / d) @ J @ P_in @ Jt
-            h = nh
-        g_all.append(float(torch.linalg.matrix_norm(Jt) / math.sqrt(d)))  # ||f_k|| = ||f_l|| on the sphere
+    n_chain = 100 if quick else 1000
+    Ws, v = _sphere_draws(d, n_chain * K, gen)
+    Ws = Ws.reshape(K, n_chain, d, d)
+    v = v[:n_chain]
+    Jt = torch.eye(d, dtype=torch.float64).expand(n_chain, d, d)
+    for k in range(K):  # J of the chain on the tangent spaces: a product of the layers' tangent Jacobians
+        Jt = tangent_jacobians(Ws[k], v) @ Jt
+        v = torch.func.vmap(_lo_tanh_macro)(Ws[k], v)
+    g_all = (torch.linalg.matrix_norm(Jt) / math.sqrt(d)).numpy()  # ||f_k|| = ||f_l|| on the sphere
     q_gsc = float(math.sqrt(np.mean(np.square(g_all))))
     bound = math.sqrt((d - 1) / d) * (1 + var_s) ** (K / 2)
     rows.append(Row(
@@ -371,6 +404,17 @@ def _thm2(rows: list[Row], quick: bool) -> None:
           "of layer-wise GSCs (Prop. 5), the [tanh, linear, LOlayer] macro-layer is a bijection of the sphere "
           "(Prop. 6), and surjective sphere endomorphisms explode (Thm. 2).",
     source="seed 003, Props. 1, 3, 5, 6 (App. E.1, E.3, E.5, E.6) and Thm. 2 (App. F.2)",
+    protocol="Numerical checks in float64. Prop. 1: a bias-free ReLU MLP (depth 10, width 32, digits) and the E.1 "
+             "construction f' (x R = 2 after every linear layer, R^-10 on top); the identical training trajectory "
+             "holds by construction and is reported, the judged row is that gsc_profile gives f' f's GSC while its "
+             "Jacobian norms grow at rate R (precondition: the measured growth). Prop. 3: Monte Carlo over Gaussian "
+             "and orthogonal matrices, and over random relative weight changes of one layer of an LO-tanh MLP "
+             "(3 standard errors). Prop. 5: depth-12 width-40 MLPs, exact per-layer Jacobians (median over 8 / 32 "
+             "networks, 0.25 of the exponent). Prop. 6 and Thm. 2: the [tanh, linear, LOlayer] macro-layer with "
+             "Gaussian W (variance 1/d) at uniform points of the sphere, d = 8 (the dimension the first draft "
+             "fixed before its run); E|det J| >= 1 is judged by a one-sided t test at 5 % over 4000 draws, d = 3 "
+             "(where the check was moved after it failed) is reported; the qm-norm and chained-GSC bounds use the "
+             "measured singular values.",
 )
 def run_theory(quick: bool, out_dir: Path) -> list[Row]:
     rows: list[Row] = []
@@ -426,80 +470,148 @@ def dynamical_resnet(norm: str, act: str, init: str, blocks: int = 50, width: in
     return nn.Sequential(*layers)
 
 
+def corrected_log10(corrected_growth, growth, raw_lowest: float) -> float:
+    """Dilution-corrected log10 GSC(L,0) of one network (Fig. 3C / Table 3): its raw GSC at the lowest block times,
+    for every block, corrected growth / observed growth, with corrected growth ``1 + (k^2 + 1)(g - 1)``
+    (:func:`gradcond.probes.dilution.dilution_profile`): ``log10(raw) + sum_b log10(corrected_b / g_b)``. NaN when
+    any block's corrected growth is not positive.
+
+    Decision (issue 27; the source is silent): a corrected growth <= 0 means the block's observed growth g is below
+    k^2 / (k^2 + 1), which no block can show under Theorem 3's assumption (an uncorrelated branch gives
+    g = sqrt((k^2 + r^2) / (k^2 + 1)) >= k / sqrt(k^2 + 1) > k^2 / (k^2 + 1)). There Theorem 3's model does not
+    hold and the correction is undefined, so the network has no corrected GSC -- whatever the sign of the product of
+    its factors (two negative factors must not make it "defined")."""
+    cg = np.asarray(corrected_growth, dtype=float)
+    g = np.asarray(growth, dtype=float)
+    if not (np.all(np.isfinite(cg)) and np.all(cg > 0) and np.all(g > 0)) or not (
+            raw_lowest > 0 and math.isfinite(raw_lowest)):
+        return float("nan")
+    return float(np.log10(raw_lowest) + np.sum(np.log10(cg / g)))
+
+
+def _table3_network(norm, act, init, i, n_samples) -> tuple[float, float, int, float]:
+    """``(raw log10 GSC, corrected log10 GSC (NaN: undefined), blocks with a non-positive corrected growth, mean
+    skip-branch correlation)`` of network ``i`` of a Table 3 row."""
+    from ..data import load_dataset
+    from ..probes.dilution import dilution_profile
+
+    data = load_dataset("gaussian", n=n_samples, dim=100, seed=300 + i)
+    x, y = data.train.tensors
+    model = dynamical_resnet(norm, act, init, seed=1000 * i + 7)
+    model.train()
+    prof = dilution_profile(model, (x, y), "dot")
+    cg = np.asarray(prof.corrected_growth, dtype=float)
+    cor = corrected_log10(cg, prof.growth, prof.raw_lowest)
+    return math.log10(prof.raw_lowest), cor, int(np.sum(~(cg > 0))), float(np.mean(prof.corr_forward))
+
+
+def correction_defined(values: list[float], label: str):
+    """Precondition of a row that needs the dilution-corrected GSC of every network: Theorem 3's correction is
+    defined (:func:`corrected_log10`) in each."""
+    n_bad = sum(not math.isfinite(v) for v in values)
+    return setting_matches(n_bad == 0, f"Theorem 3's dilution correction is defined in every network of {label} "
+                           "(every block's corrected growth > 0, i.e. observed growth >= k^2/(k^2+1))",
+                           f"{n_bad} of {len(values)} networks of {label} with a block of non-positive corrected "
+                           "growth" + (" (a skip-branch correlation Theorem 3 excludes)" if n_bad else ""),
+                           float(n_bad))
+
+
 @register(
     "shallow-table3",
     claim="Dynamical-systems ResNet initialisations at initialisation (Gaussian noise): −CᵀC makes gradients grow "
           "much faster than Gaussian; skew-symmetric improves slightly on Gaussian; correlated blocks need more "
           "dilution (higher corrected GSC); in every case dilution hides orders of magnitude of explosion.",
     source="seed 003, Table 3 and App. B.1.2 (strategies (a), (b), (d); Thm. 3)",
+    protocol="Table 3 / B.1.2 ResNets: a first Gaussian linear layer, 50 identity-skip blocks of one [norm, act, "
+             "linear] (the block count is not stated: 50, as the paper's 51-linear-layer networks), width 100, "
+             "bias- and affine-free, each block matrix normalised to unit qm norm; inits (i) Gaussian, (ii) G − Gᵀ, "
+             "(iii) −CᵀC, (iv) W_b = 0.5 W_{b−1} + sqrt(0.75) G_b. Gaussian noise with the dot-product error, "
+             "5 networks of 1000 points (quick) / 10 of 10,000 (full; the paper's batch); network i of every "
+             "init shares data and seed index, so comparisons are paired. Raw and dilution-corrected log10 "
+             "GSC(L,0) from dilution_profile (corrected growth 1 + (k^2+1)(g − 1), Sec. 7). Rules fixed before the "
+             "run: (iii) − (i) >= 1 decade; (ii) < (i) and (iv) > (i) by a one-sided paired t test at 5 % over "
+             ">= 5 networks; corrected − raw >= 1 decade. Decision on a non-positive corrected growth (the source "
+             "is silent): such a block breaks Theorem 3's model, the network has no corrected GSC, and a row that "
+             "needs it is untestable (the networks with a defined value are reported beside it).",
 )
 def run_table3(quick: bool, out_dir: Path) -> list[Row]:
-    from ..data import load_dataset
-    from ..probes.dilution import dilution_profile
-
-    n_net = 2 if quick else 8
+    n_net = 5 if quick else 10
     n_samples = 1000 if quick else 10000
     res: dict = {}
     for (norm, act), paper in TABLE3.items():
         for init in INIT_NAMES:
-            raw, cor = [], []
-            for i in range(n_net):
-                data = load_dataset("gaussian", n=n_samples, dim=100, seed=300 + i)
-                x, y = data.train.tensors
-                model = dynamical_resnet(norm, act, init, seed=1000 * i + 7)
-                model.train()
-                prof = dilution_profile(model, (x, y), "dot")
-                raw.append(math.log10(prof.raw_lowest))
-                c = prof.corrected_lowest
-                # a block with r < 1 - 1/(k^2+1) gives a negative corrected growth: no log, counted and reported
-                cor.append(math.log10(c) if c > 0 and math.isfinite(c) else float("nan"))
+            nets = [_table3_network(norm, act, init, i, n_samples) for i in range(n_net)]
+            raw = [t[0] for t in nets]
+            cor = [t[1] for t in nets]
             ok = [c for c in cor if math.isfinite(c)]
-            res[(norm, act, init)] = (float(np.mean(raw)), float(np.mean(ok)) if ok else float("nan"), raw, cor)
+            res[(norm, act, init)] = {"raw_mean": float(np.mean(raw)), "cor_mean": float(np.mean(ok)) if ok else
+                                      float("nan"), "raw": raw, "cor": cor, "bad_blocks": [t[2] for t in nets],
+                                      "corr_forward": float(np.mean([t[3] for t in nets]))}
     rows: list[Row] = []
     for (norm, act), paper in TABLE3.items():
         arch = f"{norm}-{'ReLU' if act == 'relu' else act}"
         v = {k: res[(norm, act, k)] for k in INIT_NAMES}
 
-        def n_def(k, v=v):  # networks whose dilution-corrected GSC is defined (a positive product)
-            return sum(math.isfinite(c) for c in v[k][3])
-        table = "; ".join(f"({k}) {INIT_NAMES[k]}: raw {v[k][0]:.3f} / corrected {v[k][1]:.2f} (paper {paper[k][0]} / "
-                          f"{paper[k][1]})" for k in INIT_NAMES)
+        def n_def(k, v=v):  # networks whose dilution-corrected GSC is defined
+            return sum(math.isfinite(c) for c in v[k]["cor"])
+
+        table = "; ".join(f"({k}) {INIT_NAMES[k]}: raw {v[k]['raw_mean']:.3f} / corrected {v[k]['cor_mean']:.2f} "
+                          f"over {n_def(k)} (paper {paper[k][0]} / {paper[k][1]}); skip-branch corr. "
+                          f"{v[k]['corr_forward']:+.2f}" for k in INIT_NAMES)
         rows.append(Row(claim=f"{arch}: log10 GSC(L,0) raw / dilution-corrected per initialisation",
                         source=f"{SRC}, Table 3", paper="; ".join(f"({k}) {p[0]} / {p[1]}" for k, p in paper.items()),
-                        ours=table + f" ({n_net} networks x {n_samples} points, 50 blocks; networks without a "
-                             f"positive corrected value: {sum(not math.isfinite(c) for k in INIT_NAMES for c in v[k][3])})",
-                        data={k: {"raw": v[k][2], "corrected": v[k][3]} for k in INIT_NAMES}))
+                        ours=table + f" ({n_net} networks x {n_samples} points, 50 blocks; corrected means over the "
+                             "networks with a defined value)",
+                        data={k: {"raw": v[k]["raw"], "corrected": v[k]["cor"], "bad_blocks": v[k]["bad_blocks"],
+                                  "corr_forward": v[k]["corr_forward"]} for k in INIT_NAMES}))
         rows.append(Row(
             claim=f"{arch}: −CᵀC (iii) has gradients that grow much faster than Gaussian (i)",
             source=f"{SRC}, Table 3, App. B.1.2", paper=f"raw {paper['iii'][0]} vs {paper['i'][0]}",
-            ours=f"raw log10 GSC: (iii) {v['iii'][0]:.3f} vs (i) {v['i'][0]:.3f}",
-            criterion="raw log10 GSC(L,0) of (iii) exceeds that of (i) by at least 1 (a factor 10)",
+            ours=f"raw log10 GSC: (iii) {v['iii']['raw_mean']:.3f} vs (i) {v['i']['raw_mean']:.3f} (means of {n_net})",
+            criterion="mean raw log10 GSC(L,0) of (iii) exceeds that of (i) by at least 1 (a factor 10)",
             tolerance="1 decade, fixed before the run (the paper's gaps: 5.8 and 3.2 decades)",
-            holds=bool(v["iii"][0] - v["i"][0] >= 1), data={}))
+            holds=bool(v["iii"]["raw_mean"] - v["i"]["raw_mean"] >= 1), data={}))
+        tt = one_sided_t([a - b for a, b in zip(v["i"]["raw"], v["ii"]["raw"])])
         rows.append(Row(
             claim=f"{arch}: skew-symmetric (ii) improves slightly over Gaussian (i)",
             source=f"{SRC}, Table 3, App. B.1.2", paper=f"raw {paper['ii'][0]} < {paper['i'][0]}",
-            ours=f"raw log10 GSC: (ii) {v['ii'][0]:.3f} vs (i) {v['i'][0]:.3f}",
-            criterion="mean raw log10 GSC(L,0) of (ii) < that of (i)", tolerance="none (the ordering of the means)",
-            holds=bool(v["ii"][0] < v["i"][0]), data={}))
+            ours=f"raw log10 GSC: (ii) {v['ii']['raw_mean']:.3f} vs (i) {v['i']['raw_mean']:.3f}; paired (i) − (ii): "
+                 + tt.describe(fmt=".3g"),
+            criterion="raw log10 GSC(L,0) of (ii) below (i): one-sided paired t test at 5 % (judging.one_sided_t on "
+                      "the per-network differences (i) − (ii))",
+            tolerance="5 % one-sided. Changed for issue 27 from 'the ordering of the means' (a coin flip when there is "
+                      "no effect) to the project's significance rule: stricter",
+            holds=tt.significant, preconditions=[enough_samples(tt.n, MIN_SEEDS, "paired networks")],
+            data={"t": tt.t, "mean_diff": tt.mean, "se": tt.se}))
+        tt4 = one_sided_t([a - b for a, b in zip(v["iv"]["cor"], v["i"]["cor"])])
         rows.append(Row(
             claim=f"{arch}: correlated blocks (iv) need more dilution than Gaussian (i) (higher corrected GSC)",
             source=f"{SRC}, Table 3, App. B.1.2", paper=f"corrected {paper['iv'][1]} > {paper['i'][1]}",
-            ours=f"corrected log10 GSC: (iv) {v['iv'][1]:.2f} vs (i) {v['i'][1]:.2f} (means over the networks with a "
-                 f"defined value: {n_def('iv')} and {n_def('i')} of {n_net})",
-            criterion="every network has a defined (positive) corrected GSC, and mean corrected log10 GSC(L,0) of (iv) "
-                      "> that of (i)",
-            tolerance="none (the ordering of the means). Made stricter while writing the entry: a first draft "
-                      "averaged only the networks with a defined value, a selection that can favour the claim",
-            holds=bool(n_def("iv") == n_net and n_def("i") == n_net and v["iv"][1] > v["i"][1]), data={}))
-        rows.append(Row(
-            claim=f"{arch}: dilution hides the explosion (corrected ≫ raw) for (i), (ii), (iv)",
-            source=f"{SRC}, Table 3 (corrected 1.9-7.2 decades above raw)", paper="corrected − raw ≥ 1.8 decades",
-            ours="; ".join(f"({k}) {v[k][1] - v[k][0]:.2f}" for k in ("i", "ii", "iv")) + " decades",
-            criterion="corrected − raw log10 GSC ≥ 1 for (i), (ii) and (iv), every network with a defined corrected "
-                      "value",
-            tolerance="1 decade, fixed before the run",
-            holds=bool(all(v[k][1] - v[k][0] >= 1 and n_def(k) == n_net for k in ("i", "ii", "iv"))), data={}))
+            ours=f"corrected log10 GSC: (iv) {v['iv']['cor_mean']:.2f} over {n_def('iv')} of {n_net} networks with a "
+                 f"defined value vs (i) {v['i']['cor_mean']:.2f} over {n_def('i')} (the other reading: means over the "
+                 f"defined networks only); blocks with a non-positive corrected growth per (iv) network: "
+                 f"{v['iv']['bad_blocks']}; mean skip-branch correlation (iv) {v['iv']['corr_forward']:+.2f} vs (i) "
+                 f"{v['i']['corr_forward']:+.2f}"
+                 + (f"; paired (iv) − (i): {tt4.describe(fmt='.3g')}" if n_def("iv") == n_net == n_def("i") else ""),
+            criterion="corrected log10 GSC(L,0) of (iv) above (i): one-sided paired t test at 5 % over the networks",
+            tolerance="5 % one-sided (changed for issue 27 from the ordering of the means: stricter); a network with "
+                      "an undefined correction makes the row untestable (decision above; the first draft's "
+                      "'every network defined, else no' read an undefined statistic as a failure)",
+            holds=tt4.significant if n_def("iv") == n_net == n_def("i") else None,
+            preconditions=[correction_defined(v["i"]["cor"], "(i)"), correction_defined(v["iv"]["cor"], "(iv)"),
+                           enough_samples(n_net, MIN_SEEDS, "paired networks")],
+            data={"bad_blocks_iv": v["iv"]["bad_blocks"], "t": tt4.t if n_def("iv") == n_net else None}))
+        for k in ("i", "ii", "iv"):
+            gap = v[k]["cor_mean"] - v[k]["raw_mean"]
+            rows.append(Row(
+                claim=f"{arch}: dilution hides the explosion (corrected ≫ raw) for ({k}) {INIT_NAMES[k]}",
+                source=f"{SRC}, Table 3 (corrected 1.9-7.2 decades above raw)",
+                paper=f"corrected − raw = {paper[k][1] - paper[k][0]:.2f} decades",
+                ours=f"corrected − raw = {gap:.2f} decades (means over {n_def(k)} of {n_net} networks)",
+                criterion="mean corrected − mean raw log10 GSC(L,0) ≥ 1 decade",
+                tolerance="1 decade, fixed before the run",
+                holds=bool(gap >= 1) if n_def(k) == n_net else None,
+                preconditions=[correction_defined(v[k]["cor"], f"({k})")], data={"gap": gap}))
     return rows
 
 
@@ -571,28 +683,38 @@ def run_bn_noise(quick: bool, out_dir: Path) -> list[Row]:
     g_deep, mini_deep, full_deep = res[24]
     g_ctrl, mini_ctrl, _ = res[4]
     sb = math.sqrt(b)
+    # preconditions fixed before the run: the deep network's GSC at the first BN exceeds sqrt(b) (the claim's
+    # setting), and the minibatch budget trains a network at all (the shallow control leaves chance by 40 points:
+    # error <= 0.5, the control row's own threshold)
+    deep_setting = setting_matches(g_deep > sb, f"GSC(first BN, 0) > sqrt(b) = {sb:.1f}", f"GSC(first BN, 0) "
+                                   f"{g_deep:.1f}", g_deep)
+    budget_learns = at_most("the baseline learns", mini_ctrl[0], 0.5,
+                            f"best minibatch error of the shallow control (same b, steps and step sizes)", fmt=".3f")
     rows.append(Row(
         claim=f"batch-ReLU MLP (24 linear layers, width 64): GSC at the first BN = {g_deep:.1f} > sqrt(b) = {sb:.1f}; "
               f"minibatch (b = {b}) training does not learn",
         source=f"{SRC}, §4.5", paper="error > 89 % (chance 90 %) with b = 1000, GSC 5728 > 31.6",
         ours=f"best train-mode error after {steps} steps over step sizes {list(lrs)}: {mini_deep[0]:.3f} "
              f"(lr {mini_deep[1]:g})",
-        criterion="GSC(first BN, 0) > sqrt(b) at initialisation and the best minibatch error ≥ 0.8 (chance 0.9)",
+        criterion="the best minibatch error ≥ 0.8 (chance 0.9)",
         tolerance="0.8: 'no learning' read as at most 10 points better than chance, fixed before the run",
-        holds=bool(g_deep > sb and mini_deep[0] >= 0.8), data={"gsc_bn": g_deep, "runs": mini_deep[2]}))
+        holds=bool(mini_deep[0] >= 0.8), preconditions=[deep_setting, budget_learns],
+        data={"gsc_bn": g_deep, "runs": mini_deep[2]}))
     rows.append(Row(
         claim="the same network trains full-batch",
         source=f"{SRC}, §4.5 / App. I.3 (batch-ReLU trained with batch 50,000)", paper="34.8 % (CIFAR10, custom steps)",
         ours=f"best full-batch error after {steps} steps: {full_deep[0]:.3f} (lr {full_deep[1]:g})",
         criterion="best full-batch train error ≤ 0.5", tolerance="0.5: clearly learning (chance 0.9), fixed before the run",
-        holds=bool(full_deep[0] <= 0.5), data={"runs": full_deep[2]}))
+        holds=bool(full_deep[0] <= 0.5), preconditions=[deep_setting], data={"runs": full_deep[2]}))
     rows.append(Row(
         claim=f"control: batch-ReLU MLP with 4 linear layers, GSC at the first BN = {g_ctrl:.2f} < sqrt(b): minibatch "
               "training works",
         source=f"{SRC}, §4.5 (the condition GSC > sqrt(b))", paper="",
         ours=f"best minibatch error after {steps} steps: {mini_ctrl[0]:.3f} (lr {mini_ctrl[1]:g})",
-        criterion="GSC(first BN, 0) < sqrt(b) and the best minibatch error ≤ 0.5",
-        tolerance="0.5, fixed before the run", holds=bool(g_ctrl < sb and mini_ctrl[0] <= 0.5),
+        criterion="the best minibatch error ≤ 0.5",
+        tolerance="0.5, fixed before the run", holds=bool(mini_ctrl[0] <= 0.5),
+        preconditions=[setting_matches(g_ctrl < sb, f"GSC(first BN, 0) < sqrt(b) = {sb:.1f}",
+                                       f"GSC(first BN, 0) {g_ctrl:.2f}", g_ctrl)],
         data={"gsc_bn": g_ctrl, "runs": mini_ctrl[2]}))
     rows.append(Row(
         claim=f"open point: batch-tanh MLP (24 linear layers), GSC at the first BN = {g_bt:.1f} vs sqrt(b) = {sb:.1f}, "
@@ -605,7 +727,7 @@ def run_bn_noise(quick: bool, out_dir: Path) -> list[Row]:
 
 
 # ================================================================================================ shallow-training
-ARCHS = {  # name -> (builder kwargs, kind); Table 2 rows at CPU scale (16 linear layers, width 64, digits)
+ARCHS = {  # name -> (builder kwargs, kind); Table 2 rows at CPU scale (32 linear layers in full mode, width 64, digits)
     "layer-tanh": (dict(act="tanh", norm="layer", init="gaussian"), "exploding"),
     "ReLU": (dict(act="relu", norm="none", init="gaussian"), "collapsing"),
     "ResNet layer-tanh": (dict(act="tanh", norm="layer"), "resnet"),
@@ -616,7 +738,11 @@ ARCHS = {  # name -> (builder kwargs, kind); Table 2 rows at CPU scale (16 linea
     "ResNet layer-ReLU": (dict(act="relu", norm="layer"), "resnet"),
 }
 QUICK_ARCHS = ("layer-tanh", "ReLU", "ResNet layer-tanh", "LLI ReLU")
-N_LINEAR = 16
+N_LINEAR = 32  # full mode: >= 30 layers, where effective depth can separate architectures (issue 27); the paper: 51
+QUICK_DEPTH = 12
+#: effective depth is judged only on networks at least this deep: at 12 layers the D.2 estimator saturates at 11
+#: for every architecture, so it cannot separate them (issue 27)
+MIN_DEPTH_FOR_ED = 30
 WIDTH = 64
 CAP = 0.1  # App. I.3: no single-layer relative update above 0.1; scaling stops when one layer reaches it
 LR_GRID = tuple(1e-3 * 3.0 ** k for k in range(9))  # x3 grid (the paper's selection grid is x1.5)
@@ -785,10 +911,124 @@ def _train_plateau(model, lrs, X, Y, b, epochs, seed, callbacks=(), use_fit=Fals
     return errs
 
 
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
+def update_size_rows(name: str, selected_update, gsc0, gsc_start: float, cap: float = CAP) -> list[Row]:
+    """Thm. 1 / Cor. 1 and Fig. 2A on one exploding network: (a) among the layers where 1/GSC(l,0) is below the
+    protocol's cap (elsewhere the bound cannot bind), the fraction with a selected relative update u_l <= 1/GSC(l,0)
+    is >= 0.8 ('a few outliers'; power: >= 5 such layers); (b) u_l grows away from the input: Spearman's rho(layer
+    index, u_l) >= the two-sided 5 % critical value (judging.spearman / spearman_critical; power: the critical value
+    is reachable)."""
+    u = np.asarray(selected_update, dtype=float)
+    inv = 1 / np.asarray(gsc0, dtype=float)
+    informative = inv < cap
+    n_inf = int(informative.sum())
+    frac = float((u[informative] <= inv[informative]).mean()) if n_inf else float("nan")
+    rows = [Row(
+        claim=f"{name}: the best single-layer relative update size stays below 1/GSC(l,0)",
+        source=f"{SRC}, Thm. 1 / Cor. 1, Fig. 2A", paper="below 1/GSC apart from a few outliers",
+        ours=(f"{n_inf} of {len(u)} layers have 1/GSC(l,0) < the {cap} cap; of those {frac:.2f} satisfy u_l ≤ 1/GSC"
+              if n_inf else f"1/GSC(l,0) ≥ the {cap} cap at every layer (GSC(L,0) = {gsc_start:.2f}): the bound "
+                            "cannot bind at this depth"),
+        criterion=f"among layers where 1/GSC(l,0) < {cap} (the protocol's cap; elsewhere the bound cannot bind), "
+                  "the fraction with u_l ≤ 1/GSC(l,0) ≥ 0.8",
+        tolerance="0.8: 'a few outliers', fixed before the run",
+        holds=bool(frac >= 0.8) if n_inf else None,
+        preconditions=[enough_samples(n_inf, MIN_SEEDS, f"layers where 1/GSC(l,0) < {cap}")],
+        data={"u": u.tolist(), "inv_gsc": inv.tolist()})]
+    rho, n = spearman(np.arange(len(u)), u)
+    crit = spearman_critical(n)
+    rows.append(Row(
+        claim=f"{name}: the best relative update size decreases towards the input",
+        source=f"{SRC}, Fig. 2A", paper="decreasing towards the input (exploding architectures)",
+        ours=f"Spearman rho(layer index from the input, selected u_l) = {rho:.2f} over {n} layers (5 % critical "
+             f"value {crit:.3f})",
+        criterion="rho ≥ the two-sided 5 % critical value (larger updates further from the input)",
+        tolerance="Spearman 5 % critical value (judging.spearman_critical). Changed for issue 27 from 'rho > 0' "
+                  "(the sign alone, a coin flip without a trend): stricter",
+        holds=bool(rho >= crit) if math.isfinite(rho) else None, preconditions=[rho_power(n)],
+        data={"rho": rho, "n": n, "critical": crit}))
+    return rows
 
-    return float(spearmanr(a, b).statistic)
+
+def effective_depth_rows(eds: dict, depth: int) -> list[Row]:
+    """Fig. 2D / 5D: no network reaches the full effective depth; ResNets reach more than their vanilla
+    counterparts. Judged only on networks of >= :data:`MIN_DEPTH_FOR_ED` linear layers (the setting of the claim:
+    shallower, the D.2 estimator saturates for every architecture)."""
+    top = depth - 1  # the D.2 estimator counts residual Jacobians of the layers above a layer: at most depth − 1
+    deep = setting_matches(depth >= MIN_DEPTH_FOR_ED, f">= {MIN_DEPTH_FOR_ED} linear layers (at 12 the estimator "
+                           "saturates for every architecture)", f"{depth} linear layers", float(depth))
+    rows = [Row(
+        claim="no architecture reaches the full effective depth",
+        source=f"{SRC}, Fig. 2D / 4D / 5D / 6D, App. D.2", paper="none reaches 51 (SeLU, batch-tanh come close)",
+        ours="; ".join(f"{n}: {v}" for n, v in eds.items()) + f" (maximum the estimator can return: {top}; D.2 "
+             "estimator, h = 1e-6)",
+        criterion=f"effective depth < {top} (= linear layers − 1, the largest λ the D.2 estimator can return) for "
+                  "every architecture",
+        tolerance="none. Correction made while writing the entry: a first draft compared with the number of linear "
+                  f"layers ({depth}), which the estimator cannot reach, so that row could not fail",
+        holds=bool(all(v < top for v in eds.values())), preconditions=[deep], data=dict(eds))]
+    pairs = [p for p in (("ResNet layer-tanh", "layer-tanh"), ("ResNet layer-ReLU", "ReLU")) if p[0] in eds
+             and p[1] in eds]
+    rows.append(Row(
+        claim="ResNets reach a higher effective depth than the vanilla network with the same nonlinearity",
+        source=f"{SRC}, Fig. 5D vs Fig. 2D / 4D", paper="higher effective depth",
+        ours="; ".join(f"{a}: {eds[a]} vs {v}: {eds[v]}" for a, v in pairs),
+        criterion="effective depth of each ResNet > that of its vanilla counterpart", tolerance="none",
+        holds=bool(all(eds[a] > eds[v] for a, v in pairs)) if pairs else None, preconditions=[deep], data={}))
+    return rows
+
+
+def _learned(name: str, err: float) -> Precondition:
+    return baseline_learns(1 - err, 0.1, 0.2, what=f"{name}'s training accuracy after training")
+
+
+def taylor_rows(res: dict, depth: int) -> list[Row]:
+    """Fig. 2F / 5F: layer-tanh tolerates Taylor truncation of its bottom half; the ResNet less so. Precondition:
+    the truncated networks learned (an untrained network loses nothing to truncation, so the row could not fail)."""
+    half = depth // 2
+    lt, rn = res["layer-tanh"], res["ResNet layer-tanh"]
+    inc_lt = lt["taylor"][half] - lt["err"]
+    inc_rn = rn["taylor"][half] - rn["err"]
+    return [Row(
+        claim=f"layer-tanh tolerates Taylor truncation of its bottom {half} linear layers",
+        source=f"{SRC}, Fig. 2F, App. G", paper="layer-tanh reduced to depth 15 beats batch-tanh and batch-ReLU",
+        ours=f"error {100 * lt['err']:.2f} % → {100 * lt['taylor'][half]:.2f} % truncated",
+        criterion="truncated error − trained error ≤ 0.05", tolerance="5 points, fixed before the run",
+        holds=bool(inc_lt <= 0.05), preconditions=[_learned("layer-tanh", lt["err"])], data={"increase": inc_lt}),
+        Row(
+        claim="the ResNet is less robust to Taylor truncation than the vanilla layer-tanh network",
+        source=f"{SRC}, Fig. 5F vs 2F", paper="ResNets less robust to truncation",
+        ours=f"error increase at k = {half}: ResNet layer-tanh {100 * inc_rn:+.2f} points vs layer-tanh "
+             f"{100 * inc_lt:+.2f} points",
+        criterion="increase(ResNet) > increase(layer-tanh)", tolerance="none",
+        holds=bool(inc_rn > inc_lt), preconditions=[_learned("layer-tanh", lt["err"]),
+                                                    _learned("ResNet layer-tanh", rn["err"])],
+        data={"resnet": inc_rn, "vanilla": inc_lt})]
+
+
+def best_error_row(custom: dict, single: dict) -> Row:
+    """Table 2: LLI and ResNets reach lower training error than the vanilla exploding and collapsing networks,
+    each architecture judged by the better of its custom-step and single-step errors (Table 2 prints both and bolds
+    the lower; our per-layer protocol skips stages 1 and 3, so its custom run alone can land far from the paper's).
+    Precondition: the budget trains some network (the best error leaves chance by 20 points)."""
+    best = {n: min(custom[n], single[n]) for n in custom}
+    good = [n for n in best if ARCHS[n][1] in ("resnet", "lli")]
+    bad = [n for n in best if ARCHS[n][1] in ("exploding", "collapsing")]
+    worst_good = max(best[n] for n in good)
+    best_bad = min(best[n] for n in bad)
+    return Row(
+        claim="LLI and ResNets reach lower training error than the vanilla exploding and collapsing networks",
+        source=f"{SRC}, Table 2", paper="LLI 0.002-0.77 %, ResNets 0.06-2.09 % vs vanilla 0.24-42 % (custom); "
+                                        "LLI 0.008-1.2 %, ResNets 0.096-1.55 % vs vanilla 1.78-76.65 % (single)",
+        ours=f"better of custom / single: worst of {', '.join(good)}: {100 * worst_good:.2f} %; best of "
+             f"{', '.join(bad)}: {100 * best_bad:.2f} % (" + ", ".join(
+                 f"{n}: {100 * custom[n]:.1f} / {100 * single[n]:.1f} %" for n in best) + ")",
+        criterion="max over LLI/ResNets of min(custom, single) error < min over vanilla Gaussian networks of the same",
+        tolerance="none. Changed for issue 27 from the custom-step error alone: our per-layer protocol skips the "
+                  "paper's pre-training and clipping stages, so each architecture is judged by the better of its "
+                  "two Table 2 errors",
+        holds=bool(worst_good < best_bad),
+        preconditions=[baseline_learns(1 - min(best.values()), 0.1, 0.2, what="the best network's training accuracy")],
+        data={"best": best})
 
 
 @register(
@@ -800,6 +1040,18 @@ def _spearman(a, b) -> float:
           "exploding and collapsing networks.",
     source="seed 003, Table 2, Figs. 2 (A: update size vs 1/GSC, C: GSC, D: effective depth, F: Taylor), 4, 5, 6; "
            "Thm. 1 / Cor. 1; App. D.2, G, I.3",
+    protocol="Table 2 architectures at CPU scale on digits (standardised 8x8, training error is the metric as in "
+             "I.3): bias-free, affine-free, width 64; 32 linear layers and all 8 architectures in full mode (the "
+             "paper: 51 on CIFAR10), 12 layers, 4 architectures and 640 rows in quick mode. Plain SGD, batch 64, "
+             "30 epochs (quick 8), step sizes divided by 3 after 2 epochs without improvement (the paper: 5). "
+             "Per-layer steps: I.3's selection (each layer alone for 1 epoch, relative updates < 0.1), smoothing "
+             "and scaling stages; pre-training (stage 1) and clipping (stage 3) are skipped, so each architecture "
+             "is also trained with the best single step size of the grid (Table 2's other column) and the error "
+             "comparison judges the better of the two. Effective depth by the D.2 estimator (h = 1e-6) during the "
+             "custom-step run; Taylor truncation (App. G) after it. Preconditions: effective depth is judged only "
+             "at >= 30 linear layers (quick mode: untestable), the update-size bound only over >= 5 layers where "
+             "it can bind, the trend by a reachable Spearman critical value, the Taylor rows on networks that "
+             "learned (accuracy >= chance + 20 points).",
 )
 def run_training(quick: bool, out_dir: Path) -> list[Row]:
     from ..data import load_dataset
@@ -811,7 +1063,7 @@ def run_training(quick: bool, out_dir: Path) -> list[Row]:
     b = 64
     if quick:  # 12 linear layers, 640 training rows (10 steps per epoch), a 6-point grid: about a minute on 2 cores
         X, Y = X[:640], Y[:640]
-        depth, epochs, grid, names = 12, 8, LR_GRID[1:7], QUICK_ARCHS
+        depth, epochs, grid, names = QUICK_DEPTH, 8, LR_GRID[1:7], QUICK_ARCHS
     else:
         depth, epochs, grid, names = N_LINEAR, 30, LR_GRID, tuple(ARCHS)
     res = {}
@@ -853,77 +1105,11 @@ def run_training(quick: bool, out_dir: Path) -> list[Row]:
             data={k: v for k, v in r.items() if k != "steps"} | {"steps": r["steps"]}))
     # Thm. 1 / Fig. 2A on the exploding vanilla networks
     for name in [n for n in names if ARCHS[n][1] == "exploding"]:
-        r = res[name]
-        u = np.array(r["steps"]["selected_update"])
-        inv = 1 / np.array(r["gsc0"])
-        informative = inv < CAP
-        n_inf = int(informative.sum())
-        frac = float((u[informative] <= inv[informative]).mean()) if n_inf else float("nan")
-        rows.append(Row(
-            claim=f"{name}: the best single-layer relative update size stays below 1/GSC(l,0)",
-            source=f"{SRC}, Thm. 1 / Cor. 1, Fig. 2A", paper="below 1/GSC apart from a few outliers",
-            ours=f"{n_inf} of {len(u)} layers have 1/GSC(l,0) < the 0.1 cap; of those {frac:.2f} satisfy u_l ≤ 1/GSC"
-                 if n_inf else f"1/GSC(l,0) ≥ the 0.1 cap at every layer (GSC(L,0) = {r['gsc_start']:.2f}): the bound "
-                               "is not binding at this depth",
-            criterion="among layers where 1/GSC(l,0) < 0.1 (the protocol's cap; elsewhere the bound cannot bind), "
-                      "the fraction with u_l ≤ 1/GSC(l,0) ≥ 0.8",
-            tolerance="0.8: 'a few outliers', fixed before the run",
-            holds=(bool(frac >= 0.8) if n_inf else None), data={"u": u.tolist(), "inv_gsc": inv.tolist()}))
-        rho = _spearman(np.arange(len(u)), u)
-        rows.append(Row(
-            claim=f"{name}: the best relative update size decreases towards the input",
-            source=f"{SRC}, Fig. 2A", paper="decreasing towards the input (exploding architectures)",
-            ours=f"Spearman rho(layer index from the input, selected u_l) = {rho:.2f}",
-            criterion="rho > 0 (larger updates further from the input)", tolerance="none (the sign)",
-            holds=bool(rho > 0), data={"rho": rho}))
-    eds = {n: res[n]["ed"] for n in names}
-    # the D.2 estimator counts residual Jacobians of the layers above a layer: at most depth − 1
-    top = depth - 1
-    rows.append(Row(
-        claim="no architecture reaches the full effective depth",
-        source=f"{SRC}, Fig. 2D / 4D / 5D / 6D, App. D.2", paper="none reaches 51 (SeLU, batch-tanh come close)",
-        ours="; ".join(f"{n}: {v}" for n, v in eds.items()) + f" (maximum the estimator can return: {top}; D.2 "
-             "estimator, h = 1e-6)",
-        criterion=f"effective depth < {top} (= linear layers − 1, the largest λ the D.2 estimator can return) for "
-                  "every architecture",
-        tolerance="none. Correction made while writing the entry: a first draft compared with the number of linear "
-                  f"layers ({depth}), which the estimator cannot reach, so that row could not fail",
-        holds=bool(all(v < top for v in eds.values())), data=eds))
-    pairs = [("ResNet layer-tanh", "layer-tanh"), ("ResNet layer-ReLU", "ReLU")]
-    pairs = [p for p in pairs if p[0] in res and p[1] in res]
-    rows.append(Row(
-        claim="ResNets reach a higher effective depth than the vanilla network with the same nonlinearity",
-        source=f"{SRC}, Fig. 5D vs Fig. 2D / 4D", paper="higher effective depth",
-        ours="; ".join(f"{a}: {eds[a]} vs {v}: {eds[v]}" for a, v in pairs),
-        criterion="effective depth of each ResNet > that of its vanilla counterpart", tolerance="none",
-        holds=bool(all(eds[a] > eds[v] for a, v in pairs)), data={}))
-    half = depth // 2
-    lt, rn = res["layer-tanh"], res["ResNet layer-tanh"]
-    inc_lt = lt["taylor"][half] - lt["err"]
-    inc_rn = rn["taylor"][half] - rn["err"]
-    rows.append(Row(
-        claim=f"layer-tanh tolerates Taylor truncation of its bottom {half} linear layers",
-        source=f"{SRC}, Fig. 2F, App. G", paper="layer-tanh reduced to depth 15 beats batch-tanh and batch-ReLU",
-        ours=f"error {100 * lt['err']:.2f} % → {100 * lt['taylor'][half]:.2f} % truncated",
-        criterion="truncated error − trained error ≤ 0.05", tolerance="5 points, fixed before the run",
-        holds=bool(inc_lt <= 0.05), data={"increase": inc_lt}))
-    rows.append(Row(
-        claim="the ResNet is less robust to Taylor truncation than the vanilla layer-tanh network",
-        source=f"{SRC}, Fig. 5F vs 2F", paper="ResNets less robust to truncation",
-        ours=f"error increase at k = {half}: ResNet layer-tanh {100 * inc_rn:+.2f} points vs layer-tanh "
-             f"{100 * inc_lt:+.2f} points",
-        criterion="increase(ResNet) > increase(layer-tanh)", tolerance="none",
-        holds=bool(inc_rn > inc_lt), data={"resnet": inc_rn, "vanilla": inc_lt}))
-    good = [n for n in names if ARCHS[n][1] in ("resnet", "lli")]
-    bad = [n for n in names if ARCHS[n][1] in ("exploding", "collapsing")]
-    worst_good = max(res[n]["err"] for n in good)
-    best_bad = min(res[n]["err"] for n in bad)
-    rows.append(Row(
-        claim="LLI and ResNets reach lower training error than the vanilla exploding and collapsing networks",
-        source=f"{SRC}, Table 2 (custom steps)", paper="LLI 0.002-0.77 %, ResNets 0.06-2.09 % vs vanilla 0.24-42 %",
-        ours=f"worst of {', '.join(good)}: {100 * worst_good:.2f} %; best of {', '.join(bad)}: {100 * best_bad:.2f} %",
-        criterion="max error over LLI/ResNets < min error over vanilla Gaussian networks (custom steps)",
-        tolerance="none", holds=bool(worst_good < best_bad), data={}))
+        rows += update_size_rows(name, res[name]["steps"]["selected_update"], res[name]["gsc0"],
+                                 res[name]["gsc_start"])
+    rows += effective_depth_rows({n: res[n]["ed"] for n in names}, depth)
+    rows += taylor_rows(res, depth)
+    rows.append(best_error_row({n: res[n]["err"] for n in names}, {n: res[n]["single"][1] for n in names}))
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for name in names:
