@@ -186,7 +186,7 @@ def checkerboard(quick: bool, out_dir: Path) -> list[Row]:
     rows = [stuck_row(accs["full"], accs["control"], listing("full"), proto),
             filtered_row(accs["k-filtered"], accs["control"], int(keep.sum()), len(y), listing("k-filtered")),
             Row(claim=f"control: the same MLP and settings on a {CONTROL_BOARD}x{CONTROL_BOARD} board of the same "
-                      "points", source="our control (not a source claim)",
+                      "points", source="seed 002 §5.4.2 (our control of the 'stuck' claim, not a source claim)",
                 criterion="reported; its best accuracy is the 'baseline learns' precondition of the judged rows",
                 ours=listing("control"), data={"accuracy": accs["control"]})]
     plt = _plt()
