@@ -393,7 +393,7 @@ def test_simulate_fixed8_leaves_weights_on_the_grid():
 
 @pytest.mark.slow
 def test_repro_compression_bits_quick(tmp_path):
-    from gradcond.experiments.registry import load_all, run_experiment
+    from gradcond.experiments.registry import entry_status, load_all, run_experiment
 
     assert "compression-bits" in load_all()
     rows, out = run_experiment("compression-bits", tmp_path, quick=True)
@@ -402,9 +402,50 @@ def test_repro_compression_bits_quick(tmp_path):
     assert len(bits) == 2
     for r in bits:  # the row's number is the simulation's, recomputed from the saved per-epoch record
         assert r.data["payload_bits"] > 0 and r.data["bits"] > r.data["payload_bits"]
-        assert r.holds is None  # quick mode does not judge a 100-epoch average
-    assert any(r.holds is not None for r in rows)
+        # quick mode's 20-epoch run cannot test a 100-epoch average: untestable, naming its setting (one rule for
+        # both modes, not "not judged in quick")
+        assert r.verdict == "untestable" and r.unmet[0].measured == "20 epochs, 1 seed(s)"
+    assert entry_status(rows) == "UNTESTABLE"
+    assert {r.verdict for r in rows if "best test accuracy vs float32" in r.claim} == {"yes"}
     assert (out / "result.json").exists() and (out / "simulation.json").exists()
+
+
+def test_compression_bits_rows_one_rule_for_both_modes():
+    """The rows judge the same quantity by the same rule in every mode; only the setting decides whether they can
+    test the claim. The full run's c = 6 rate (5.18 vs 3.78 bits) fails; the same number in quick mode is
+    untestable, not a pass."""
+    from gradcond.experiments import compression_repro as R
+
+    assert R.bits_row("c6", 3.78, 5.18, 5.2, 4.65, 100, 3).verdict == "no"
+    assert R.bits_row("c6", 3.78, 4.10, 4.1, 3.9, 100, 3).verdict == "yes"
+    quick = R.bits_row("c6", 3.78, 5.18, 5.2, 4.65, 20, 1)
+    assert quick.verdict == "untestable" and quick.holds is False
+    assert R.n_bits_row(7.13, 100, 3).verdict == "yes" and R.n_bits_row(7.13, 20, 1).verdict == "untestable"
+    # a "coded" run that sent float32 (nothing compressed) cannot show "no loss of accuracy"
+    assert [p.name for p in R.accuracy_row("c6", 0.97, 0.97, 32.0, 100, 3).unmet] == ["the treatment happened"]
+    assert R.accuracy_row("c6", 0.95, 0.97, 5.2, 100, 3).verdict == "no"
+    # float32 peaking in the last epoch caps 'epochs to converge'
+    capped = R.convergence_row(40.0, 98.0, 100, 3)
+    assert capped.verdict == "untestable" and "mean best epoch 98.0" in capped.unmet[0].measured
+    assert R.convergence_row(42.0, 56.7, 100, 3).verdict == "yes"
+    assert R.convergence_row(55.0, 56.7, 100, 3).verdict == "no"
+
+
+def test_compression_ddp_rows_need_a_hook_that_compressed_and_changed_the_training():
+    from gradcond.experiments import compression_repro as R
+
+    cfg = dict(R.DDP_DEFAULTS)
+    plain = {"accuracy": 0.961, "param_checksum": [1.0, 2.0], "bits_per_value": 32.0}
+    hook = {"accuracy": 0.961, "param_checksum": [1.5, 2.0], "bits_per_value": 8.5}
+    local = {"accuracy": 0.955, "param_checksum": [1.7, 2.0], "bits_per_value": 9.9}
+    rows = R.ddp_accuracy_rows(cfg, plain, hook, local, [True, True], [True, True])
+    assert [r.verdict for r in rows] == ["yes", "yes", "yes"]
+    noop = dict(hook, param_checksum=plain["param_checksum"])  # identical to plain DDP by construction: no test
+    r = R.ddp_accuracy_rows(cfg, plain, noop, local, [True, True], [True, True])[0]
+    assert r.verdict == "untestable" and "bit-identical" in r.unmet[0].measured
+    uncoded = dict(hook, bits_per_value=32.0)
+    assert R.ddp_accuracy_rows(cfg, plain, uncoded, local, [True], [True])[0].verdict == "untestable"
+    assert R.ddp_accuracy_rows(cfg, plain, dict(hook, accuracy=0.95), local, [True], [True])[0].verdict == "no"
 
 
 @pytest.mark.slow

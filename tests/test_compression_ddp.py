@@ -137,6 +137,7 @@ def test_repro_compression_ddp(tmp_path, quick):
 
     rows, out = run_experiment("compression-ddp", tmp_path, quick=quick)
     assert len(rows) == 4 and all(r.holds is not None for r in rows)
+    assert all(p.met for r in rows for p in r.preconditions), [r.unmet for r in rows]  # learnt, compressed, changed
     kill = rows[-1]
     assert kill.holds, kill.ours  # the dead-rank behaviour does not depend on the scale
     assert rows[1].holds, rows[1].ours  # replicas identical under the hook

@@ -283,9 +283,22 @@ def test_repro_dpl_partitions_quick(tmp_path):
     from gradcond.experiments.registry import run_experiment
 
     rows, _ = run_experiment("dpl-partitions", tmp_path, quick=True)
-    assert sum(r.judged for r in rows) == 3
+    assert sum(r.judged for r in rows) == 2  # accuracy and the killed partition; throughput is only reported
     assert rows[0].holds, rows[0].ours  # accuracy within 1 pp
+    assert rows[1].verdict == "reported" and "samples/s" in rows[1].ours
     assert rows[-1].holds, rows[-1].ours  # the killed partition
+
+
+def test_dpl_throughput_is_reported_never_judged_and_accuracy_needs_a_learning_reference():
+    """Throughput compares 2 processes with 1 by wall-clock: reported whatever the ratio (a slow machine must not
+    turn it into a 'no', a fast one into a 'yes')."""
+    from gradcond.experiments.dpl_repro import dpl_accuracy_row, dpl_throughput_row
+
+    for dpl, seq in (([100.0], [300.0]), ([300.0], [100.0])):
+        assert dpl_throughput_row(dpl, seq).verdict == "reported"
+    assert dpl_accuracy_row([0.96, 0.97], [0.962, 0.965], [0, 1]).verdict == "yes"
+    assert dpl_accuracy_row([0.93, 0.94], [0.962, 0.965], [0, 1]).verdict == "no"
+    assert dpl_accuracy_row([0.11, 0.1], [0.1, 0.12], [0, 1]).verdict == "untestable"
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import statistics
 import time
 import traceback
 from datetime import timedelta
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import judging as J
 from ._launch import launch_ranks
 from .registry import Row, register
 
@@ -170,12 +172,58 @@ def run_dpl(cfg: dict, out_dir, world: int = 2, join_timeout: float = 300.0, kil
     return {"exitcodes": codes, "exit_after_kill": after, "killed_at": killed_at, "ranks": ranks}
 
 
+DPL_PROTOCOL = (
+    "Data: digits. Model: an MLP of 4 Linear+ReLU blocks of width 128 in 2 partitions of 2 blocks, one linear head "
+    "per partition; Adam lr 2e-3, LR x0.1 at 50/75 %, batch 64, 20 epochs (full: 30), seeds 0-1 (full: 0-4). DPL: "
+    "the partitions trained concurrently by 2 gloo ranks on the loopback interface, partition 2 on partition 1's "
+    "current outputs (§6.8); reference: the same partitions trained bottom-up in one process (sequential DLL). "
+    "Accuracy judged, precondition: the reference learns (test accuracy >= 30 %). Throughput (samples/s) is "
+    "reported, never judged: it compares 2 processes with 1 on a shared machine and depends on wall-clock time, and "
+    "the source's comparison is DPL vs DDP on GPUs (Table 6.6). Then partition 1 of 3 is killed (SIGKILL).")
+
+
+def dpl_accuracy_row(dpl: list[float], seq: list[float], seeds: list[int]) -> Row:
+    """|mean test accuracy (DPL) - (sequential DLL)| <= 1 pp, the reference learning."""
+    mean = statistics.fmean
+    diff = 100 * (mean(dpl) - mean(seq))
+    return Row(
+        claim="2-partition DPL (concurrent, 2 processes) vs the same partitions trained bottom-up in one process "
+              "(DLL): final test accuracy of the full network, digits MLP (4 blocks of 128, 2 per partition)",
+        source="seed 002 §6.8.1 (CINIC10+: 90.70 % bottom-up DPL vs 90.97 % backprop) and §6.8.4 (ImageNet: "
+               "81.81 % two-partition DPL vs 81.78 % backprop)",
+        paper="DPL within 0.3 pp of its reference",
+        criterion=f"|mean test accuracy (DPL, 2 ranks) - (sequential DLL)| <= 1 pp over seeds {seeds}",
+        tolerance="1 pp (issue 15's bar; about 3 test samples of 360 on digits); fixed before the run",
+        ours=f"{100 * mean(dpl):.2f} % vs {100 * mean(seq):.2f} % ({diff:+.2f} pp); per seed DPL "
+             f"{[round(100 * a, 2) for a in dpl]}, DLL {[round(100 * a, 2) for a in seq]}",
+        holds=abs(diff) <= 1.0,
+        preconditions=[J.baseline_learns(min(seq), 0.1, what="sequential DLL's worst final test accuracy")],
+        data={"dpl": dpl, "sequential": seq})
+
+
+def dpl_throughput_row(dpl_sps: list[float], seq_sps: list[float]) -> Row:
+    """Reported, never judged: throughput of 2 processes vs 1 (wall-clock, machine-dependent)."""
+    mean = statistics.fmean
+    speed = mean(dpl_sps) / mean(seq_sps)
+    return Row(
+        claim="throughput: DPL (2 processes) vs bottom-up training of the same partitions (1 process), samples/s "
+              "entering the network, one thread per process",
+        source="seed 002 §6.8.1 (bottom-up DPL with feednet 8h50m vs DPL with filtering/round-robin 4h30m) and "
+               "Table 6.6 (DPL vs DDP throughput, +4 % to +279 %)",
+        paper="+4 % to +279 % (Table 6.6, vs DDP on 4-8 GPUs)",
+        criterion="reported, not judged: wall-clock throughput of 2 processes against 1 on a shared machine is not "
+                  "the source's comparison (DPL vs DDP) and depends on the machine's load",
+        ours=f"{speed:.2f}x ({mean(dpl_sps):.0f} vs {mean(seq_sps):.0f} samples/s)",
+        holds=None, data={"dpl": dpl_sps, "sequential": seq_sps})
+
+
 @register(
     "dpl-partitions",
     claim="Deep partition-wise learning: 2 partitions trained concurrently on 2 processes (torch.distributed, gloo "
-          "on localhost) reach the accuracy of the same partitions trained bottom-up in one process, faster; a "
-          "killed partition ends the job with an error naming it.",
+          "on localhost) reach the accuracy of the same partitions trained bottom-up in one process; a killed "
+          "partition ends the job with an error naming it.",
     source=SOURCE,
+    protocol=DPL_PROTOCOL,
 )
 def run_dpl_partitions(quick: bool, out_dir: Path) -> list[Row]:
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
@@ -200,31 +248,8 @@ def run_dpl_partitions(quick: bool, out_dir: Path) -> list[Row]:
             seq_sps.append(ref.samples_per_second)
     finally:
         torch.set_num_threads(threads)
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    diff = 100 * (mean(dpl) - mean(seq))
-    rows.append(Row(
-        claim="2-partition DPL (concurrent, 2 processes) vs the same partitions trained bottom-up in one process "
-              "(DLL): final test accuracy of the full network, digits MLP (4 blocks of 128, 2 per partition)",
-        source="seed 002 §6.8.1 (CINIC10+: 90.70 % bottom-up DPL vs 90.97 % backprop) and §6.8.4 (ImageNet: "
-               "81.81 % two-partition DPL vs 81.78 % backprop)",
-        paper="DPL within 0.3 pp of its reference",
-        criterion=f"|mean test accuracy (DPL, 2 ranks) - (sequential DLL)| <= 1 pp over seeds {seeds}",
-        tolerance="1 pp (issue 15's bar; about 3 test samples of 360 on digits); fixed before the run",
-        ours=f"{100 * mean(dpl):.2f} % vs {100 * mean(seq):.2f} % ({diff:+.2f} pp); per seed DPL "
-             f"{[round(100 * a, 2) for a in dpl]}, DLL {[round(100 * a, 2) for a in seq]}",
-        holds=abs(diff) <= 1.0, data={"dpl": dpl, "sequential": seq}))
-    speed = mean(dpl_sps) / mean(seq_sps)
-    rows.append(Row(
-        claim="DPL trains faster than bottom-up training of the same partitions (throughput, samples/s entering the "
-              "network, one thread per process)",
-        source="seed 002 §6.8.1 (bottom-up DPL with feednet 8h50m vs DPL with filtering/round-robin 4h30m) and "
-               "Table 6.6 (DPL vs DDP throughput, +4 % to +279 %)",
-        paper="+4 % to +279 % (Table 6.6, vs DDP on 4-8 GPUs)",
-        criterion="throughput(DPL, 2 processes) / throughput(sequential DLL, 1 process) > 1",
-        tolerance="none beyond > 1: the concurrent schedule has no feednet and runs the partitions in parallel; "
-                  "fixed before the run (a loaded machine can make it fail: then 'no' at our scale)",
-        ours=f"{speed:.2f}x ({mean(dpl_sps):.0f} vs {mean(seq_sps):.0f} samples/s)",
-        holds=speed > 1.0, data={"dpl": dpl_sps, "sequential": seq_sps}))
+    rows.append(dpl_accuracy_row(dpl, seq, seeds))
+    rows.append(dpl_throughput_row(dpl_sps, seq_sps))
     rows.append(Row(
         claim="Table 6.6's speed-ups against DDP on 4-8 GPUs", source=SOURCE,
         paper="+4 % to +279 %", ours="not measured: this machine has no GPUs and the comparison is DPL vs DLL",

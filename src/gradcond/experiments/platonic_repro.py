@@ -6,7 +6,9 @@ CPU; the criteria were fixed before the runs and are not relaxed where a row doe
 Data decisions: the two spirals are our ``spirals`` loader without label noise (``noise=0``: the classic problem is
 noise-free; the default noise of 0.05 makes the arms overlap near the centre), 5,000 training points as in the
 source; the sine is ``y = sin(x)`` over two periods rescaled to ``x`` in (-1, 1), 5,000 points; the checkerboard is
-our 8 x 8 board; MNIST is replaced by the 8 x 8 ``digits`` (1,437 training images) with widths scaled by 64/784.
+our 8 x 8 board; MNIST is replaced by the 8 x 8 ``digits`` (1,437 training images) with widths scaled by 64/784,
+standardised per pixel (see ``platonic-digits``). Preconditions and statistics come from
+:mod:`gradcond.experiments.judging`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from ..closedform import FitDiverged, SingularSystemError, fit_platonic
 from ..data import load_dataset
+from . import judging as J
 from .registry import Row, register
 
 
@@ -110,11 +113,29 @@ def _src(cell) -> str:
     return "Failed" if cell is None else f"{cell[0]:.2f} ± {cell[1]:.2f}"
 
 
+#: The L2 penalty of Table 7.1's ``solve`` rows. The source: "In 32 bits, the CPU implementation of solve fails ...
+#: we could fix the problem by increasing the amount of L2 regularization ... We used a low number for the L2
+#: penalty in order to illustrate the issue of stability" (§7.6.2); it does not give the number. 1e-6 (fixed
+#: before the run) is judged; 1e-8 and 1e-4, the ends of the range an independent check found giving the same
+#: pattern, are reported beside it.
+SOLVE_RIDGE = 1e-6
+SOLVE_RIDGE_OTHER = (1e-8, 1e-4)
+
+SPIRALS_PROTOCOL = (
+    "Data: 5,000 noise-free two-spiral points (±1 targets). Model: 2-32-32-32-32-1 tanh fitted in closed form, "
+    "N_tries = 1, as §7.6.2. Row 1: float64 pinv, alpha 0.1, beta 10, 5 seeded fits. Table 7.1: 5 runs per cell "
+    "(full: 50; the source: 1,000) for pinv, lstsq (each fp32 default tol, fp32 tol 1e-5, fp64) and solve (ridge "
+    "normal equations with the 'low L2 penalty' of §7.6.2: 1e-6 judged, 1e-8 and 1e-4 reported); criteria from the "
+    "source's mean - 2 std. Backprop baseline: the source's SGD schedule (75 epochs, full mode only; quick trains 8 "
+    "epochs and is reported). Timings are reported, never judged.")
+
+
 @register(
     "platonic-spirals",
     claim="A 2-32-32-32-32-1 tanh MLP fitted in closed form (Platonic projections, no gradients) classifies the "
           "two spirals: 99.99% in float64 with one try; float32 is fragile (Table 7.1); backprop needs 75 epochs.",
     source="seed 002 §7.6, Table 7.1, Fig. 7.9",
+    protocol=SPIRALS_PROTOCOL,
 )
 def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) -> list[Row]:
     X, Y, y = (t.to(device or "cpu") for t in spirals_data())
@@ -146,6 +167,8 @@ def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) 
                 kw = dict(alpha=alpha, beta=beta, solver=name, dtype=dtype)
                 if atol is not None:
                     kw["atol"] = atol
+                if solver == "solve":
+                    kw["ridge"] = SOLVE_RIDGE
                 cols.append([spirals_fit(X, Y, y, seed=1000 + r, **kw)[0] for r in range(runs)])
             f64 = [a for a in cols[2] if a is not None]
             f64_ok = len(f64) == runs and statistics.mean(f64) * 100 >= src[2][0] - 2 * src[2][1]
@@ -161,9 +184,23 @@ def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) 
             else:
                 holds = f64_ok
                 crit = "float64 has no singular run and mean >= source mean - 2 std"
+            if solver == "solve":
+                other = {r: [[spirals_fit(X, Y, y, seed=1000 + i, alpha=alpha, beta=beta, solver="ridge", ridge=r,
+                                          dtype=dt)[0] for i in range(runs)] for dt in (torch.float32, torch.float64)]
+                         for r in SOLVE_RIDGE_OTHER}
+                extra = Row(
+                    claim=f"Table 7.1 CPU, alpha {alpha:g}, beta {beta:g}, solve at the other low L2 penalties: "
+                          f"accuracy % over {runs} runs [fp32 | fp64]",
+                    source="seed 002 §7.6.2 ('a low number for the L2 penalty', value not given)",
+                    paper=f"{_src(src[0])} | {_src(src[2])}",
+                    criterion=f"reported, not judged: the judged reading is ridge {SOLVE_RIDGE:g} (fixed before the "
+                              "run); these are the other plausible readings",
+                    ours="; ".join(f"ridge {r:g}: {_cell(c[0])} | {_cell(c[1])}" for r, c in other.items()),
+                    holds=None, data={"ridge": {str(r): {"fp32": c[0], "fp64": c[1]} for r, c in other.items()}})
             rows.append(Row(
-                claim=f"Table 7.1 CPU, alpha {alpha:g}, beta {beta:g}, {solver}: accuracy % over {runs} runs "
-                      "[fp32 default tol | fp32 tol 1e-5 | fp64]",
+                claim=f"Table 7.1 CPU, alpha {alpha:g}, beta {beta:g}, {solver}"
+                      + (f" (ridge {SOLVE_RIDGE:g})" if solver == "solve" else "")
+                      + f": accuracy % over {runs} runs [fp32 default tol | fp32 tol 1e-5 | fp64]",
                 source="seed 002 §7.6.2, Table 7.1 (CPU columns)",
                 paper=f"{_src(src[0])} | {_src(src[1])} | {_src(src[2])} over 1,000 runs",
                 criterion=crit,
@@ -171,18 +208,20 @@ def run_spirals(quick: bool, out_dir: Path, device: torch.device | None = None) 
                           "source's spread is the reference); 'no singular run' is exact",
                 ours=" | ".join(_cell(c) for c in cols), holds=holds,
                 data={"runs": runs, "accuracies": {"fp32": cols[0], "fp32_tol1e-5": cols[1], "fp64": cols[2]}}))
+            if solver == "solve":
+                rows.append(extra)
     # backprop baseline in the same run
     epochs = 8 if quick else 75
     bp_acc, bp_sec, bp_reach = backprop_spirals(X.cpu(), y.cpu(), epochs=epochs, target_acc=0.99)  # CPU, float32
-    judged = not quick
     rows.append(Row(
         claim=f"backprop baseline 2-32-32-32-32-1 tanh, SGD, {epochs} epochs: train accuracy",
         source="seed 002 §7.6.1, Fig. 7.9",
         paper="99.17 % after 75 epochs (52 s on an RTX 4080)",
-        criterion="full mode only (quick mode trains 8 epochs and is not judged): train accuracy >= 98 %",
+        criterion="train accuracy >= 98 % after the source's 75 epochs (quick mode's 8 epochs cannot test it)",
         tolerance="~1.2 pp below the source's single run: SGD run-to-run spread on this task, no spread given",
-        ours=f"{_pct(bp_acc)} in {bp_sec:.1f} s" + ("" if judged else " (quick mode: 8 epochs, not judged)"),
-        holds=(bp_acc >= 0.98) if judged else None, data={"accuracy": bp_acc, "seconds": bp_sec}))
+        ours=f"{_pct(bp_acc)} in {bp_sec:.1f} s",
+        holds=bp_acc >= 0.98, data={"accuracy": bp_acc, "seconds": bp_sec},
+        preconditions=[J.setting_matches(epochs >= 75, "the source's 75 epochs of SGD", f"{epochs} epochs", epochs)]))
     fit_med = statistics.median(times)
     reach = f"{bp_reach:.1f} s to first reach 99%" if bp_reach is not None else "99% not reached"
     rows.append(Row(
@@ -201,11 +240,45 @@ def sine_data(dtype=torch.float64, n_train: int = 5000):
     return X / (2 * math.pi) - 1, Y
 
 
+#: Depth of the deep narrow sine fits: the source's 10,000 layers (Figs. 7.5-7.6) in full mode; quick mode 100
+#: layers (the depth of the source's own alpha/beta study, §7.5.2).
+SINE_DEPTH = {"quick": 100, "full": 10_000}
+SEEDS_DEEP = (0, 1, 2, 3, 4)
+
+SINE_PROTOCOL = (
+    "Data: y = sin(x) over two periods, x rescaled to (-1, 1), 5,000 points (§7.5). MSE rows: 1-16-16-1 CELU, "
+    "alpha = beta = 1 (Fig. 7.3), float64, 5 seeds (full: 20), N_tries 1 and 5. Deep rows: width 8, CELU, alpha "
+    "0.1, beta 10 (the source does not give its deep-run values), 10,000 hidden layers as Figs. 7.5-7.6 (quick: "
+    "100), 5 seeds; per seed the lowest LSD over the layers with 1 and with 5 tries, judged by a one-sided t test "
+    "over the seeds of log(LSD_1 / LSD_5) > 0 at 5 %. Criteria fixed before the run.")
+
+
+def deep_tries_row(low1: list[float], low5: list[float], depth: int, quick: bool = False,
+                   notes: list[str] = ()) -> Row:
+    """Five tries per layer reach a lower error than one: one-sided t test over seeds of
+    log(lowest LSD with 1 try / with 5 tries) > 0 at 5 %, with >= 5 seeds."""
+    x = [math.log(a / b) if a > 0 and b > 0 else float("nan") for a, b in zip(low1, low5)]
+    t = J.one_sided_t(x, 0.0)
+    return Row(
+        claim=f"sine, {depth} hidden layers of width 8, CELU, alpha 0.1, beta 10: lowest LSD over the layers, "
+              "1 vs 5 tries",
+        source="seed 002 §7.5.1, Figs. 7.5-7.6 (10,000 layers)",
+        paper="5 tries reach a lower error than 1 (Fig. 7.6)",
+        criterion="one-sided t test over seeds: log(lowest LSD with 1 try / with 5 tries) > 0 at 5 %",
+        tolerance="no margin (an ordering claim); significance over >= 5 seeds, fixed before the run",
+        ours=f"median lowest LSD: 1 try {statistics.median(low1):.2e}, 5 tries {statistics.median(low5):.2e}; "
+             f"log ratio {t.describe()}" + (f" (quick mode: {depth} layers)" if quick else "")
+             + (f" ({'; '.join(notes)})" if notes else ""),
+        holds=t.significant, preconditions=[J.enough_samples(t.n)],
+        data={"lowest_lsd": {"1": list(low1), "5": list(low5)}, "depth": depth, "log_ratio": x})
+
+
 @register(
     "platonic-sine",
     claim="A 1-16-16-1 CELU MLP fitted in closed form matches a sinusoid (MSE 2e-5); in very deep narrow fits, "
           "five tries per layer reach a lower error than one.",
     source="seed 002, sec. 7.5, Figs. 7.3-7.6",
+    protocol=SINE_PROTOCOL,
 )
 def run_sine(quick: bool, out_dir: Path, device: torch.device | None = None) -> list[Row]:
     X, Y = (t.to(device or "cpu") for t in sine_data())
@@ -227,37 +300,29 @@ def run_sine(quick: bool, out_dir: Path, device: torch.device | None = None) -> 
                       "visually exact; fixed before the run",
             ours=f"median {med:.2e} over {seeds} seeds (best {min(mses):.2e})", holds=med <= 1e-4,
             data={"mse": mses, "n_tries": tries}))
-    depth = 300 if quick else 10_000
-    curves, notes = {}, []
-    for tries in (1, 5):
-        try:
-            # alpha 0.1, beta 10 (our defaults; the source does not give its deep-run values): with alpha = beta = 1
-            # the representation collapses to LSD ~0.5 (no information about y) within ~50 layers for 1 and 5 tries
-            _, rep = fit_platonic(X, Y, [8] * depth, act="celu", alpha=0.1, beta=10.0, n_tries=tries,
-                                  generator=torch.Generator().manual_seed(0), return_report=True)
-        except FitDiverged as exc:  # the activations overflowed: the layers fitted before still count
-            rep = exc.report
-            notes.append(f"{tries} tr{'y' if tries == 1 else 'ies'}: non-finite after {len(rep.lsd)} layers")
-        curves[tries] = rep.lsd
-    low = {t: min(c) for t, c in curves.items()}
-    rows.append(Row(
-        claim=f"sine, {depth} hidden layers of width 8, CELU, alpha 0.1, beta 10: lowest LSD over the layers, "
-              "1 vs 5 tries",
-        source="seed 002 §7.5.1, Figs. 7.5-7.6 (10,000 layers)",
-        paper="5 tries reach a lower error than 1 (Fig. 7.6)",
-        criterion="lowest LSD over the layers fitted with 5 tries < with 1 try",
-        tolerance="strict inequality (ordering claim, one deterministic run per setting)",
-        ours=f"1 try {low[1]:.2e}, 5 tries {low[5]:.2e} (last layer: {curves[1][-1]:.2e}, {curves[5][-1]:.2e})"
-             + (" (quick mode: 300 layers)" if quick else "")
-             + (f" ({'; '.join(notes)})" if notes else ""),
-        holds=low[5] < low[1], data={"lowest_lsd": low, "depth": depth,
-                                     "layers_fitted": {t: len(c) for t, c in curves.items()}}))
+    depth = SINE_DEPTH["quick" if quick else "full"]
+    curves, notes, lows = {}, [], {1: [], 5: []}
+    for seed in SEEDS_DEEP:
+        for tries in (1, 5):
+            try:
+                # alpha 0.1, beta 10 (our defaults; the source does not give its deep-run values): with alpha = beta =
+                # 1 the representation collapses to LSD ~0.5 (no information about y) within ~50 layers
+                _, rep = fit_platonic(X, Y, [8] * depth, act="celu", alpha=0.1, beta=10.0, n_tries=tries,
+                                      generator=torch.Generator().manual_seed(seed), return_report=True)
+            except FitDiverged as exc:  # the activations overflowed: the layers fitted before still count
+                rep = exc.report
+                notes.append(f"seed {seed}, {tries} tr{'y' if tries == 1 else 'ies'}: non-finite after "
+                             f"{len(rep.lsd)} layers")
+            lows[tries].append(min(rep.lsd) if rep.lsd else float("nan"))
+            if seed == SEEDS_DEEP[0]:
+                curves[tries] = rep.lsd
+    rows.append(deep_tries_row(lows[1], lows[5], depth, quick, notes))
     from ..report.figures import object_pyplot as _plt  # Agg canvases: the process-wide backend is left alone
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for tries, c in curves.items():
-        ax.semilogy(range(1, len(c) + 1), c, label=f"N_tries = {tries}")
+        ax.semilogy(range(1, len(c) + 1), c, label=f"N_tries = {tries} (seed {SEEDS_DEEP[0]})")
     ax.set_xlabel("hidden layer")
     ax.set_ylabel("LSD (train MSE of the layer's read-out)")
     ax.set_title(f"Sine, width 8, {depth} layers")
@@ -273,6 +338,11 @@ def run_sine(quick: bool, out_dir: Path, device: torch.device | None = None) -> 
     claim="A 4-hidden-layer ReLU MLP of width 2,500 fitted in closed form classifies the checkerboard "
           "(99.88-100%).",
     source="seed 002, sec. 7.7, Fig. 7.10",
+    protocol="Data: our 8 x 8 checkerboard, 5,000 points (quick: 2,000). Model: 4 hidden ReLU layers of width 2,500 "
+             "(quick: 1,250, the source's width/points ratio), fitted in closed form, float64, pinv, N_tries = 1, "
+             "at the source's two (alpha, beta) settings, (0.06, 25) and (0.08, 200) (§7.7); one seeded fit each, as "
+             "the source. Criterion fixed before the run: train accuracy >= 99.8 % (0.08 pp below the source's "
+             "lower value).",
 )
 def run_checkerboard(quick: bool, out_dir: Path, device: torch.device | None = None) -> list[Row]:
     # quick: the source's width/points ratio (1/2) on 2,000 points. Noted for the record: a smaller 1,500-point,
@@ -313,16 +383,77 @@ def _digits_acc(model, X, y) -> float:
         return float((model(X).argmax(1) == y).double().mean())
 
 
+def standardise(X: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-feature standardisation with ``X``'s mean and standard deviation (a constant feature keeps scale 1),
+    applied to ``X`` and each of ``others`` (e.g. the test split)."""
+    mu, sd = X.mean(0, keepdim=True), X.std(0, keepdim=True)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+    return tuple((t - mu) / sd for t in (X, *others))
+
+
+#: A unit of a ReLU layer is *switching* when it is positive on between 1 % and 99 % of the samples: a unit
+#: positive on (nearly) every sample acts as the identity, one (nearly) never positive is dead.
+SWITCH_BAND = (0.01, 0.99)
+#: The ReLU layer is neither dead nor always on: at least half of its units switch (fixed before the run).
+MIN_SWITCHING = 0.5
+
+
+@torch.no_grad()
+def relu_switching(model: nn.Sequential, X: torch.Tensor) -> list[float]:
+    """Per ``nn.ReLU`` of ``model`` (an ``nn.Sequential``): the share of its units that are switching
+    (:data:`SWITCH_BAND`) on the samples ``X``. Cost: one forward pass."""
+    out, h = [], X
+    for m in model:
+        if isinstance(m, nn.ReLU):
+            on = (h > 0).double().mean(0)
+            out.append(float(((on >= SWITCH_BAND[0]) & (on <= SWITCH_BAND[1])).double().mean()))
+        h = m(h)
+    return out
+
+
+def relu_precondition(shares: dict[str, list[float]]) -> J.Precondition:
+    """**The ReLU layer is neither dead nor always on**: in every fitted network named in ``shares`` (name -> per
+    ReLU layer share of switching units, :func:`relu_switching`) at least :data:`MIN_SWITCHING` of each ReLU
+    layer's units switch. With inputs in [0, 1], a Sorted-PCA layer (data samples as weights, bias 0) has only
+    non-negative pre-activations: every unit is always on and the network is linear -- not the setting of the
+    claim."""
+    worst = min(((v, k) for k, vs in shares.items() for v in vs), default=(float("nan"), "no ReLU layer"))
+    return J.Precondition(
+        "the ReLU layer is neither dead nor always on",
+        f"every ReLU layer of every fitted network has >= {MIN_SWITCHING:.0%} of its units positive on "
+        f"{SWITCH_BAND[0]:.0%}-{SWITCH_BAND[1]:.0%} of the training images",
+        f"lowest share of switching units {_pct(worst[0]) if math.isfinite(worst[0]) else worst[0]} ({worst[1]})",
+        bool(math.isfinite(worst[0]) and worst[0] >= MIN_SWITCHING), worst[0])
+
+
+DIGITS_PROTOCOL = (
+    "Data: sklearn digits (1,437 train / 360 test 8x8 images) instead of MNIST, each pixel standardised with the "
+    "training split's mean and standard deviation: with inputs in [0, 1] every Sorted-PCA pre-activation (a data "
+    "sample as weight vector, bias 0) is >= 0 and the ReLU is the identity, while the thesis's numbers (Sorted PCA "
+    "at 95.9 %, well above a linear read-out) need an active ReLU. Table 7.2: one hidden ReLU layer of width 8-128 "
+    "(the source's 98-1568 scaled by 64/784); ridge 50,000 scaled by the sample count; alpha 1; beta 1e4 for the "
+    "deterministic methods and 10 for the random ones (§7.9.2); random methods averaged over 3 trials (full: 20; "
+    "the source: 100). Table 7.3: Sorted PCA + weighted Platonic PCA (lambda_EMA 0.2, the text's value), beta 1e6, "
+    "ridge 0.1, nine architectures scaled by 64/784 (quick: every second). Precondition of every row: each fitted "
+    "network's ReLU layers have >= 50 % switching units (positive on 1-99 % of the training images). Criteria as "
+    "the source states its orderings (strict), fixed before the run.")
+
+
 @register(
     "platonic-digits",
     claim="On handwritten digits, Platonic projections beat random first-layer weights (extreme learning machine) "
           "and Sorted PCA is the best single-hidden-layer method for all but the narrowest width (Table 7.2); "
           "deeper deterministic nets improve with size (Table 7.3).",
     source="seed 002, sec. 7.9, Tables 7.2-7.3 (MNIST; here 8 x 8 digits)",
+    protocol=DIGITS_PROTOCOL,
 )
-def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -> list[Row]:
+def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None, standardised: bool = True
+               ) -> list[Row]:
+    """``standardised=False`` runs on the raw [0, 1] pixels (the control of the ReLU precondition)."""
     b = load_dataset("digits", dtype=torch.float64)
     X, y, Xt, yt = (t.to(device or "cpu") for t in (*b.train.tensors, *b.test.tensors))
+    if standardised:
+        X, Xt = standardise(X, Xt)
     # Table 7.2 uses ridge 50,000 for 60,000 MNIST images; the penalty is scaled with the number of samples
     ridge = 50_000 * len(X) / 60_000
     trials = 3 if quick else 20
@@ -332,7 +463,7 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
                "Sorted PCA": dict(projection="sorted_pca", beta=1e4)}
     rows = []
     for wi, width in enumerate(DIGITS_WIDTHS):
-        acc = {}
+        acc, switching = {}, {}
         for name, kw in methods.items():
             n = trials if name.startswith("random") else 1
             vals = []
@@ -344,7 +475,9 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
                     vals = []
                     break
                 vals.append(_digits_acc(model, Xt, yt))
+                switching[f"{name}, trial {s}"] = relu_switching(model, X)
             acc[name] = statistics.mean(vals) if vals else None
+        relu = relu_precondition(switching)
         text = ", ".join(f"{k} {'N/A' if v is None else _pct(v)}" for k, v in acc.items())
         elm = acc["random W (ELM)"]
         beat = all(v > elm for k, v in acc.items() if k != "random W (ELM)" and v is not None)
@@ -355,7 +488,8 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
             paper="all three platonic methods beat random W at every width",
             criterion="each available platonic method's mean test accuracy > random W's (mean over the random trials)",
             tolerance="strict inequality (ordering claim as the source states it)",
-            ours=text, holds=beat, data={"test_accuracy": acc, "trials_random": trials}))
+            ours=text, holds=beat, preconditions=[relu],
+            data={"test_accuracy": acc, "trials_random": trials, "relu_switching": switching}))
         if wi > 0:
             best = max((v, k) for k, v in acc.items() if v is not None)[1]
             rows.append(Row(
@@ -365,9 +499,9 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
                 criterion="Sorted PCA's test accuracy is the highest of the four methods",
                 tolerance="strict ordering (as the source states it)",
                 ours=f"best: {best} ({_pct(acc[best])}); Sorted PCA {_pct(acc['Sorted PCA'])}",
-                holds=best == "Sorted PCA", data={"test_accuracy": acc}))
+                holds=best == "Sorted PCA", preconditions=[relu], data={"test_accuracy": acc}))
     archs = DIGITS_DEEP[::2] if quick else DIGITS_DEEP
-    results = []
+    results, switching = [], {}
     for arch in archs:
         t0 = time.perf_counter()
         try:
@@ -378,7 +512,9 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
             continue
         sec = time.perf_counter() - t0
         params = sum(p.numel() for p in model.parameters())
+        switching["-".join(map(str, arch))] = relu_switching(model, X)
         results.append((arch, params, _digits_acc(model, X, y), _digits_acc(model, Xt, yt), f"{sec:.2f} s"))
+    relu = relu_precondition(switching)
     ok = [r for r in results if r[1] is not None]
     text = "; ".join(f"{'-'.join(map(str, a))}: {p} params, train {_pct(tr)}, test {_pct(te)}"
                      for a, p, tr, te, _ in ok)
@@ -394,6 +530,6 @@ def run_digits(quick: bool, out_dir: Path, device: torch.device | None = None) -
             paper=f"{split} accuracy increases with #params",
             criterion=f"{split} accuracy strictly increasing in #params over the architectures, none singular",
             tolerance="strict monotonicity (ordering claim)",
-            ours=text if split == "train" else ", ".join(_pct(v) for v in vals), holds=inc,
-            data={"results": [list(map(str, r)) for r in results]}))
+            ours=text if split == "train" else ", ".join(_pct(v) for v in vals), holds=inc, preconditions=[relu],
+            data={"results": [list(map(str, r)) for r in results], "relu_switching": switching}))
     return rows
