@@ -83,6 +83,11 @@ def _resolve_model_and_data(model_spec: str, data_name: str, sets: list[str], se
             raise UserError(f"--set takes key=value (a zoo model option such as depth=8), got {item!r}.")
         k, v = item.split("=", 1)
         kw[k.strip()] = parse_value(v.strip())
+    if model_spec in zoo.names():
+        try:
+            zoo.check_options(model_spec, kw)  # types and ranges of the zoo options, before any work
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     last_err = None
     for form in forms:
         try:

@@ -60,6 +60,7 @@ def build_job(cfg: dict, model_state: dict | None = None, device="cpu") -> Job:
     dcfg = cfg["data"]
     form = input_form(mname) if dcfg["form"] == "auto" else dcfg["form"]
     try:
+        zoo.check_options(mname, mcfg, prefix="model.")  # types and ranges of the [model] options, before any work
         bundle = data.load_dataset(dcfg["name"], form=form, seed=cfg["seed"], dtype=dtype, **dcfg.get("options", {}))
         kw = {**model_kwargs_for(mname, bundle), **mcfg}
         torch.manual_seed(cfg["seed"])

@@ -20,8 +20,7 @@ from ..utils import progress as progress_bar_factory
 from .losses import get_loss
 from .run import RunLogger
 
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
-SCHEDULES = ("constant", "step", "plateau")
+from ..config import OPTIMIZERS, SCHEDULES  # noqa: E402  (the names a config accepts are the ones fit accepts)
 
 
 @dataclass
