@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 ``repro run``/``repro all``: a judged claim does not hold (or an entry judges nothing);
 2 bad input or an unusable run directory (one line ``gradcond: error: ...`` saying what was wrong and what is
-accepted; nothing half-written is left); 3 training diverged (the loss became NaN or infinite); 130 interrupted
-(resumable with ``--resume``).
+accepted; nothing half-written is left); 3 training diverged (the loss became NaN or infinite); 4 a training process
+of ``run --nproc N`` was lost (killed by a signal or crashed; the run is kept for ``--nproc N --resume`` when it
+holds a complete checkpoint); 130 interrupted (resumable with ``--resume``).
 Warnings are printed as one line ``gradcond: warning: ...``.
 
 ``--device cpu|cuda|cuda:N|auto`` (``run``, ``diagnose``, ``repro run|all``; default cpu) is checked before any work:
@@ -18,11 +19,13 @@ import sys
 import warnings
 
 from . import __version__
-from .utils import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, UserError, resolve_device, set_quiet
+from .utils import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_RANK_LOST, RankLost, TrainingDiverged,
+                    UserError, resolve_device, set_quiet)
 
-EXIT_CODES_HELP = ("exit codes: 0 done; 2 bad input, a run directory in use by another process, or a failed write "
-                   "(one line 'gradcond: error: ...'); 3 training diverged (loss NaN/inf: lower the learning rate); "
-                   "130 interrupted (continue with --resume).")
+EXIT_CODES_HELP = ("exit codes: 0 done; 2 bad input, a finished run in the way (--force), a run directory in use by "
+                   "another process, or a failed write (one line 'gradcond: error: ...'); 3 training diverged (loss "
+                   "NaN/inf: lower the learning rate); 4 a training process of --nproc N was lost (killed or "
+                   "crashed; continue with --nproc N --resume); 130 interrupted (continue with --resume).")
 
 
 def _cmd_run(args) -> int:
@@ -35,7 +38,10 @@ def _cmd_run(args) -> int:
     cfg = config.resolve(user, sets)
     if args.config is None and not user and not any(s.split("=")[0].strip() == "name" for s in sets):
         cfg = config.resolve(config.DEMO, sets)
-    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device, nproc=args.nproc)
+    # the keys the user gave (TOML file and --set): on --resume the others come from the run itself
+    given = set(runner.flatten_config(config.apply_overrides(user, sets)))
+    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device, nproc=args.nproc,
+                        force=args.force, given=given)
     if not report.exists():  # stopped early (e.g. a stop_after callback): the run stays partial and resumable
         print(f"gradcond: run stopped before its last epoch; it is kept in {report.parent} - continue with --resume",
               file=sys.stderr)
@@ -102,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="TOML config file (default: the built-in demo config)")
     r.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
     r.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint of the run (same config; only train.epochs may change)")
+                   help="continue the run from its latest checkpoint: keys you do not set come from the run (its "
+                        "epoch count included); keys you set must match it, except train.epochs (more epochs extend "
+                        "a finished run)")
+    r.add_argument("--force", action="store_true",
+                   help="replace a finished run of the same name in --out (or start over an interrupted one); "
+                        "without it that is an error (exit 2)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
     r.add_argument("--seed", type=int, default=None, metavar="N",
@@ -111,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", default="1", metavar="N",
                    help="train with N local processes (PyTorch DDP: gloo on the CPU, NCCL with one GPU per rank; each "
                         "rank trains on 1/N of the data with data.batch_size per rank; rank 0 writes the run; "
-                        "default 1; --resume needs 1)")
+                        "default 1; a run is resumed with the N it was trained with)")
     r.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     r.set_defaults(func=_cmd_run)
 
@@ -186,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"gradcond: error: training diverged: {_one_line(exc)}", file=sys.stderr)
         return EXIT_DIVERGED
+    except RankLost as exc:
+        print(f"gradcond: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_RANK_LOST
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise  # not the disk or its permissions: a bug, keep the traceback
@@ -193,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradcond: error: cannot write output: {exc.strerror}{where}; free space or pass a writable --out.",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("gradcond: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"gradcond: {_one_line(exc) or 'interrupted; resume with --resume'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = shown
 

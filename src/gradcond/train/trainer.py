@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback  # noqa: F401  (the protocol lives in gradcond.callbacks; re-exported here)
-from ..distributed import active as _dist_active, is_main
+from ..distributed import active as _dist_active, is_main, rank as _dist_rank, unwrap, world_size as _world_size
 from ..utils import TrainingDiverged, UserError, module_device, resolve_device
 from ..utils import progress as progress_bar_factory
 from .losses import get_loss
@@ -212,9 +212,12 @@ def fit(
     DDP (``torch.distributed`` initialised, more than one rank; ``model`` may be wrapped in
     ``DistributedDataParallel``): only rank 0 writes ``run`` (metrics, events, checkpoints); other ranks log in
     memory (give them ``run=None``: a ``RunLogger`` with a path creates its directory when built). The logged
-    ``train/*`` rows are rank 0's shard; ``test/*`` rows are evaluated on rank 0's replica. ``resume=True`` is
-    refused. Callbacks see the wrapped model; the monitor and teleports work on ``model.module``
-    (:mod:`gradcond.distributed`).
+    ``train/*`` rows are rank 0's shard; ``test/*`` rows are evaluated on rank 0's replica. Every epoch the ranks'
+    random streams (global RNG, data-loader generator) are gathered and rank 0's checkpoint holds all of them
+    (``ranks``, ``world_size``); ``resume=True`` makes rank 0 read the checkpoint and send it to every rank, each
+    rank restoring its own streams, so a resumed DDP run continues exactly -- with the same number of ranks (another
+    number is a :class:`~gradcond.utils.UserError`). Callbacks see the wrapped model; the monitor and teleports
+    work on ``model.module`` (:mod:`gradcond.distributed`). Checkpoints hold the inner module's state dict.
 
     Progress: a bar over the optimizer steps (epoch and loss in its postfix) on stderr when stderr is a terminal,
     not :func:`~gradcond.utils.set_quiet`, and training lasts over a second (:func:`gradcond.utils.progress`);
@@ -234,12 +237,8 @@ def fit(
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(schedule, opt, **(schedule_kwargs or {}))
     run = run if run is not None else RunLogger(None)
-    if _dist_active():
-        if resume:
-            raise UserError("resume=True is not supported under torch.distributed (only rank 0 holds the checkpoint); "
-                            "resume in a single process or start a fresh run.")
-        if not is_main():
-            run = RunLogger(None)  # one writer: ranks other than 0 log in memory only (pass run=None there)
+    if _dist_active() and not is_main():
+        run = RunLogger(None)  # one writer: ranks other than 0 log in memory only (pass run=None there)
     callbacks = list(callbacks)
     state = TrainState(model, opt, loss_fn, train_loader, test_loader, run, dict(config or {}), task=task, epochs=epochs,
                        device=device)
@@ -249,17 +248,19 @@ def fit(
     torch.manual_seed(seed)
     gen = getattr(train_loader, "generator", None)
 
-    if resume and run.path is not None and _checkpoint_path(run).exists():
-        ck = load_checkpoint(_checkpoint_path(run))
-        model.load_state_dict(ck["model"])
+    ck = _resume_checkpoint(run) if resume else None
+    if ck is not None:
+        _check_world(ck)
+        unwrap(model).load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("schedule") is not None:
             sched.load_state_dict(ck["schedule"])
-        torch.set_rng_state(ck["rng"])
-        if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout etc. on the GPU draw from this one
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        if gen is not None and ck.get("data_rng") is not None:
-            gen.set_state(ck["data_rng"])
+        own = ck["ranks"][_dist_rank()] if ck.get("ranks") else ck  # each rank's own random streams
+        torch.set_rng_state(own["rng"])
+        if device.type == "cuda" and own.get("cuda_rng") is not None:  # dropout etc. on the GPU draw from this one
+            torch.cuda.set_rng_state(own["cuda_rng"], device)
+        if gen is not None and own.get("data_rng") is not None:
+            gen.set_state(own["data_rng"])
         for cb, cs in _match_callback_states(callbacks, ck.get("callbacks", [])):
             cb.load_state_dict(cs)
         run.truncate(ck["n_metrics"], ck["n_events"], ck.get("n_timings"))
@@ -329,8 +330,10 @@ def fit(
                 sched.step(row["train_loss"]) if schedule == "plateau" else sched.step()
             for cb in callbacks:
                 cb.on_epoch_end(state)
+            ranks = _gather_rank_streams(gen, device)  # collective under DDP: every rank, every epoch
             if run.path is not None:
-                _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step, config, device)
+                _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step, config, device,
+                                 ranks)
             if state.stop_training:
                 break
         for cb in callbacks:
@@ -421,14 +424,59 @@ def _plain_config(config):
         return None
 
 
-def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, config=None, device=None) -> None:
+def _rank_streams(gen, device) -> dict:
+    """This process's random streams: the global torch RNG, the GPU's, the data loader's generator."""
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
+            "data_rng": gen.get_state() if gen is not None else None}
+
+
+def _gather_rank_streams(gen, device) -> list[dict] | None:
+    """Under DDP: every rank's :func:`_rank_streams`, in rank order (one ``all_gather_object`` per epoch; each rank
+    shuffles its own shard with its own generator, so a resume needs all of them). None in one process."""
+    if not _dist_active():
+        return None
+    everyone: list = [None] * _world_size()
+    torch.distributed.all_gather_object(everyone, {k: (v.cpu() if torch.is_tensor(v) else v)
+                                                   for k, v in _rank_streams(gen, device).items()})
+    return everyone
+
+
+def _resume_checkpoint(run) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh start. Under DDP rank 0 reads it (only rank 0 has the run
+    directory) and sends it to every rank; a checkpoint rank 0 cannot read raises on every rank."""
+    def read():
+        path = _checkpoint_path(run) if run.path is not None else None
+        return load_checkpoint(path) if path is not None and path.exists() else None
+
+    if not _dist_active():
+        return read()
+    from ..distributed import run_on_main
+
+    box = [run_on_main(read)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _check_world(ck: dict) -> None:
+    """A checkpoint is resumed with the number of ranks that wrote it (each rank trains its own shard)."""
+    saved = int(ck.get("world_size") or (0 if any(str(k).startswith("module.") for k in ck["model"]) else 1))
+    if saved != _world_size():
+        how = "in one process" if saved == 1 else f"with --nproc {saved}" if saved else "with an unknown number " \
+              "of processes (an older checkpoint)"
+        raise UserError(f"the checkpoint was written by a run trained {how}; resume it with the same number of "
+                        f"processes (this run has {_world_size()}).")
+
+
+def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, config=None, device=None,
+                     ranks=None) -> None:
     ck = {
-        "model": model.state_dict(),
+        "model": unwrap(model).state_dict(),  # the inner module's keys (no DDP "module." prefix)
         "optimizer": opt.state_dict(),
         "schedule": sched.state_dict() if sched is not None else None,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
-        "data_rng": gen.get_state() if gen is not None else None,
+        **_rank_streams(gen, device),
+        "ranks": ranks,  # under DDP: every rank's streams, in rank order
+        "world_size": _world_size(),
         "callbacks": [{"type": _callback_key(cb), "state": cb.state_dict()} for cb in callbacks],
         "rows": rows,
         "epoch": epoch,
