@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -488,9 +490,21 @@ def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, 
     }
     path = _checkpoint_path(run)
     tmp = path.with_suffix(".tmp")
+    # torch.save into memory first: writing its bytes ourselves turns a full disk into OSError(ENOSPC) (torch.save
+    # straight to a file raises a RuntimeError from its zip writer instead), which the runner reports in one line
+    buf = io.BytesIO()
+    torch.save(ck, buf)
     try:
-        torch.save(ck, tmp)
+        _write_file(tmp, buf.getbuffer())
         tmp.replace(path)  # atomic: a crash (or a full disk) mid-save leaves the previous checkpoint intact
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_file(path: Path, data) -> None:
+    """Write ``data`` to ``path`` and flush it to the disk (OSError on a full disk, not later at close)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
