@@ -399,21 +399,80 @@ def _match_callback_states(callbacks, saved) -> list:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by :func:`fit` without executing code: ``torch.load(weights_only=True)`` admits
-    only tensors, containers and plain scalars. A file that needs anything else (e.g. a pickle whose
-    ``__reduce__`` calls a function) is refused with :class:`~gradcond.utils.UserError`; nothing in it runs."""
+    """Read a checkpoint written by :func:`fit` without executing code, or refuse it in one sentence.
+
+    First every member's CRC-32 is checked (``zipfile.testzip``: a checkpoint is a zip archive), so a truncated or
+    bit-flipped file is reported as "corrupt or truncated" before anything is unpickled; then
+    ``torch.load(weights_only=True)`` admits only tensors, containers and plain scalars. A file that needs anything
+    else (e.g. a pickle whose ``__reduce__`` calls a function) is refused, naming what it holds; nothing in it runs,
+    and the message never suggests loading it less safely. Both are :class:`~gradcond.utils.UserError`."""
+    import pickle
+    import re
+    import zipfile
+
     path = Path(path)
     try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        problem = None if bad is None else f"member {bad} fails its CRC check"
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist.") from None
+    except PermissionError as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({exc.strerror}).") from None
+    except Exception as exc:  # BadZipFile, EOFError, a damaged header read as an unknown compression method, ...
+        problem = f"not a readable zip archive: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({problem}); delete it (or the run) and train "
+                        "again without --resume.")
+    try:
         ck = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for damaged files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(
-            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {first}); only checkpoints holding "
-            "tensors and plain values are accepted - delete it or train without --resume."
-        ) from None
+    except Exception as exc:
+        what = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if what:  # the pickle asks for a function or class: what a crafted file does to run code
+            raise UserError(f"checkpoint {path} was refused: it holds a reference to {what.group(1)}, which loading "
+                            "could execute; gradcond only loads checkpoints of tensors and plain values - delete it "
+                            "unless you wrote it with gradcond.") from None
+        # else a damaged pickle inside an archive whose checksums pass (e.g. a damaged directory entry)
+        first = "damaged pickle" if isinstance(exc, pickle.UnpicklingError) else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {first}); delete it (or "
+                        "the run) and train again without --resume.") from None
     if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
         raise UserError(f"checkpoint {path} is not a gradcond training checkpoint (missing model/optimizer/epoch/step).")
+    digest = ck.pop("digest", None)  # checkpoints of older versions have none
+    if digest is not None and digest != content_digest(ck):
+        raise UserError(f"checkpoint {path} is corrupt or truncated (its content does not match the digest saved with "
+                        "it); delete it (or the run) and train again without --resume.")
     return ck
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of a checkpoint's content (nested dicts, lists, tuples, tensors and plain scalars, in order): saved
+    in the checkpoint and checked on load, so damage that the zip checksums miss (a corrupted directory entry that
+    makes a reader take its bytes from the wrong place) is found too. Cost: one pass over the tensors' bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            t = o.detach().contiguous().cpu()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{'L' if isinstance(o, list) else 'U'}{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"S{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
 
 
 def _plain_config(config):
@@ -490,6 +549,7 @@ def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, 
     }
     path = _checkpoint_path(run)
     tmp = path.with_suffix(".tmp")
+    ck["digest"] = content_digest(ck)  # checked by load_checkpoint
     # torch.save into memory first: writing its bytes ourselves turns a full disk into OSError(ENOSPC) (torch.save
     # straight to a file raises a RuntimeError from its zip writer instead), which the runner reports in one line
     buf = io.BytesIO()
