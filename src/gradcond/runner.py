@@ -831,7 +831,6 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device
     and re-raised (a non-zero exit ends the other ranks)."""
     import json
     import warnings
-    from datetime import timedelta
 
     from .utils import set_quiet
 
@@ -847,9 +846,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device
             torch.cuda.set_device(dev)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                             timeout=timedelta(seconds=DDP_TIMEOUT_S))
+        _dist.init_local_group("nccl" if dev.type == "cuda" else "gloo", port, rank, world, DDP_TIMEOUT_S)
         job = build_job(cfg, device=dev)
         report = _rank_body(job, cfg, Path(partial), resume, _fault_hook(rank))
         if rank == 0 and report is not None:

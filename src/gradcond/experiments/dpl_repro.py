@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import describe_exit
 from ._launch import launch_ranks
 from .registry import Row, register
 
@@ -184,7 +185,8 @@ def run_dpl_partitions(quick: bool, out_dir: Path) -> list[Row]:
     cfg = dict(DPL_DEFAULTS, seeds=seeds, epochs=epochs)
     res = run_dpl(cfg, out_dir / "ranks", world=2, join_timeout=600)
     if res["exitcodes"] != [0, 0]:
-        errs = "; ".join(r.get("error", "no result") for r in res["ranks"])
+        errs = "; ".join(f"rank {i} {describe_exit(c)}" + (f" ({r['error']})" if r.get("error") else "")
+                         for i, (c, r) in enumerate(zip(res["exitcodes"], res["ranks"])))
         return [Row("2 gloo ranks train their partitions", "library requirement (the DPL run must complete)",
                     f"failed: exit codes {res['exitcodes']}: {errs}", False,
                     criterion="both ranks exit with code 0", tolerance="exact")]
