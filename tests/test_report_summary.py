@@ -5,8 +5,10 @@ import json
 import re
 import subprocess
 import sys
+import math
 import textwrap
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -62,17 +64,45 @@ def test_event_legend_says_teleport_once():
     assert texts == ["train (plain run)", "train (teleport run)", "teleport"]
 
 
-@pytest.mark.parametrize("rate,k,verdict,words", [
-    (1.3, 4, "exploding", "fit through 4 layers"),
-    (0.7, 3, "vanishing", "fit through 3 layers"),
-    (1.0, 5, "stable", "fit through 5 layers"),
-    (1.3, 2, None, "not enough for a verdict"),
-    (1.3, None, None, "no verdict"),
-    (None, 3, None, "no explosion rate could be fitted"),
+@pytest.mark.parametrize("rate,k,low,high,verdict,words", [
+    (1.3, 4, 1.2, 1.4, "exploding", "95% interval [1.20, 1.40]; fit through 4 layers, r² = 0.90"),
+    (0.7, 3, 0.6, 0.8, "vanishing", "fit through 3 layers"),
+    (1.0, 5, 0.98, 1.02, "stable", "fit through 5 layers"),
+    (0.77, 4, 0.4, 1.4, None, "not enough evidence for a verdict"),  # the demo's 4-point fit with a wide interval
+    (1.0, 6, 0.7, 1.3, None, "not enough evidence"),  # "stable" from a flat but noisy profile: withheld
+    (1.3, 2, math.nan, math.nan, None, "not enough evidence: the explosion-rate fit goes through only 2 layers"),
+    (1.3, None, math.nan, math.nan, None, "not enough evidence"),
+    (1.3, 4, math.nan, math.nan, None, "without a recorded confidence interval"),
+    (None, 3, math.nan, math.nan, None, "no explosion rate could be fitted"),
 ])
-def test_gsc_verdict_needs_three_layers(rate, k, verdict, words):
-    v, sentence = gsc_verdict(rate, k)
-    assert v == verdict and words in sentence
+def test_gsc_verdict_states_its_evidence_and_is_withheld_when_thin(rate, k, low, high, verdict, words):
+    v, sentence = gsc_verdict(rate, k, low, high, 0.9)
+    assert v == verdict and words in sentence, sentence
+    if verdict is None:
+        assert not re.search(r"gradients (explode|vanish)|is stable", sentence)
+
+
+def test_explosion_fit_interval_is_the_student_t_interval_of_the_slope():
+    """Independent computation with scipy.stats.linregress on the same points (log GSC against linear index)."""
+    from scipy import stats
+
+    from gradcond.probes.scale import GSCProfile
+
+    gsc = [0.9, 1.7, 2.2, 4.5, 7.9, 12.0]
+    prof = GSCProfile(layers=[f"l{i}" for i in range(6)], kinds=["linear"] * 6, linear_index=list(range(6)),
+                      dims=[4] * 6, gsc=gsc, q_grad=[1.0] * 6, q_act=[1.0] * 6, q_loss=1.0, n_samples=8,
+                      training=False)
+    fit = prof.fit_explosion()
+    lr = stats.linregress(range(6), np.log(gsc))
+    half = stats.t.ppf(0.975, 4) * lr.stderr
+    assert fit.rate == pytest.approx(math.exp(lr.slope), rel=1e-12)
+    assert (fit.rate_low, fit.rate_high) == pytest.approx((math.exp(lr.slope - half), math.exp(lr.slope + half)),
+                                                          rel=1e-10)
+    assert fit.r2 == pytest.approx(lr.rvalue ** 2, rel=1e-10) and fit.n_points == 6
+    assert fit.verdict()[0] == "exploding"
+    two = GSCProfile(layers=["a", "b"], kinds=["linear"] * 2, linear_index=[0, 1], dims=[4, 4], gsc=[1.0, 2.0],
+                     q_grad=[1.0] * 2, q_act=[1.0] * 2, q_loss=1.0, n_samples=8, training=False).fit_explosion()
+    assert math.isnan(two.rate_low) and two.verdict()[0] is None
 
 
 def _rows(losses, step_per_epoch=10):

@@ -85,6 +85,9 @@ def _cmd_diagnose(args) -> int:
     return diagnose_cli(args)
 
 
+# the one default output root: runs/<name> (run), runs/repro/<entry> (repro), runs/diagnose/<model> (diagnose)
+OUT_ROOT = "runs"
+
 QUIET_HELP = "no progress bars (they are drawn only on a terminal, for steps that last over a second)"
 
 
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.epochs only.",
                        epilog=EXIT_CODES_HELP)
     r.add_argument("config", nargs="?", help="TOML config file (default: the built-in demo config)")
-    r.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
+    r.add_argument("--out", default=OUT_ROOT, help=f"parent directory of run directories (default: {OUT_ROOT})")
     r.add_argument("--resume", action="store_true",
                    help="continue the run from its latest checkpoint: keys you do not set come from the run (its "
                         "epoch count included); keys you set must match it, except train.epochs (more epochs extend "
@@ -134,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl = rsub.add_parser("list", help="list the registered reproductions",
                          description="List the reproductions, with the 'k judged, m reported' counts of the last run "
                                      "found in --out (nothing is run).")
-    rl.add_argument("--out", default="runs/repro",
-                    help="where to look for the last results (default: runs/repro, the default of `repro all`)")
+    rl.add_argument("--out", default=f"{OUT_ROOT}/repro",
+                    help=f"where to look for the last results (default: {OUT_ROOT}/repro, where `repro run` and "
+                         "`repro all` write)")
     rl.set_defaults(func=_cmd_repro)
     rr = rsub.add_parser("run", help="run one reproduction",
                          description="Run one reproduction into OUT/NAME/ (result.json, result.md, figures). "
@@ -143,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "judged, 2 on bad input (including an unwritable --out).")
     rr.add_argument("name", help="reproduction name (see `gradcond repro list`)")
     rr.add_argument("--quick", action="store_true", help="a smaller version that finishes in minutes")
-    rr.add_argument("--out", default="repro_out", help="output directory (default: repro_out)")
+    rr.add_argument("--out", default=f"{OUT_ROOT}/repro",
+                    help=f"parent directory of the entry's directory (default: {OUT_ROOT}/repro, where `repro list` "
+                         "and `repro all` look)")
     _device_option(rr)
     rr.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     rr.set_defaults(func=_cmd_repro)
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "still run. Exit code 0 when every entry holds, 1 when one does not, 2 on bad "
                                      "input.")
     ra.add_argument("--quick", action="store_true", help="the smaller version of every entry (minutes each)")
-    ra.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
+    ra.add_argument("--out", default=f"{OUT_ROOT}/repro", help=f"output directory (default: {OUT_ROOT}/repro)")
     _device_option(ra)
     ra.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     ra.set_defaults(func=_cmd_repro)
@@ -167,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="digits", help="dataset name (default: digits)")
     d.add_argument("--batches", type=int, default=2, help="number of batches to analyse (default: 2)")
     d.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    d.add_argument("--out", default="diagnose_out", help="output directory (default: diagnose_out)")
+    d.add_argument("--out", default=None,
+                   help=f"output directory (default: {OUT_ROOT}/diagnose/MODEL, MODEL's name or file stem and "
+                        "factory); report.html and report.json there are replaced by a new analysis")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="zoo model option, e.g. --set depth=8")
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     _device_option(d)

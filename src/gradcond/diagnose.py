@@ -430,13 +430,21 @@ def write_diagnosis(result: dict, out: Path, title: str) -> Path:
     return write_report(out / "report.html", title, sections, links={"report.json": "report.json"})
 
 
+def _model_slug(spec: str) -> str:
+    """A directory name for MODEL: the zoo name, or ``<file stem>-<factory>`` for ``path/to/file.py:factory``."""
+    if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+        path, _, factory = spec.rpartition(":")
+        spec = f"{Path(path).stem}-{factory}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec).lstrip(".") or "model"
+
+
 def diagnose_cli(args) -> int:
     if args.batches < 1 or args.batch_size < 2:
         raise UserError(f"--batches must be >= 1 and --batch-size >= 2, got {args.batches} and {args.batch_size}.")
     device = resolve_device(getattr(args, "device", None) or "cpu")
     model, bundle, loss, example = _resolve_model_and_data(args.model, args.data, args.set, args.seed)
     model.to(device)  # after the CPU fit check in _resolve_model_and_data; diagnose() moves the batches
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else Path("runs") / "diagnose" / _model_slug(args.model)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
