@@ -851,6 +851,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device
         report = _rank_body(job, cfg, Path(partial), resume, _fault_hook(rank))
         if rank == 0 and report is not None:
             atomic_write_text(Path(errdir) / "report.json", json.dumps({"report": report}))
+        torch.distributed.barrier()  # waits with the GIL released: gloo's workers finish before the group goes
     except BaseException as exc:
         kind = ("user" if isinstance(exc, UserError) else "diverged" if isinstance(exc, TrainingDiverged)
                 else "interrupted" if isinstance(exc, KeyboardInterrupt) else "other")

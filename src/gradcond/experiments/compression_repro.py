@@ -141,6 +141,7 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
         init_local_group("gloo", port, rank, world, cfg.get("timeout_s", 30))  # torch._dynamo first: see there
         for mode in cfg["modes"]:
             _train_ddp(rank, world, cfg, mode, result)
+        dist.barrier()  # waits with the GIL released: gloo's workers finish any release that needs it
         dist.destroy_process_group()
         result["threads_after_destroy"] = gloo_threads()  # none: the group and its threads are gone
     except Exception as exc:  # report, then exit non-zero: the launcher turns it into one clear message
