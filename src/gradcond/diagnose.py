@@ -330,11 +330,14 @@ def findings(r: dict) -> list[str]:
     from .probes.scale import gsc_verdict
 
     errors = r.get("errors") or {}
-    failed = {name.split(".")[0] for name in errors if r.get(name.split(".")[0]) is None}
+    # a section failed when it has no result, or (conditioning) when every one of its metrics failed
+    failed = {name.split(".")[0] for name in errors
+              if r.get(name.split(".")[0]) is None or (isinstance(r.get(name.split(".")[0]), dict) and all(
+                  v is None for v in r[name.split(".")[0]].values()))}
     head = []
     for name, err in errors.items():
         rests = ("; no finding below uses it" if name.split(".")[0] in failed else
-                 "; the other conditioning metrics were computed" if name.startswith("conditioning.") else "")
+                 "; the other metrics of the section were computed" if "." in name else "")
         head.append(f"section {name} failed: {err.splitlines()[0]}{rests}")
     if failed & set(_LOSS_SECTIONS) == set(_LOSS_SECTIONS):
         head.insert(0, "every section that needs the loss failed (gsc, conditioning, cob_optimization): the loss "
