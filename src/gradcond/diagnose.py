@@ -338,7 +338,7 @@ def findings(r: dict) -> list[str]:
     for name, err in errors.items():
         rests = ("; no finding below uses it" if name.split(".")[0] in failed else
                  "; the other metrics of the section were computed" if "." in name else "")
-        head.append(f"section {name} failed: {err.splitlines()[0]}{rests}")
+        head.append(f"section {name} failed: {err.splitlines()[0].rstrip('.')}{rests}")
     if failed & set(_LOSS_SECTIONS) == set(_LOSS_SECTIONS):
         head.insert(0, "every section that needs the loss failed (gsc, conditioning, cob_optimization): the loss "
                        "probably does not fit the model's output; only the loss-free sections are reported below")
