@@ -140,6 +140,9 @@ def _probe_rows(fit_layers):
         out.append({"step": step, "epoch": epoch, "probe": "gsc", "layer": "", "name": "explosion_rate", "value": 1.4})
         out.append({"step": step, "epoch": epoch, "probe": "gsc", "layer": "", "name": "explosion_fit_layers",
                     "value": float(fit_layers)})
+        if fit_layers >= 3:  # the monitor logs the rate's 95% interval and r² with every fit of >= 3 layers
+            out += [{"step": step, "epoch": epoch, "probe": "gsc", "layer": "", "name": n, "value": v}
+                    for n, v in (("explosion_rate_low", 1.2), ("explosion_rate_high", 1.6), ("explosion_r2", 0.95))]
         out.append({"step": step, "epoch": epoch, "probe": "domain", "layer": "1", "name": "sign_diversity",
                     "value": 0.3 if step == 10 else 0.05})
     return out
@@ -170,9 +173,9 @@ def test_summary_tells_the_story(synthetic_runs):
     gsc = " ".join(story["Exploding or vanishing gradients"])
     # the plain run's fit went through 4 layers: a verdict; the teleport run's through 2: none
     assert "Plain run, GSC at step 20: gradients explode: the GSC grows by a factor 1.40" in gsc
-    assert "(fit through 4 layers)" in gsc
-    assert "Teleport run, GSC at step 20: the explosion-rate fit went through only 2 layers" in gsc
-    assert "not enough for a verdict" in gsc
+    assert "(95% interval [1.20, 1.60]; fit through 4 layers, r² = 0.95)" in gsc
+    assert ("Teleport run, GSC at step 20: not enough evidence: the explosion-rate fit goes through only 2 layers"
+            in gsc)
     assert "domain collapses at ReLU 1: sign diversity 0.050 at step 20" in " ".join(story["Collapsing domain"])
     tele = " ".join(story["Teleport"])
     assert "step 10, at the start of epoch 2 of 4" in tele
@@ -211,3 +214,47 @@ def test_summary_without_schedule_file_counts_rows(tmp_path):
     assert story["Teleport"] == ["No teleport in this run."]
     text = re.sub("<[^>]+>", "", (tmp_path / "report.html").read_text())
     assert "No teleport in this run." in text
+
+
+def _grad_rows(scale, steps=(5, 10, 15, 20)):
+    return [{"step": s, "epoch": s // 10, "probe": "grad_norm", "layer": layer, "name": "grad_norm",
+             "value": scale * (1 + i) * s} for s in steps for i, layer in enumerate(["0", "2"])]
+
+
+def test_plain_and_teleport_panels_share_y_axes_and_both_mark_the_teleport():
+    from gradcond.report.monitor_sections import monitor_sections
+
+    rows = {"plain": _grad_rows(1.0), "teleport": _grad_rows(7.0)}
+    events = {"plain": [], "teleport": [{"kind": "teleport", "step": 10, "epoch": 1}]}
+    sec = next(s for s in monitor_sections(rows, events) if s.title == "Gradient norms per layer")
+    axes = [f.fig.axes[0] for f in sec.figures]
+    assert len(axes) == 2 and axes[0].get_ylim() == axes[1].get_ylim()  # one y-range for both runs
+    lo, hi = axes[0].get_ylim()
+    assert lo <= 1 * 5 and hi >= 7 * 2 * 20  # it covers both runs' values
+    for ax in axes:  # the teleport's step is marked in both panels
+        vlines = [l for l in ax.get_lines() if len(set(l.get_xdata())) == 1 and l.get_xdata()[0] == 10]
+        assert vlines, ax.get_title()
+    labels = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert "teleport in the teleport run" in labels
+
+
+def test_conditioning_plots_say_which_direction_is_better():
+    from gradcond.report.monitor_sections import monitor_sections
+
+    rows = {"plain": [{"step": s, "epoch": 0, "probe": "conditioning", "layer": "", "name": n, "value": 0.1 * s}
+                      for s in (1, 2, 3) for n in ("coherence", "step_consistency", "relative_rank_weight")]}
+    sec = next(s for s in monitor_sections(rows, {"plain": []}) if s.title == "Gradient conditioning")
+    titles = {f.name: f.fig.axes[0].get_title() for f in sec.figures}
+    assert "lower is better" in titles["conditioning_step_consistency"]
+    assert "lower is better" in titles["conditioning_relative_rank_weight"]
+    assert "neither direction is better" in titles["conditioning_coherence"]
+    assert all("seed 004" in f.caption for f in sec.figures)
+
+
+def test_epoch_and_step_axes_have_integer_ticks():
+    rows = {"plain": [{"step": 10 * (e + 1), "epoch": e, "probe": "train", "layer": "", "name": "loss",
+                       "value": 1.0 / (e + 1)} for e in range(3)]}
+    fig = figures.curves(rows, [("train", "loss", "train")], "t", "loss")
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

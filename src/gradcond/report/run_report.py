@@ -149,7 +149,7 @@ def _gsc_part(rows: dict[str, list[dict]], labels, model_kinds) -> list[str]:
     return out
 
 
-def _domain_part(rows: dict[str, list[dict]], labels) -> list[str]:
+def _domain_part(rows: dict[str, list[dict]], labels, probe_batch: int | None = None) -> list[str]:
     out = []
     for label, rr in rows.items():
         sd = _by_step(rr, "domain", "sign_diversity")
@@ -158,13 +158,16 @@ def _domain_part(rows: dict[str, list[dict]], labels) -> list[str]:
         last = max(sd)
         worst = min(sd[last], key=lambda r: r["value"])
         where = figures.relabel(worst["layer"], labels)
+        basis = f"lowest of {len(sd[last])} nonlinearities" + (f", on the monitor's probe batch of up to "
+                                                             f"{probe_batch} samples" if probe_batch else "")
         if worst["value"] < COLLAPSE_SIGN_DIVERSITY:
             s = (f"In the {label} run the domain collapses at {where}: sign diversity {worst['value']:.3f} at step "
-                 f"{last} (below {COLLAPSE_SIGN_DIVERSITY}: most pre-activations share one sign, the layer acts almost "
-                 "linearly)")
+                 f"{last} ({basis}; below {COLLAPSE_SIGN_DIVERSITY}: most pre-activations share one sign, the layer "
+                 "acts almost linearly)")
         else:
             s = (f"In the {label} run no domain collapses: the lowest sign diversity at step {last} is "
-                 f"{worst['value']:.3f} ({where}; 0.5 = balanced signs, collapse below {COLLAPSE_SIGN_DIVERSITY})")
+                 f"{worst['value']:.3f} ({where}; {basis}; 0.5 = balanced signs, collapse below "
+                 f"{COLLAPSE_SIGN_DIVERSITY})")
         first = min(sd)
         if first != last:
             before = [r for r in sd[first] if r["layer"] == worst["layer"]]
@@ -411,7 +414,8 @@ def run_summary(cfg: dict, rows: dict[str, list[dict]], events: dict[str, list[d
     domain, conditioning trends, the teleport's effect and the monitor's coverage. Reads rows and files only."""
     parts = [("Training outcome", _outcome(rows)),
              ("Exploding or vanishing gradients", _gsc_part(rows, labels, model_kinds) or ["GSC was not measured."]),
-             ("Collapsing domain", _domain_part(rows, labels) or ["The domain statistics were not measured."]),
+             ("Collapsing domain", _domain_part(rows, labels, (cfg.get("monitor") or {}).get("probe_batch_size"))
+              or ["The domain statistics were not measured."]),
              ("Conditioning trends", _conditioning_part(rows) or ["Gradient conditioning was not measured."]),
              ("Teleport", _teleport_part(rows, events)),
              ("Monitor coverage", _coverage_part(rows, events, run_dirs, cfg))]
