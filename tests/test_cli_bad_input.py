@@ -177,4 +177,4 @@ def test_repro_disk_full_mid_run_is_one_line(run_cli, tmp_path, monkeypatch):
     rc, _, err = run_cli("repro", "run", "lli-linear-at-init", "--quick", "--out", str(tmp_path))
     assert rc == 2
     assert _one_line(err) == (f"gradcond: error: cannot write output: No space left on device "
-                              f"({tmp_path / 'lli-linear-at-init' / 'result.json'}); free space or pass a writable --out.")
+                              f"({tmp_path / 'lli-linear-at-init' / 'result-quick.json'}); free space or pass a writable --out.")
