@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gradcond run --out runs
+	$(BIN)/gradcond run --out runs --force
 	@$(BIN)/python -m gradcond.report.browser runs/demo/report.html || echo "browser check of the report failed"
 
 test: $(STAMP)

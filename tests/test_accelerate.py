@@ -6,6 +6,7 @@ left in place for training."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import traceback
@@ -89,6 +90,8 @@ def _worker(rank, world, port, cfg, out_dir):
         torch.set_num_threads(1)
         from accelerate import Accelerator
 
+        importlib.import_module("torch._dynamo")  # before the group exists: gradcond.distributed.init_local_group says why
+
         accelerator = Accelerator(cpu=True)
         model = _model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -104,6 +107,8 @@ def _worker(rank, world, port, cfg, out_dir):
         res["error"] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
     if torch.distributed.is_initialized():
+        if "error" not in res:
+            torch.distributed.barrier()  # waits with the GIL released: gloo's workers finish before the group goes
         torch.distributed.destroy_process_group()
 
 

@@ -2,6 +2,7 @@
 half-written (no ``.partial`` directory, no run directory)."""
 
 import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,14 @@ BAD_VALUES = [
     (["--set", "optim.lr=abc"], "optim.lr must be a positive number, got 'abc'."),
     (["--set", "optim.lr=0"], "optim.lr must be a positive number, got 0."),
     (["--set", "optim.lr=nan"], "optim.lr must be a positive number, got nan."),
-    (["--set", "optim.lr=true"], "optim.lr must be a positive number, got True."),
+    (["--set", "optim.lr=true"], "optim.lr must be a positive number, got true."),
     (["--set", "optim.momentum=1.5"], "optim.momentum must be a number in [0, 1), got 1.5."),
     (["--set", "schedule.gamma=-0.1"], "schedule.gamma must be a positive number, got -0.1."),
     (["--set", "schedule.factor=2"], "schedule.factor must be a number in (0, 1), got 2."),
     (["--set", "schedule.patience=-1"], "schedule.patience must be an integer >= 0, got -1."),
     (["--set", "monitor.budget=0"], "monitor.budget must be a fraction in (0, 1], got 0."),
     (["--set", "monitor.enabled=yes"], "monitor.enabled must be true or false, got 'yes'."),
-    (["--set", "seed=1.5"], "seed must be an integer, got 1.5."),
+    (["--set", "seed=1.5"], "seed must be an integer in [0, 2147483647], got 1.5."),
     (["--set", "data.batch_size=0"], "data.batch_size must be a positive integer, got 0."),
     (["--set", "train.epochs=2.5"], "train.epochs must be a positive integer, got 2.5."),
 ]
@@ -65,23 +66,27 @@ def test_divergence_has_its_own_exit_code(run_cli, tmp_path):
     assert rc == 0 and "3 training diverged" in " ".join(out_text.split())
 
 
-def _failing_save(fail_on_call: int):
-    """torch.save that raises ENOSPC on its ``fail_on_call``-th call (1-based) after writing a few bytes."""
-    real, calls = torch.save, {"n": 0}
+def _failing_write(fail_on_call: int):
+    """The checkpoint writer, raising ENOSPC on its ``fail_on_call``-th call (1-based) after writing a few bytes."""
+    from gradcond.train import trainer
 
-    def save(obj, f, *a, **k):
+    real, calls = trainer._write_file, {"n": 0}
+
+    def write(path, data):
         calls["n"] += 1
         if calls["n"] == fail_on_call:
-            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real(obj, f, *a, **k)
+            Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
 
-    return save
+    return write
 
 
 def test_disk_full_at_first_checkpoint_leaves_nothing(run_cli, tmp_path, monkeypatch):
+    from gradcond.train import trainer
+
     out = tmp_path / "out"
-    monkeypatch.setattr(torch, "save", _failing_save(1))
+    monkeypatch.setattr(trainer, "_write_file", _failing_write(1))
     rc, _, err = run_cli("run", "--out", str(out), *QUICK)
     assert rc == 2
     line = _one_line(err)
@@ -91,9 +96,11 @@ def test_disk_full_at_first_checkpoint_leaves_nothing(run_cli, tmp_path, monkeyp
 
 
 def test_disk_full_later_keeps_last_checkpoint_and_resumes_exactly(run_cli, tmp_path, monkeypatch):
+    from gradcond.train import trainer
+
     assert run_cli("run", "--out", str(tmp_path / "ref"), *QUICK, "--set", "train.epochs=3")[0] == 0
     out = tmp_path / "out"
-    monkeypatch.setattr(torch, "save", _failing_save(2))  # epoch 0 saved, epoch 1's checkpoint hits a full disk
+    monkeypatch.setattr(trainer, "_write_file", _failing_write(2))  # epoch 0 saved, epoch 1's hits a full disk
     rc, _, err = run_cli("run", "--out", str(out), *QUICK, "--set", "train.epochs=3")
     assert rc == 2
     line = _one_line(err)
@@ -102,6 +109,28 @@ def test_disk_full_later_keeps_last_checkpoint_and_resumes_exactly(run_cli, tmp_
     ck = out / ".r.partial" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last.pt"]  # the temporary file is gone, the last good one kept
     monkeypatch.undo()
+    rc, _, err = run_cli("run", "--out", str(out), *QUICK, "--set", "train.epochs=3", "--resume")
+    assert rc == 0, err
+    assert (out / "r" / "metrics.csv").read_bytes() == (tmp_path / "ref" / "r" / "metrics.csv").read_bytes()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device whose writes fail with ENOSPC)")
+def test_a_real_full_disk_during_torch_save_is_one_line_and_resumable(run_cli, tmp_path):
+    """No mock: the checkpoint's temporary file is a link to /dev/full, so the kernel answers ENOSPC to the write of
+    the bytes torch.save produced (torch.save straight into such a file raised a RuntimeError: traceback, exit 1)."""
+    assert run_cli("run", "--out", str(tmp_path / "ref"), *QUICK, "--set", "train.epochs=3")[0] == 0
+    out = tmp_path / "out"
+    stop = ["--set", 'callbacks=[{name="stop_after", epochs=1}]']
+    assert run_cli("run", "--out", str(out), *QUICK, "--set", "train.epochs=3", *stop)[0] == 0
+    ck = out / ".r.partial" / "checkpoints"
+    good = (ck / "last.pt").read_bytes()
+    (ck / "last.tmp").symlink_to("/dev/full")
+    rc, _, err = run_cli("run", "--out", str(out), *QUICK, "--set", "train.epochs=3", "--resume")
+    assert rc == 2, err
+    assert _one_line(err) == (f"gradcond: error: cannot write run 'r' (No space left on device); the last complete "
+                              f"checkpoint (after 1 epoch(s)) is kept in {out / '.r.partial'}: free space and continue "
+                              f"with --resume.")
+    assert sorted(p.name for p in ck.iterdir()) == ["last.pt"] and (ck / "last.pt").read_bytes() == good
     rc, _, err = run_cli("run", "--out", str(out), *QUICK, "--set", "train.epochs=3", "--resume")
     assert rc == 0, err
     assert (out / "r" / "metrics.csv").read_bytes() == (tmp_path / "ref" / "r" / "metrics.csv").read_bytes()

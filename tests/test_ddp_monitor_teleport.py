@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -39,8 +38,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     res: dict = {"rank": rank}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=30))
+        from gradcond.distributed import init_local_group
+
+        init_local_group("gloo", port, rank, WORLD, 30)  # torch._dynamo imported first: a clean gloo teardown
         bundle = load_dataset("digits")
         xtr, ytr = bundle.train.tensors
         shard = TensorDataset(xtr[rank::WORLD][:256], ytr[rank::WORLD][:256])  # data parallel: own shard
@@ -79,6 +79,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         res["error"] = traceback.format_exc()
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     if dist.is_initialized():
+        if "error" not in res:
+            dist.barrier()  # waits with the GIL released: gloo's workers finish before the group goes
         dist.destroy_process_group()
 
 

@@ -69,11 +69,14 @@ def test_diagnose_unknown_model_and_data(run_cli, tmp_path):
     assert rc == 2 and "unknown dataset 'imagenet'" in err
 
 
-def test_findings_name_explosion_in_plain_words():
+def test_findings_name_explosion_in_plain_words_with_their_evidence():
     from gradcond.diagnose import findings
 
-    f = findings({"gsc": {"explosion_rate": 1.19, "fit_layers": 10, "layers": ["a"] * 20, "lowest": 1e3}, "errors": {}})
-    assert f[0].startswith("gradients explode at rate 1.19 per linear layer towards the input (fit through 10 layers")
+    f = findings({"gsc": {"explosion_rate": 1.19, "fit_layers": 10, "layers": ["a"] * 20, "lowest": 1e3, "r2": 0.97,
+                          "rate_low": 1.15, "rate_high": 1.23}, "errors": {}, "n_samples": 64})
+    assert f[0].startswith("gradients explode: the GSC grows by a factor 1.19 per linear layer towards the input "
+                           "(95% interval [1.15, 1.23]; fit through 10 layers, r² = 0.97)"), f[0]
+    assert f[0].endswith("on 64 samples")
 
 
 @pytest.mark.parametrize("k", [2, None])
@@ -82,7 +85,75 @@ def test_explosion_rate_through_fewer_than_three_layers_is_no_finding(k):
 
     f = findings({"gsc": {"explosion_rate": 1.19, "fit_layers": k, "layers": ["a", "b"], "lowest": 1e3}, "errors": {}})
     assert not any(x.startswith("gradients explode") for x in f)
-    assert len(f) == 1 and "not enough for a verdict on exploding or vanishing gradients" in f[0]
+    assert len(f) == 1 and f[0].startswith("not enough evidence")
+
+
+def test_a_flat_noisy_gsc_profile_is_not_called_stable():
+    """The issue's case: "stable across depth" from a fit with r² = 0.027 -- now withheld unless the rate's interval
+    lies inside the stable band."""
+    from gradcond.diagnose import findings
+
+    g = {"explosion_rate": 0.99, "fit_layers": 12, "layers": ["a"] * 12, "lowest": 1.0, "r2": 0.027}
+    wide = findings({"gsc": {**g, "rate_low": 0.8, "rate_high": 1.2}, "errors": {}, "n_samples": 8})
+    assert wide[0].startswith("not enough evidence for a verdict") and "r² = 0.03" in wide[0]
+    narrow = findings({"gsc": {**g, "rate_low": 0.98, "rate_high": 1.01}, "errors": {}, "n_samples": 8})
+    assert narrow[0].startswith("the gradient scale is stable across depth: 0.99 per linear layer (95% interval "
+                                "[0.98, 1.01]; fit through 12 layers, r² = 0.03)")
+
+
+def test_failed_sections_come_first_and_feed_no_finding():
+    from gradcond.diagnose import findings
+
+    r = {"gsc": None, "conditioning": None, "cob_optimization": None, "n_samples": 64,
+         "domain": {"layers": ["1"], "std": [1.0], "sign_diversity": [0.3]},
+         "cob": {"num_free": 8, "frozen": [], "parameters": 100, "teleportable_parameters": 70, "tensors": 4,
+                 "teleportable_tensors": 3},
+         "errors": {"gsc": "RuntimeError: shapes", "conditioning.coherence": "RuntimeError: shapes",
+                    "cob_optimization": "RuntimeError: shapes"}}
+    f = findings(r)
+    assert f[0].startswith("every section that needs the loss failed (gsc, conditioning, cob_optimization)")
+    assert f[1] == "section gsc failed: RuntimeError: shapes; no finding below uses it"
+    assert f[3] == "section cob_optimization failed: RuntimeError: shapes; no finding below uses it"
+    rest = " | ".join(f[4:])
+    assert "teleport raises" not in rest and "gradients" not in rest and "coherence" not in rest
+    assert "part of the model is teleportable: a change of basis reaches 70 of 100 parameter values (70.0%) in 3 " \
+           "of 4 tensors, 8 free change-of-basis factors" in rest
+    assert "whole model" not in rest
+
+
+def test_domain_collapse_needs_enough_samples():
+    from gradcond.diagnose import MIN_DOMAIN_SAMPLES, findings
+
+    d = {"layers": ["3"], "std": [1.0], "sign_diversity": [0.02]}
+    few = findings({"domain": d, "errors": {}, "n_samples": MIN_DOMAIN_SAMPLES - 1})
+    assert few == [f"not enough evidence on a collapsing domain: sign diversity 0.020 at '3' (lowest of 1 "
+                   f"nonlinearities, over {MIN_DOMAIN_SAMPLES - 1} samples; at least {MIN_DOMAIN_SAMPLES} samples are "
+                   "needed)"]
+    many = findings({"domain": d, "errors": {}, "n_samples": 64})
+    assert many[0].startswith("the domain collapses at '3': sign diversity 0.020 (lowest of 1 nonlinearities, over "
+                              "64 samples; collapse below 0.1)")
+
+
+def test_teleport_coverage_counts_the_values_a_cob_changes():
+    """Independent computation: apply a random CoB and compare every parameter value."""
+    import torch
+
+    from gradcond.diagnose import teleport_coverage
+    from gradcond.graph import analyze
+    from gradcond.teleport import random_cob, teleport
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 4), torch.nn.LayerNorm(4),
+                            torch.nn.Linear(4, 3))
+    with torch.no_grad():  # no zero values (LayerNorm's bias starts at 0): a scaled zero would look unchanged
+        for p in m.parameters():
+            p.uniform_(0.5, 1.5)
+    st = analyze(m, torch.randn(2, 6))
+    cov = teleport_coverage(m, st)
+    tp = teleport(m, random_cob(st, sigma=0.5))
+    changed = sum(int((p0 != p1).sum()) for p0, p1 in zip(m.parameters(), tp.parameters()))
+    assert cov["teleportable_parameters"] == changed and 0 < changed < cov["parameters"]
+    assert cov["parameters"] == sum(p.numel() for p in m.parameters()) and cov["tensors"] == 8
 
 
 def test_plain_mlp_shows_its_gsc_verdict_among_all_findings(run_cli, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -50,8 +49,9 @@ def _worker(rank, world, port, cfg, out_dir):
     res = {"rank": rank}
     try:
         torch.set_num_threads(1)
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=timedelta(seconds=60))
+        from gradcond.distributed import init_local_group
+
+        init_local_group("gloo", port, rank, world, 60)  # torch._dynamo imported first: a clean gloo teardown
         from gradcond.distributed import rank_slice
 
         x, y = _data()
@@ -78,7 +78,10 @@ def _worker(rank, world, port, cfg, out_dir):
     except Exception:  # noqa: BLE001 -- reported through the result file
         res["error"] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    model = None  # the FSDP2 model's DTensors hold the group's mesh: freed before the group goes
     if torch.distributed.is_initialized():
+        if "error" not in res:
+            torch.distributed.barrier()  # waits with the GIL released: gloo's workers finish before the group goes
         torch.distributed.destroy_process_group()
 
 

@@ -150,3 +150,54 @@ def test_logged_metric_names_are_documented():
         (p, n) for p, n in pairs if not any(line.startswith(f"| `{p}` |") and f"`{n}`" in line for line in table)
     )
     assert not undocumented, f"metrics.csv rows missing from docs/run-directory.md: {undocumented}"
+
+
+# ---- math without a network (issue 25 item 8) ------------------------------------------------------------------
+MATH_PAGES = ["concepts", "methods/neural-teleportation", "methods/null-space-teleportation",
+              "methods/gradient-scale", "methods/gradient-conditioning", "methods/efficient-training",
+              "methods/compression", "methods/closed-form"]
+
+
+@pytest.mark.parametrize("page", MATH_PAGES)
+def test_pages_carry_mathml_and_no_raw_tex_or_cdn(site, page):
+    """The TeX of every page is turned into MathML at build time (docs/hooks/math.py): nothing is left for a
+    script to typeset, and no page loads anything from the network."""
+    html = (site / f"{page}.html").read_text()
+    assert "<math " in html, page
+    assert "\\(" not in html and "\\[" not in html and 'class="arithmatex"' not in html, page
+    assert not re.findall(r'<(?:script|link)[^>]*(?:src|href)="(?:https?:)?//', html), page
+
+
+def test_math_hook_fails_loudly_on_tex_it_cannot_render():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gradcond_docs_math_hook", ROOT / "docs" / "hooks" / "math.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    out = hook.to_mathml('<p><span class="arithmatex">\\(\\frac{a}{b} &lt; \\lVert x \\rVert\\)</span></p>')
+    assert out.startswith('<p><math xmlns="http://www.w3.org/1998/Math/MathML" display="inline">') and "<mfrac>" in out
+    assert "&lt;" in out or "&#x0003C;" in out  # the escaped "<" of the HTML became a MathML operator
+    with pytest.raises(ValueError, match="cannot render TeX"):
+        hook.to_mathml('<span class="arithmatex">\\(\\frac{a}\\)</span>', "p.md")
+
+
+def test_a_method_page_shows_rendered_math_from_file_in_headless_chromium(site):
+    from gradcond.report.browser import evaluate_page, find_chromium, have_websocket
+
+    if find_chromium() is None or not have_websocket():
+        pytest.skip("chromium (Debian package, installed by .ci/run) or websocket-client is not installed")
+    res = evaluate_page(site / "methods" / "gradient-scale.html", """(() => {
+        const maths = Array.from(document.querySelectorAll('math'));
+        const frac = document.querySelector('mfrac');
+        const num = frac && frac.children[0].getBoundingClientRect(), den = frac && frac.children[1].getBoundingClientRect();
+        return {n: maths.length, text: document.body.innerText,
+                laidOut: maths.filter(m => { const r = m.getBoundingClientRect(); return r.width > 0 && r.height > 0; }).length,
+                display: maths.length ? getComputedStyle(maths[0]).display : '',
+                fracStacked: !!frac && num.bottom <= den.top + 1 && num.height > 0 && den.height > 0};
+    })()""")
+    v = res["value"]
+    assert v["n"] > 10 and v["laidOut"] == v["n"], v  # every formula has a box on the page
+    assert "\\(" not in v["text"] and "\\frac" not in v["text"] and "\\lVert" not in v["text"]  # no raw TeX shown
+    assert v["fracStacked"], v  # a fraction is typeset: its numerator sits above its denominator
+    assert "math" in v["display"], v  # laid out by the browser's MathML engine, not as unknown inline text
+    assert res["requests"] == [], res["requests"]  # opened from file:// with nothing fetched from a network

@@ -229,9 +229,36 @@ def test_diagnose_gpt2_next_token_loss():
     text = " | ".join(r["findings"])
     # the GSC trend: Conv1D counts as a linear layer, so the fit goes through enough layers for a verdict
     assert r["gsc"]["fit_layers"] >= 3 and "transformer.h.0.attn.c_attn" in r["gsc"]["layers"]
-    assert re.search(r"gradients (explode|shrink) at rate|gradient scale is stable across depth", text)
-    assert re.search(r"an optimised teleport (raises|lowers|changes) the gradient norm", text)  # the teleport result
+    # the GSC item states its evidence (a verdict, or "not enough evidence" with the points and interval)
+    assert re.search(r"(gradients (explode|vanish)|gradient scale is stable across depth|not enough evidence).*"
+                     r"fit (goes )?through \d+ layers", text), text
+    assert re.search(r"an optimised teleport (raises|lowers|keeps) the gradient norm", text)  # the teleport result
     assert r["cob_optimization"]["max_function_change"] < 1e-12
+
+
+def test_diagnose_gpt2_with_an_unsuitable_loss_names_the_failed_sections_first():
+    """The issue's case: cross-entropy on (batch, seq, vocab) logits against (batch, seq) ids does not fit the
+    model. Every loss-dependent section fails; the findings say so first and none rests on a failed section."""
+    from gradcond.diagnose import findings, diagnose
+
+    model = _model("gpt2")
+    ids = _input("gpt2", batch=4)
+    r = diagnose(model, "cross_entropy", [(ids, ids)], cob_steps=2)
+    assert r["gsc"] is None and r["cob_optimization"] is None and r["cob"] is not None
+    assert {"gsc", "cob_optimization"} <= set(r["errors"]) and any(k.startswith("conditioning.") for k in r["errors"])
+    f = r["findings"]
+    assert f[0].startswith("every section that needs the loss failed (gsc, conditioning, cob_optimization)")
+    n_failed = len(r["errors"])
+    assert all(x.startswith("section ") and " failed: " in x for x in f[1:1 + n_failed])
+    rest = " | ".join(f[1 + n_failed:])
+    assert "teleport raises" not in rest and "gradients explode" not in rest and "stable across depth" not in rest
+    assert "coherence" not in rest
+    cov = re.search(r"teleportable: a change of basis reaches ([\d,]+) of ([\d,]+) parameter values \(([\d.]+)%\)",
+                    rest)
+    assert cov, rest  # the fraction of parameters covered, not "the whole model"
+    tp, tot = (int(cov.group(i).replace(",", "")) for i in (1, 2))
+    assert tot == sum(p.numel() for p in model.parameters()) and 0 < tp <= tot
+    assert findings(r) == f  # the findings are a function of the recorded sections
 
 
 def test_nullspace_teleport_gpt2_moves_the_tied_embedding():

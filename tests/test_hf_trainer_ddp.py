@@ -4,6 +4,7 @@ directory, and the per-layer gradient norms are those of the global batch in one
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import traceback
@@ -46,6 +47,7 @@ def _worker(rank, world, port, cfg, out_dir):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(1)
+        importlib.import_module("torch._dynamo")  # before the group exists: gradcond.distributed.init_local_group says why
         from transformers import Trainer, TrainingArguments
 
         from gradcond.integrations import GradcondCallback
@@ -60,6 +62,10 @@ def _worker(rank, world, port, cfg, out_dir):
     except Exception:  # noqa: BLE001
         res["error"] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    if torch.distributed.is_initialized():
+        if "error" not in res:
+            torch.distributed.barrier()  # waits with the GIL released: gloo's workers finish before the group goes
+        torch.distributed.destroy_process_group()
 
 
 def test_two_rank_trainer_measures_the_global_batch(tmp_path):

@@ -5,8 +5,10 @@ import json
 import re
 import subprocess
 import sys
+import math
 import textwrap
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -63,17 +65,45 @@ def test_event_legend_says_teleport_once():
     assert texts == ["train (plain run)", "train (teleport run)", "teleport"]
 
 
-@pytest.mark.parametrize("rate,k,verdict,words", [
-    (1.3, 4, "exploding", "fit through 4 layers"),
-    (0.7, 3, "vanishing", "fit through 3 layers"),
-    (1.0, 5, "stable", "fit through 5 layers"),
-    (1.3, 2, None, "not enough for a verdict"),
-    (1.3, None, None, "no verdict"),
-    (None, 3, None, "no explosion rate could be fitted"),
+@pytest.mark.parametrize("rate,k,low,high,verdict,words", [
+    (1.3, 4, 1.2, 1.4, "exploding", "95% interval [1.20, 1.40]; fit through 4 layers, r² = 0.90"),
+    (0.7, 3, 0.6, 0.8, "vanishing", "fit through 3 layers"),
+    (1.0, 5, 0.98, 1.02, "stable", "fit through 5 layers"),
+    (0.77, 4, 0.4, 1.4, None, "not enough evidence for a verdict"),  # the demo's 4-point fit with a wide interval
+    (1.0, 6, 0.7, 1.3, None, "not enough evidence"),  # "stable" from a flat but noisy profile: withheld
+    (1.3, 2, math.nan, math.nan, None, "not enough evidence: the explosion-rate fit goes through only 2 layers"),
+    (1.3, None, math.nan, math.nan, None, "not enough evidence"),
+    (1.3, 4, math.nan, math.nan, None, "without a recorded confidence interval"),
+    (None, 3, math.nan, math.nan, None, "no explosion rate could be fitted"),
 ])
-def test_gsc_verdict_needs_three_layers(rate, k, verdict, words):
-    v, sentence = gsc_verdict(rate, k)
-    assert v == verdict and words in sentence
+def test_gsc_verdict_states_its_evidence_and_is_withheld_when_thin(rate, k, low, high, verdict, words):
+    v, sentence = gsc_verdict(rate, k, low, high, 0.9)
+    assert v == verdict and words in sentence, sentence
+    if verdict is None:
+        assert not re.search(r"gradients (explode|vanish)|is stable", sentence)
+
+
+def test_explosion_fit_interval_is_the_student_t_interval_of_the_slope():
+    """Independent computation with scipy.stats.linregress on the same points (log GSC against linear index)."""
+    from scipy import stats
+
+    from gradcond.probes.scale import GSCProfile
+
+    gsc = [0.9, 1.7, 2.2, 4.5, 7.9, 12.0]
+    prof = GSCProfile(layers=[f"l{i}" for i in range(6)], kinds=["linear"] * 6, linear_index=list(range(6)),
+                      dims=[4] * 6, gsc=gsc, q_grad=[1.0] * 6, q_act=[1.0] * 6, q_loss=1.0, n_samples=8,
+                      training=False)
+    fit = prof.fit_explosion()
+    lr = stats.linregress(range(6), np.log(gsc))
+    half = stats.t.ppf(0.975, 4) * lr.stderr
+    assert fit.rate == pytest.approx(math.exp(lr.slope), rel=1e-12)
+    assert (fit.rate_low, fit.rate_high) == pytest.approx((math.exp(lr.slope - half), math.exp(lr.slope + half)),
+                                                          rel=1e-10)
+    assert fit.r2 == pytest.approx(lr.rvalue ** 2, rel=1e-10) and fit.n_points == 6
+    assert fit.verdict()[0] == "exploding"
+    two = GSCProfile(layers=["a", "b"], kinds=["linear"] * 2, linear_index=[0, 1], dims=[4, 4], gsc=[1.0, 2.0],
+                     q_grad=[1.0] * 2, q_act=[1.0] * 2, q_loss=1.0, n_samples=8, training=False).fit_explosion()
+    assert math.isnan(two.rate_low) and two.verdict()[0] is None
 
 
 def _rows(losses, step_per_epoch=10):
@@ -110,6 +140,9 @@ def _probe_rows(fit_layers):
         out.append({"step": step, "epoch": epoch, "probe": "gsc", "layer": "", "name": "explosion_rate", "value": 1.4})
         out.append({"step": step, "epoch": epoch, "probe": "gsc", "layer": "", "name": "explosion_fit_layers",
                     "value": float(fit_layers)})
+        if fit_layers >= 3:  # the monitor logs the rate's 95% interval and r² with every fit of >= 3 layers
+            out += [{"step": step, "epoch": epoch, "probe": "gsc", "layer": "", "name": n, "value": v}
+                    for n, v in (("explosion_rate_low", 1.2), ("explosion_rate_high", 1.6), ("explosion_r2", 0.95))]
         out.append({"step": step, "epoch": epoch, "probe": "domain", "layer": "1", "name": "sign_diversity",
                     "value": 0.3 if step == 10 else 0.05})
     return out
@@ -140,9 +173,9 @@ def test_summary_tells_the_story(synthetic_runs):
     gsc = " ".join(story["Exploding or vanishing gradients"])
     # the plain run's fit went through 4 layers: a verdict; the teleport run's through 2: none
     assert "Plain run, GSC at step 20: gradients explode: the GSC grows by a factor 1.40" in gsc
-    assert "(fit through 4 layers)" in gsc
-    assert "Teleport run, GSC at step 20: the explosion-rate fit went through only 2 layers" in gsc
-    assert "not enough for a verdict" in gsc
+    assert "(95% interval [1.20, 1.60]; fit through 4 layers, r² = 0.95)" in gsc
+    assert ("Teleport run, GSC at step 20: not enough evidence: the explosion-rate fit goes through only 2 layers"
+            in gsc)
     assert "domain collapses at ReLU 1: sign diversity 0.050 at step 20" in " ".join(story["Collapsing domain"])
     tele = " ".join(story["Teleport"])
     assert "step 10, at the start of epoch 2 of 4" in tele
@@ -181,3 +214,47 @@ def test_summary_without_schedule_file_counts_rows(tmp_path):
     assert story["Teleport"] == ["No teleport in this run."]
     text = re.sub("<[^>]+>", "", (tmp_path / "report.html").read_text())
     assert "No teleport in this run." in text
+
+
+def _grad_rows(scale, steps=(5, 10, 15, 20)):
+    return [{"step": s, "epoch": s // 10, "probe": "grad_norm", "layer": layer, "name": "grad_norm",
+             "value": scale * (1 + i) * s} for s in steps for i, layer in enumerate(["0", "2"])]
+
+
+def test_plain_and_teleport_panels_share_y_axes_and_both_mark_the_teleport():
+    from gradcond.report.monitor_sections import monitor_sections
+
+    rows = {"plain": _grad_rows(1.0), "teleport": _grad_rows(7.0)}
+    events = {"plain": [], "teleport": [{"kind": "teleport", "step": 10, "epoch": 1}]}
+    sec = next(s for s in monitor_sections(rows, events) if s.title == "Gradient norms per layer")
+    axes = [f.fig.axes[0] for f in sec.figures]
+    assert len(axes) == 2 and axes[0].get_ylim() == axes[1].get_ylim()  # one y-range for both runs
+    lo, hi = axes[0].get_ylim()
+    assert lo <= 1 * 5 and hi >= 7 * 2 * 20  # it covers both runs' values
+    for ax in axes:  # the teleport's step is marked in both panels
+        vlines = [l for l in ax.get_lines() if len(set(l.get_xdata())) == 1 and l.get_xdata()[0] == 10]
+        assert vlines, ax.get_title()
+    labels = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert "teleport in the teleport run" in labels
+
+
+def test_conditioning_plots_say_which_direction_is_better():
+    from gradcond.report.monitor_sections import monitor_sections
+
+    rows = {"plain": [{"step": s, "epoch": 0, "probe": "conditioning", "layer": "", "name": n, "value": 0.1 * s}
+                      for s in (1, 2, 3) for n in ("coherence", "step_consistency", "relative_rank_weight")]}
+    sec = next(s for s in monitor_sections(rows, {"plain": []}) if s.title == "Gradient conditioning")
+    titles = {f.name: f.fig.axes[0].get_title() for f in sec.figures}
+    assert "lower is better" in titles["conditioning_step_consistency"]
+    assert "lower is better" in titles["conditioning_relative_rank_weight"]
+    assert "neither direction is better" in titles["conditioning_coherence"]
+    assert all("seed 004" in f.caption for f in sec.figures)
+
+
+def test_epoch_and_step_axes_have_integer_ticks():
+    rows = {"plain": [{"step": 10 * (e + 1), "epoch": e, "probe": "train", "layer": "", "name": "loss",
+                       "value": 1.0 / (e + 1)} for e in range(3)]}
+    fig = figures.curves(rows, [("train", "loss", "train")], "t", "loss")
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

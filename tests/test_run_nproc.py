@@ -33,10 +33,10 @@ def test_nproc_beyond_the_cpu_cores(capsys, tmp_path):
                             f"--nproc {n - 1} or fewer (each rank is one training process).\n")
 
 
-def test_nproc_with_resume_is_refused(capsys, tmp_path):
+def test_nproc_resume_without_a_run_is_refused(capsys, tmp_path):
     assert main(["run", "--set", "name=t", "--out", str(tmp_path), "--nproc", "2", "--resume", "--quiet"]) == 2
-    assert _err(capsys).startswith("gradcond: error: --resume is not supported with --nproc > 1 (only "
-                                   "single-process runs are resumed)")
+    assert _err(capsys) == (f"gradcond: error: nothing to resume in {tmp_path}: no checkpoint for run 't'; run without "
+                            "--resume first.\n")
 
 
 def test_backend_unavailable(monkeypatch, capsys, tmp_path):
@@ -93,16 +93,20 @@ def test_two_ranks_train_like_one_process_on_the_union_of_their_batches(tmp_path
             opt.step()
             total += float(l0.detach()) * len(x0)
         losses.append(total / per)
-    saved = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    ck = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["world_size"] == 2 and len(ck["ranks"]) == 2  # every rank's random streams, for --resume
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(saved[f"module.{k}"], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-5)
     rows = read_metrics(run / "metrics.csv")
     logged = [r["value"] for r in rows if r["probe"] == "train" and r["name"] == "loss"]
     assert logged == pytest.approx(losses, rel=1e-4)  # rank 0's shard, not a reduction
     assert (run / "report.html").exists() and (run / "config.toml").exists()
-    # a run trained by several ranks is not resumed in one process (its checkpoint holds DDP's keys)
-    assert main(["run", "--out", str(tmp_path), "--resume", "--quiet"] + [a for s in sets for a in ("--set", s)]) == 2
-    assert "was trained with --nproc > 1 and cannot be resumed" in capsys.readouterr().err
+    # a run trained by several ranks is resumed with as many (each trains its own shard)
+    assert main(["run", "--out", str(tmp_path), "--resume", "--quiet", "--set", "train.epochs=3"]
+                + [a for s in sets[:1] for a in ("--set", s)]) == 2
+    assert capsys.readouterr().err == ("gradcond: error: run 'ddp' was trained with --nproc 2; resume it with --nproc 2 "
+                                       "(each process trains its own share of the data, so the number of processes "
+                                       "cannot change).\n")
 
 
 @pytest.mark.slow

@@ -45,9 +45,12 @@ def _malicious_checkpoint(path: Path, marker: Path) -> None:
 def test_malicious_checkpoint_refused_by_load_checkpoint(tmp_path):
     marker, ck = tmp_path / "pwned", tmp_path / "last.pt"
     _malicious_checkpoint(ck, marker)
-    with pytest.raises(UserError, match=r"cannot be loaded safely \(UnpicklingError: .*only checkpoints holding "
-                                        r"tensors and plain values are accepted"):
+    with pytest.raises(UserError) as info:
         load_checkpoint(ck)
+    assert str(info.value) == (f"checkpoint {ck} was refused: it holds a reference to posix.mkdir, which loading "
+                               "could execute; gradcond only loads checkpoints of tensors and plain values - delete "
+                               "it unless you wrote it with gradcond.")
+    assert "weights_only" not in str(info.value)  # never the advice to load an untrusted file unsafely
     assert not marker.exists()
     _prove_live(ck, marker)
 
@@ -62,7 +65,8 @@ def test_malicious_checkpoint_refused_on_resume(run_cli, tmp_path):
     _malicious_checkpoint(ck, marker)  # someone else's run directory
     rc, _, err = run_cli("run", "--out", str(out), *common, "--resume")
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"gradcond: error: checkpoint {ck} cannot be loaded safely (UnpicklingError")
+    assert err.startswith(f"gradcond: error: checkpoint {ck} was refused: it holds a reference to posix.mkdir")
+    assert "weights_only" not in err and "False" not in err
     assert not marker.exists()
     _prove_live(ck, marker)
 
@@ -83,11 +87,67 @@ def test_real_checkpoint_loads_with_weights_only(run_cli, tmp_path):
 def test_damaged_checkpoint_is_one_line_error(tmp_path):
     ck = tmp_path / "last.pt"
     ck.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="cannot be loaded safely"):
+    with pytest.raises(UserError, match="is corrupt or truncated"):
         load_checkpoint(ck)
     torch.save({"just": "a dict"}, ck)
     with pytest.raises(UserError, match="is not a gradcond training checkpoint"):
         load_checkpoint(ck)
+
+
+def _good_checkpoint_bytes() -> bytes:
+    import io
+
+    from gradcond.train.trainer import content_digest
+
+    ck = {"model": {"w": torch.arange(300.0)}, "optimizer": {}, "epoch": 2, "step": 9}
+    buf = io.BytesIO()
+    torch.save({**ck, "digest": content_digest(ck)}, buf)  # as fit() writes it
+    return buf.getvalue()
+
+
+def test_truncated_checkpoint_says_corrupt_or_truncated(tmp_path):
+    data = _good_checkpoint_bytes()
+    ck = tmp_path / "last.pt"
+    for cut in (len(data) // 4, len(data) // 2, len(data) - 10):
+        ck.write_bytes(data[:cut])
+        with pytest.raises(UserError) as info:
+            load_checkpoint(ck)
+        msg = str(info.value)
+        assert msg.startswith(f"checkpoint {ck} is corrupt or truncated (") and "weights_only" not in msg
+        assert msg.endswith("delete it (or the run) and train again without --resume.")
+
+
+def test_every_content_changing_bit_flip_is_reported_corrupt(tmp_path):
+    """Flip one bit at every byte: each file either loads to exactly the saved values (the flip hit a field nobody
+    reads, e.g. a timestamp) or is refused as corrupt -- never loaded with changed values, never called unsafe."""
+    data = _good_checkpoint_bytes()
+    ck = tmp_path / "last.pt"
+    corrupt = 0
+    for i in range(len(data)):
+        flipped = bytearray(data)
+        flipped[i] ^= 0x10
+        ck.write_bytes(bytes(flipped))
+        try:
+            out = load_checkpoint(ck)
+        except UserError as exc:
+            assert "is corrupt or truncated" in str(exc), (i, str(exc))
+            corrupt += 1
+            continue
+        assert torch.equal(out["model"]["w"], torch.arange(300.0)) and (out["epoch"], out["step"]) == (2, 9), i
+    assert corrupt > len(data) // 2  # the payload bytes (tensor data, pickle) are covered by the CRCs
+
+
+def test_corrupt_checkpoint_on_resume_is_one_line(run_cli, tmp_path):
+    common = ["--quiet", "--set", "name=r", "--set", "train.epochs=2"]
+    rc, _, err = run_cli("run", "--out", str(tmp_path), *common, "--set", 'callbacks=[{name="stop_after", epochs=1}]')
+    assert rc == 0, err
+    ck = tmp_path / ".r.partial" / "checkpoints" / "last.pt"
+    data = bytearray(ck.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ck.write_bytes(bytes(data))
+    rc, _, err = run_cli("run", "--out", str(tmp_path), *common, "--resume")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"gradcond: error: checkpoint {ck} is corrupt or truncated (")
 
 
 # ---- CIFAR pickles ----------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Exit codes: 0 success; 1 ``repro run``/``repro all``: an entry does not hold (a judged claim fails, a row is untestable
 because a precondition is not met, or the entry judges nothing);
 2 bad input or an unusable run directory (one line ``gradcond: error: ...`` saying what was wrong and what is
-accepted; nothing half-written is left); 3 training diverged (the loss became NaN or infinite); 130 interrupted
-(resumable with ``--resume``).
+accepted; nothing half-written is left); 3 training diverged (the loss became NaN or infinite); 4 a training process
+of ``run --nproc N`` was lost (killed by a signal or crashed; the run is kept for ``--nproc N --resume`` when it
+holds a complete checkpoint); 130 interrupted (resumable with ``--resume``).
 Warnings are printed as one line ``gradcond: warning: ...``.
 
 ``--device cpu|cuda|cuda:N|auto`` (``run``, ``diagnose``, ``repro run|all``; default cpu) is checked before any work:
@@ -19,11 +20,13 @@ import sys
 import warnings
 
 from . import __version__
-from .utils import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, UserError, resolve_device, set_quiet
+from .utils import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_RANK_LOST, RankLost, TrainingDiverged,
+                    UserError, resolve_device, set_quiet)
 
-EXIT_CODES_HELP = ("exit codes: 0 done; 2 bad input, a run directory in use by another process, or a failed write "
-                   "(one line 'gradcond: error: ...'); 3 training diverged (loss NaN/inf: lower the learning rate); "
-                   "130 interrupted (continue with --resume).")
+EXIT_CODES_HELP = ("exit codes: 0 done; 2 bad input, a finished run in the way (--force), a run directory in use by "
+                   "another process, or a failed write (one line 'gradcond: error: ...'); 3 training diverged (loss "
+                   "NaN/inf: lower the learning rate); 4 a training process of --nproc N was lost (killed or "
+                   "crashed; continue with --nproc N --resume); 130 interrupted (continue with --resume).")
 
 
 def _cmd_run(args) -> int:
@@ -36,7 +39,10 @@ def _cmd_run(args) -> int:
     cfg = config.resolve(user, sets)
     if args.config is None and not user and not any(s.split("=")[0].strip() == "name" for s in sets):
         cfg = config.resolve(config.DEMO, sets)
-    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device, nproc=args.nproc)
+    # the keys the user gave (TOML file and --set): on --resume the others come from the run itself
+    given = set(runner.flatten_config(config.apply_overrides(user, sets)))
+    report = runner.run(cfg, out=args.out, resume=args.resume, device=args.device, nproc=args.nproc,
+                        force=args.force, given=given)
     if not report.exists():  # stopped early (e.g. a stop_after callback): the run stays partial and resumable
         print(f"gradcond: run stopped before its last epoch; it is kept in {report.parent} - continue with --resume",
               file=sys.stderr)
@@ -84,6 +90,9 @@ def _cmd_diagnose(args) -> int:
     return diagnose_cli(args)
 
 
+# the one default output root: runs/<name> (run), runs/repro/<entry> (repro), runs/diagnose/<model> (diagnose)
+OUT_ROOT = "runs"
+
 QUIET_HELP = "no progress bars (they are drawn only on a terminal, for steps that last over a second)"
 
 
@@ -105,9 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train.epochs only.",
                        epilog=EXIT_CODES_HELP)
     r.add_argument("config", nargs="?", help="TOML config file (default: the built-in demo config)")
-    r.add_argument("--out", default="runs", help="parent directory of run directories (default: runs)")
+    r.add_argument("--out", default=OUT_ROOT, help=f"parent directory of run directories (default: {OUT_ROOT})")
     r.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint of the run (same config; only train.epochs may change)")
+                   help="continue the run from its latest checkpoint: keys you do not set come from the run (its "
+                        "epoch count included); keys you set must match it, except train.epochs (more epochs extend "
+                        "a finished run)")
+    r.add_argument("--force", action="store_true",
+                   help="replace a finished run of the same name in --out (or start over an interrupted one); "
+                        "without it that is an error (exit 2)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config value, e.g. --set optim.lr=0.1 (repeatable)")
     r.add_argument("--seed", type=int, default=None, metavar="N",
@@ -116,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", default="1", metavar="N",
                    help="train with N local processes (PyTorch DDP: gloo on the CPU, NCCL with one GPU per rank; each "
                         "rank trains on 1/N of the data with data.batch_size per rank; rank 0 writes the run; "
-                        "default 1; --resume needs 1)")
+                        "default 1; a run is resumed with the N it was trained with)")
     r.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     r.set_defaults(func=_cmd_run)
 
@@ -128,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl = rsub.add_parser("list", help="list the registered reproductions",
                          description="List the reproductions, with the verdict counts (yes / no / untestable / "
                                      "reported) of the last run found in --out (nothing is run).")
-    rl.add_argument("--out", default="runs/repro",
-                    help="where to look for the last results (default: runs/repro, the default of `repro all`)")
+    rl.add_argument("--out", default=f"{OUT_ROOT}/repro",
+                    help=f"where to look for the last results (default: {OUT_ROOT}/repro, where `repro run` and "
+                         "`repro all` write)")
     rl.set_defaults(func=_cmd_repro)
     rr = rsub.add_parser("run", help="run one reproduction",
                          description="Run one reproduction into OUT/NAME/ (result.json, result.md, figures). "
@@ -138,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(including an unwritable --out).")
     rr.add_argument("name", help="reproduction name (see `gradcond repro list`)")
     rr.add_argument("--quick", action="store_true", help="a smaller version that finishes in minutes")
-    rr.add_argument("--out", default="repro_out", help="output directory (default: repro_out)")
+    rr.add_argument("--out", default=f"{OUT_ROOT}/repro",
+                    help=f"parent directory of the entry's directory (default: {OUT_ROOT}/repro, where `repro list` "
+                         "and `repro all` look)")
     _device_option(rr)
     rr.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     rr.set_defaults(func=_cmd_repro)
@@ -149,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "entry). An entry that raises is recorded as failing and the others still run. "
                                      "Exit code 0 when every entry holds, 1 when one does not, 2 on bad input.")
     ra.add_argument("--quick", action="store_true", help="the smaller version of every entry (minutes each)")
-    ra.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
+    ra.add_argument("--out", default=f"{OUT_ROOT}/repro", help=f"output directory (default: {OUT_ROOT}/repro)")
     _device_option(ra)
     ra.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     ra.set_defaults(func=_cmd_repro)
@@ -162,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="digits", help="dataset name (default: digits)")
     d.add_argument("--batches", type=int, default=2, help="number of batches to analyse (default: 2)")
     d.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    d.add_argument("--out", default="diagnose_out", help="output directory (default: diagnose_out)")
+    d.add_argument("--out", default=None,
+                   help=f"output directory (default: {OUT_ROOT}/diagnose/MODEL, MODEL's name or file stem and "
+                        "factory); report.html and report.json there are replaced by a new analysis")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", default=[], help="zoo model option, e.g. --set depth=8")
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     _device_option(d)
@@ -192,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"gradcond: error: training diverged: {_one_line(exc)}", file=sys.stderr)
         return EXIT_DIVERGED
+    except RankLost as exc:
+        print(f"gradcond: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_RANK_LOST
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise  # not the disk or its permissions: a bug, keep the traceback
@@ -199,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradcond: error: cannot write output: {exc.strerror}{where}; free space or pass a writable --out.",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("gradcond: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"gradcond: {_one_line(exc) or 'interrupted; resume with --resume'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = shown
 

@@ -1,6 +1,6 @@
 """Run configuration: TOML in, validated and resolved dict out.
 
-Sections and their keys (defaults in :data:`DEFAULTS`)::
+Sections and their keys (every fixed key, its default, type and range: :data:`SCHEMA`)::
 
     name = "default"      # run directory name under --out
     seed = 0
@@ -16,10 +16,22 @@ Sections and their keys (defaults in :data:`DEFAULTS`)::
     [distributed]  strategy ("ddp" | "fsdp2"): how the ranks of `gradcond run --nproc N` share the model
     compare_teleport = false   # also train a copy with one optimised teleport and compare (the demo does)
 
-Every fixed value is checked for type and range before anything is built or written (e.g. ``optim.lr`` a positive
-number, ``optim.weight_decay`` >= 0, ``schedule.step_size`` a positive integer; see ``_VALUE_RULES``); a bad one is a
-one-line :class:`~gradcond.utils.UserError`. ``--resume`` accepts a config that differs from the run's only in
-``train.epochs`` and ``stop_after`` callbacks (``gradcond.runner.RESUMABLE_KEYS``).
+A ``[monitor]`` table given without ``enabled`` turns the monitor on: setting its budget or probes means the user
+wants it (``enabled = false`` keeps it off).
+
+Validation (why the standard library and not pydantic/attrs): the resolved config stays a plain dict of TOML values
+(it is written to ``config.toml`` and into checkpoints, compared key by key on ``--resume``, and other code indexes
+it), and every message is one sentence of ours naming the key, the value and what is accepted; a table of
+:class:`Key` records with explicit checks gives exactly that without a model layer or a new dependency. Every key
+of :data:`SCHEMA` is checked for type and range in :func:`resolve`, before anything is built or written; a bad one
+is a one-line :class:`~gradcond.utils.UserError`. The options of ``[model]`` belong to the zoo factory and are
+checked by :func:`gradcond.zoo.check_options` (from the factory's signature and ``zoo.OPTION_RANGES``) before the
+model is built. ``--resume`` accepts a config that differs from the run's only in ``train.epochs`` and
+``stop_after`` callbacks (``gradcond.runner.RESUMABLE_KEYS``).
+
+Adding a key: append one :class:`Key` to :data:`SCHEMA`, e.g.
+``Key("distributed.strategy", "ddp", str, choices=("ddp", "fsdp2"))``; its section (``[distributed]``) becomes a
+known table, the default goes into :data:`DEFAULTS`, and :func:`resolve` checks it. Document it in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -27,32 +39,135 @@ from __future__ import annotations
 import copy
 import math
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
 from .utils import UserError
 
-DEFAULTS: dict = {
-    "name": "default",
-    "seed": 0,
-    "dtype": "float32",
-    "compare_teleport": False,
-    "data": {"name": "digits", "form": "auto", "batch_size": 64, "options": {}},
-    "model": {"name": "mlp", "depth": 4, "width": 64, "act": "relu"},
-    "optim": {"name": "momentum", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
-    "schedule": {"name": "constant", "step_size": 10, "gamma": 0.1, "patience": 2, "factor": 0.5},
-    "train": {"epochs": 8, "loss": "auto"},
-    "monitor": {"enabled": False, "schedule": "default", "budget": 0.05, "probe_batch_size": 64, "probes": {}},
-    "callbacks": [],
-    "distributed": {"strategy": "ddp"},
-}
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
+SCHEDULES = ("constant", "step", "plateau")
+DATA_FORMS = ("auto", "flat", "image", "sequence")
+# seeds seed torch (64-bit) and numpy (32-bit) generators; ranks of --nproc add their rank to it
+SEED_MAX = 2**31 - 1
 
-# sections whose keys are fixed here; [model], [data.options], [monitor] and callbacks take open keyword sets
-_FIXED = {"data": {"name", "form", "batch_size", "options"}, "optim": set(DEFAULTS["optim"]) | {"name"},
-          "monitor": set(DEFAULTS["monitor"]),
-          "schedule": set(DEFAULTS["schedule"]), "train": set(DEFAULTS["train"]),
-          "distributed": set(DEFAULTS["distributed"])}
+
+@dataclass(frozen=True)
+class Key:
+    """One fixed config key: dotted ``path``, ``default``, Python ``type`` (``int``, ``float`` = any finite number,
+    ``bool``, ``str``, ``dict`` = a table, ``list``) and its allowed range: ``choices``, or bounds ``ge``/``gt`` and
+    ``le``/``lt`` for numbers (``ge=1`` for a string: not empty). ``accepted`` overrides the generated wording."""
+
+    path: str
+    default: object
+    type: type
+    choices: tuple = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    accepted: str = ""
+
+    def ok(self, v) -> bool:
+        if self.type is int:
+            good = isinstance(v, int) and not isinstance(v, bool)
+        elif self.type is float:
+            good = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            good = isinstance(v, self.type) and not (self.type is not bool and isinstance(v, bool))
+        if not good:
+            return False
+        if self.choices and v not in self.choices:
+            return False
+        size = len(v) if isinstance(v, str) else v
+        if not isinstance(size, (int, float)) or isinstance(v, bool):
+            return True
+        return ((self.ge is None or size >= self.ge) and (self.gt is None or size > self.gt)
+                and (self.le is None or size <= self.le) and (self.lt is None or size < self.lt))
+
+    def describe(self) -> str:
+        """What is accepted, in words: ``an integer >= 1``, ``a number in [0, 1)``, ``one of: sgd, adam``."""
+        if self.accepted:
+            return self.accepted
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        noun = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a table",
+                list: "an array"}[self.type]
+        lo = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None)
+        hi = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None)
+        if self.type is str:
+            return "a non-empty string" if self.ge else noun
+        if lo and hi:
+            return f"{noun} in {lo}, {hi}"
+        if lo in ("[1", "(0") and self.type is int or lo == "(0":
+            return f"a positive {'integer' if self.type is int else 'number'}"
+        if lo:
+            return f"{noun} {'>=' if lo[0] == '[' else '>'} {lo[1:]}"
+        if hi:
+            return f"{noun} {'<=' if hi[-1] == ']' else '<'} {hi[:-1]}"
+        return noun
+
+
+def _num(v) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(v)
+
+
+# Every fixed key of a run's config: one line per key (path, default, type, range). [model] options, [data.options]
+# entries, [monitor.probes] entries and callbacks' keywords are open sets checked by their owners (zoo, data, monitor,
+# callbacks) before any work.
+SCHEMA: tuple[Key, ...] = (
+    Key("name", "default", str, accepted="a plain directory name (a non-empty string without '/' that does not "
+                                         "start with '.')"),
+    Key("seed", 0, int, ge=0, le=SEED_MAX),
+    Key("dtype", "float32", str, choices=("float32", "float64")),
+    Key("compare_teleport", False, bool),
+    Key("data.name", "digits", str, ge=1, accepted="a dataset name (a non-empty string)"),
+    Key("data.form", "auto", str, choices=DATA_FORMS),
+    Key("data.batch_size", 64, int, ge=1),
+    Key("data.options", {}, dict, accepted="a table of dataset options"),
+    Key("model.name", "mlp", str, ge=1, accepted="a zoo model name (a non-empty string)"),
+    Key("optim.name", "momentum", str, choices=OPTIMIZERS),
+    Key("optim.lr", 0.05, float, gt=0),
+    Key("optim.momentum", 0.9, float, ge=0, lt=1),
+    Key("optim.weight_decay", 0.0, float, ge=0),
+    Key("schedule.name", "constant", str, choices=SCHEDULES),
+    Key("schedule.step_size", 10, int, ge=1, accepted="a positive integer (epochs between decays)"),
+    Key("schedule.gamma", 0.1, float, gt=0),
+    Key("schedule.patience", 2, int, ge=0),
+    Key("schedule.factor", 0.5, float, gt=0, lt=1),
+    Key("train.epochs", 8, int, ge=1),
+    Key("train.loss", "auto", str, ge=1, accepted='a loss name (a non-empty string) or "auto"'),
+    Key("monitor.enabled", False, bool),
+    Key("monitor.schedule", "default", str, ge=1, accepted="a monitor preset name (default, full, off)"),
+    Key("monitor.budget", 0.05, float, gt=0, le=1, accepted="a fraction in (0, 1]"),
+    Key("monitor.probe_batch_size", 64, int, ge=1),
+    Key("monitor.probes", {}, dict, accepted='a table probe = "every:N"|"epoch"|"log"'),
+    Key("distributed.strategy", "ddp", str, choices=("ddp", "fsdp2"),
+        accepted='"ddp" or "fsdp2" (how --nproc N ranks share the model)'),
+    Key("callbacks", [], list, accepted="an array of tables, each with a name ([[callbacks]] name = ...)"),
+)
+KEYS: dict[str, Key] = {k.path: k for k in SCHEMA}
+# tables whose keys are all in SCHEMA (others, such as [model], take open keyword sets besides their fixed keys)
+OPEN_SECTIONS = frozenset({"model"})
+
+
+def _defaults() -> dict:
+    out: dict = {}
+    for k in SCHEMA:
+        node = out
+        *parents, leaf = k.path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = copy.deepcopy(k.default)
+    # the default MLP's options (zoo.mlp keywords) come with the default model only
+    out["model"].update({"depth": 4, "width": 64, "act": "relu"})
+    return out
+
+
+DEFAULTS: dict = _defaults()
+_SECTIONS = {k.path.split(".")[0] for k in SCHEMA if "." in k.path}
+_FIXED = {s: {k.path.split(".", 1)[1] for k in SCHEMA if k.path.startswith(s + ".")} for s in _SECTIONS}
 _TOP = set(DEFAULTS)
 
 
@@ -95,17 +210,20 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 
 
 def resolve(user: dict | None, overrides: list[str] | None = None) -> dict:
-    """Merge ``user`` (from TOML) and ``overrides`` over :data:`DEFAULTS` and check every key."""
+    """Merge ``user`` (from TOML) and ``overrides`` over :data:`DEFAULTS` and check every key (:data:`SCHEMA`).
+
+    The first bad key raises :class:`UserError` with one sentence: the key, the value given and what is accepted.
+    A ``[monitor]`` table without ``enabled`` enables the monitor."""
     user = apply_overrides(user or {}, overrides or [])
     unknown = sorted(set(user) - _TOP)
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_TOP))}.")
     cfg = copy.deepcopy(DEFAULTS)
     for key, value in user.items():
-        if isinstance(DEFAULTS[key], dict):
+        if key in _SECTIONS:
             if not isinstance(value, dict):
-                raise UserError(f"config key {key!r} must be a table, got {type(value).__name__}.")
-            if key in _FIXED:
+                raise UserError(f"config key {key!r} must be a table ([{key}]), got {value!r}.")
+            if key not in OPEN_SECTIONS:
                 bad = sorted(set(value) - _FIXED[key])
                 if bad:
                     raise UserError(
@@ -114,69 +232,44 @@ def resolve(user: dict | None, overrides: list[str] | None = None) -> dict:
             if key == "model" and "name" in value and value["name"] != DEFAULTS["model"]["name"]:
                 cfg["model"] = {}  # the default MLP's options do not apply to another model
             cfg[key].update(value)
-        elif key == "callbacks":
-            if not isinstance(value, list) or not all(isinstance(c, dict) and "name" in c for c in value):
-                raise UserError("callbacks must be an array of tables, each with a name ([[callbacks]] name = ...).")
-            cfg[key] = value
         else:
             cfg[key] = value
-    if cfg["dtype"] not in ("float32", "float64"):
-        raise UserError(f"dtype must be 'float32' or 'float64', got {cfg['dtype']!r}.")
-    if not isinstance(cfg["name"], str):
-        raise UserError(f"config key 'name' must be str, got {cfg['name']!r}.")
-    if "/" in cfg["name"] or cfg["name"].startswith("."):
-        raise UserError(f"run name {cfg['name']!r} must be a plain directory name (no '/' and no leading '.').")
-    _check_values(cfg)
+    if isinstance(user.get("monitor"), dict) and user["monitor"] and "enabled" not in user["monitor"]:
+        cfg["monitor"]["enabled"] = True  # a [monitor] table (budget, probes, ...) asks for the monitor
+    check(cfg)
     return cfg
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# (dotted key, test, what is accepted): the values every run uses, checked before anything is built or written
-_VALUE_RULES = (
-    ("seed", _is_int, "an integer"),
-    ("compare_teleport", lambda v: isinstance(v, bool), "true or false"),
-    ("data.name", lambda v: isinstance(v, str), "a dataset name (string)"),
-    ("data.form", lambda v: isinstance(v, str), "a string (auto, flat, image or sequence)"),
-    ("data.batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    ("data.options", lambda v: isinstance(v, dict), "a table of dataset options"),
-    ("optim.name", lambda v: isinstance(v, str), "an optimizer name (string)"),
-    ("optim.lr", lambda v: _is_num(v) and v > 0, "a positive number"),
-    ("optim.momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("optim.weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    ("schedule.name", lambda v: isinstance(v, str), "a schedule name (string)"),
-    ("schedule.step_size", lambda v: _is_int(v) and v >= 1, "a positive integer (epochs between decays)"),
-    ("schedule.gamma", lambda v: _is_num(v) and v > 0, "a positive number"),
-    ("schedule.patience", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("schedule.factor", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-    ("train.epochs", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    ("train.loss", lambda v: isinstance(v, str), "a loss name (string) or \"auto\""),
-    ("monitor.enabled", lambda v: isinstance(v, bool), "true or false"),
-    ("monitor.schedule", lambda v: isinstance(v, str), "a preset name (string)"),
-    ("monitor.budget", lambda v: _is_num(v) and 0 < v <= 1, "a fraction in (0, 1]"),
-    ("monitor.probe_batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    ("monitor.probes", lambda v: isinstance(v, dict), "a table probe = \"every:N\"|\"epoch\"|\"log\""),
-    ("distributed.strategy", lambda v: v in ("ddp", "fsdp2"), "\"ddp\" or \"fsdp2\" (how --nproc N ranks share "
-                                                               "the model)"),
-)
-
-
-def _check_values(cfg: dict) -> None:
-    """Check the type and range of every fixed config value; the first bad one raises a one-line UserError."""
-    if not isinstance(cfg["model"].get("name", ""), str):
-        raise UserError(f"model.name must be a zoo model name (string), got {cfg['model']['name']!r}.")
-    for key, ok, accepted in _VALUE_RULES:
+def check(cfg: dict) -> None:
+    """Check the type and range of every :data:`SCHEMA` key of a resolved config; the first bad one raises a
+    one-line :class:`UserError` naming the key, the value and what is accepted."""
+    for k in SCHEMA:
         node = cfg
-        for part in key.split("."):
-            node = node[part]
-        if not ok(node):
-            raise UserError(f"{key} must be {accepted}, got {node!r}.")
+        for part in k.path.split("."):
+            node = node[part] if isinstance(node, dict) and part in node else _MISSING
+        if node is _MISSING:
+            node = copy.deepcopy(k.default)
+        if not k.ok(node) or (k.path == "name" and not _plain_name(node)):
+            raise UserError(f"{k.path} must be {k.describe()}, got {_show(node)}.")
+    for i, cb in enumerate(cfg.get("callbacks") or []):
+        if not isinstance(cb, dict) or not isinstance(cb.get("name"), str) or not cb["name"]:
+            raise UserError(f"callbacks[{i}] must be a table with a name ([[callbacks]] name = ...), got {_show(cb)}.")
+    if not all(isinstance(k, str) and k for k in cfg["model"]):
+        raise UserError(f"[model] keys must be non-empty names, got {sorted(map(repr, cfg['model']))}.")
+
+
+_MISSING = object()
+
+
+def _plain_name(v: str) -> bool:
+    return bool(v) and "/" not in v and not v.startswith(".") and "\0" not in v
+
+
+def _show(v) -> str:
+    """A value as the user wrote it (TOML-ish), shortened to one line."""
+    text = "true" if v is True else "false" if v is False else repr(v)
+    text = " ".join(text.split())
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def dumps(cfg: dict) -> str:

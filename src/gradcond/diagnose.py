@@ -83,6 +83,11 @@ def _resolve_model_and_data(model_spec: str, data_name: str, sets: list[str], se
             raise UserError(f"--set takes key=value (a zoo model option such as depth=8), got {item!r}.")
         k, v = item.split("=", 1)
         kw[k.strip()] = parse_value(v.strip())
+    if model_spec in zoo.names():
+        try:
+            zoo.check_options(model_spec, kw)  # types and ranges of the zoo options, before any work
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     last_err = None
     for form in forms:
         try:
@@ -162,7 +167,8 @@ def _diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=Non
         example_input = example_input.to(dev)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    result: dict = {"n_samples": int(len(x)), "errors": {}, "section_seconds": {}}
+    result: dict = {"n_samples": int(len(x)), "errors": {}, "section_seconds": {},
+                    "_first_batch": int(len(batches[0][0]))}
     t0 = time.perf_counter()
 
     def section(name, fn):
@@ -181,7 +187,8 @@ def _diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=Non
         out = {"layers": prof.layers, "kinds": prof.kinds, "gsc": [_finite(v) for v in prof.gsc], "lowest": _finite(prof.lowest)}
         try:
             fit = prof.fit_explosion()
-            out.update(explosion_rate=fit.rate, intercept=fit.intercept, r2=fit.r2, fit_layers=fit.n_points)
+            out.update(explosion_rate=fit.rate, intercept=fit.intercept, r2=fit.r2, fit_layers=fit.n_points,
+                       rate_low=_finite(fit.rate_low), rate_high=_finite(fit.rate_high))
         except ValueError as exc:
             out.update(explosion_rate=None, note=str(exc))
         result["_gsc_profile"] = prof
@@ -216,7 +223,7 @@ def _diagnose(model: nn.Module, loss_fn, batches: list[tuple], example_input=Non
         result["_structure"] = st
         return {"num_free": int(st.num_free), "groups": [g.to_dict() for g in st.groups],
                 "frozen": [f.to_dict() if hasattr(f, "to_dict") else str(f) for f in st.frozen],
-                "summary": str(st)}
+                "summary": str(st), **teleport_coverage(model, st)}
 
     def cob_opt_section():
         from .teleport.optimize import optimize_cob
@@ -294,74 +301,140 @@ def _cob_optimization(model, loss, batches, structure, optimize_cob, steps) -> d
             "max_function_change": change, "steps": steps}
 
 
-def findings(r: dict) -> list[str]:
-    """Plain-language findings, most important first (a severity score orders them); all are kept.
+def teleport_coverage(model: nn.Module, structure) -> dict:
+    """How much of ``model`` a change of basis reaches: ``parameters`` (trainable values), ``teleportable_parameters``
+    (values a generic CoB changes), and the same counted in tensors (``tensors``, ``teleportable_tensors``).
 
-    The GSC item is always present when the GSC section ran: a verdict (exploding / vanishing / stable, with the
-    number of layers the fit went through) only from a fit through at least ``MIN_FIT_LAYERS`` layers, otherwise a
-    sentence saying the fit is not enough for a verdict. The teleport item appears only when something could be
-    teleported (``cob.num_free > 0``).
-    """
+    Exact for a generic CoB: every rule's factor ``prod_k ext[gidx_k]`` is evaluated at fixed random taus in
+    [1.5, 2.5] (float64); a value counts when its factor differs from 1 (a tau and its inverse on the same value
+    cancel). Cost: one pass over the parameters' shapes."""
+    gen = torch.Generator().manual_seed(0)
+    tau = 1.5 + torch.rand(int(structure.num_free), generator=gen, dtype=torch.float64)
+    ext = structure.ext_table(tau)
+    total = touched = n_tensors = n_touched = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        n_tensors += 1
+        total += p.numel()
+        rule = structure.rules.get(name)
+        if rule is None or not structure.num_free:
+            continue
+        factor = torch.ones(tuple(rule.shape), dtype=torch.float64)
+        for g in rule.gidx:
+            factor = factor * ext[torch.as_tensor(g).long()]
+        moved = int(((factor - 1).abs() > 1e-9).sum())
+        touched += moved
+        n_touched += moved > 0
+    return {"parameters": int(total), "teleportable_parameters": int(touched), "tensors": int(n_tensors),
+            "teleportable_tensors": int(n_touched)}
+
+
+# Evidence thresholds of the findings (documented in docs/cli.md, "gradcond diagnose"): a domain-collapse verdict
+# needs the sign diversity of at least MIN_DOMAIN_SAMPLES samples (with fewer, the fraction of positive values per
+# neuron moves in steps of 1/n); GSC verdicts follow gradcond.probes.scale.gsc_verdict (>= 3 layers and a 95%
+# interval of the rate on one side of the band [0.95, 1.05]).
+MIN_DOMAIN_SAMPLES = 32
+COLLAPSE_SIGN_DIVERSITY = 0.1
+# the sections a finding may rest on: a finding is made only when all of its sections were computed
+_LOSS_SECTIONS = ("gsc", "conditioning", "cob_optimization")
+
+
+def findings(r: dict) -> list[str]:
+    """Plain-language findings, each stating its evidence, in this order: the sections that failed (first, so a
+    reader knows what the rest does not cover), then the findings ordered by a severity score.
+
+    Every finding rests on named sections and is made only when they were computed (a failed section never feeds
+    a finding). Verdicts are withheld below the evidence thresholds, with a sentence starting "not enough
+    evidence": GSC (:func:`gradcond.probes.scale.gsc_verdict`: points, r², the rate's 95% interval), domain
+    collapse (:data:`MIN_DOMAIN_SAMPLES` samples). Teleport findings state the fraction of parameters (and the
+    number of free factors) a change of basis reaches."""
+    from .probes.scale import gsc_verdict
+
+    errors = r.get("errors") or {}
+    # a section failed when it has no result, or (conditioning) when every one of its metrics failed
+    failed = {name.split(".")[0] for name in errors
+              if r.get(name.split(".")[0]) is None or (isinstance(r.get(name.split(".")[0]), dict) and all(
+                  v is None for v in r[name.split(".")[0]].values()))}
+    head = []
+    for name, err in errors.items():
+        rests = ("; no finding below uses it" if name.split(".")[0] in failed else
+                 "; the other metrics of the section were computed" if "." in name else "")
+        head.append(f"section {name} failed: {err.splitlines()[0].rstrip('.')}{rests}")
+    if failed & set(_LOSS_SECTIONS) == set(_LOSS_SECTIONS):
+        head.insert(0, "every section that needs the loss failed (gsc, conditioning, cob_optimization): the loss "
+                       "probably does not fit the model's output; only the loss-free sections are reported below")
     scored = []
     classes = dict(r.get("_modules") or [])
+    n = r.get("n_samples")
 
     def where(name):  # the module name with its class: '0' (Linear)
         return f"{name!r} ({classes[name]})" if name in classes else repr(name)
 
     g = r.get("gsc")
-    if g:
+    if g and "gsc" not in failed:
         rate, k = g.get("explosion_rate"), g.get("fit_layers")
         lowest = g.get("lowest")
         first = where(g["layers"][0]) if g.get("layers") else "?"
         at = f"GSC(L,0) = {lowest:.3g} at {first}" if isinstance(lowest, (int, float)) else f"lowest layer {first}"
+        verdict, sentence = gsc_verdict(rate, k, _nan(g.get("rate_low")), _nan(g.get("rate_high")), g.get("r2"))
         if rate is None:
-            scored.append((0.15, f"no explosion rate could be fitted to the GSC profile ({g.get('note', 'no finite GSC')})"))
-        elif k is None or k < MIN_FIT_LAYERS:
-            through = "an unknown number of layers" if k is None else f"only {k} layers"
-            scored.append((0.15, f"the GSC explosion-rate fit went through {through} (rate {rate:.2f}): not enough for "
-                           f"a verdict on exploding or vanishing gradients (at least {MIN_FIT_LAYERS} are needed)"))
-        elif rate > 1.05:
-            scored.append((math.log(rate) * k, f"gradients explode at rate {rate:.2f} per linear layer towards the "
-                           f"input (fit through {k} layers; {at})"))
-        elif rate < 0.95:
-            scored.append((-math.log(rate) * k, f"gradients shrink at rate {rate:.2f} per linear layer towards the "
-                           f"input (fit through {k} layers; {at})"))
+            sentence = f"{sentence} ({g.get('note', 'no finite GSC')})"
+        if verdict in ("exploding", "vanishing"):
+            scored.append((abs(math.log(rate)) * k, f"{sentence}; {at}; on {n} samples"))
         else:
-            scored.append((0.1, f"gradient scale is stable across depth (explosion rate {rate:.2f} per linear layer, "
-                           f"fit through {k} layers)"))
+            scored.append((0.15 if verdict is None else 0.1, f"{sentence}; on {n} samples"))
     d = r.get("domain")
-    if d and d.get("sign_diversity"):
+    if d and d.get("sign_diversity") and "domain" not in failed:
         i = min(range(len(d["sign_diversity"])), key=lambda k: d["sign_diversity"][k])
         sd = d["sign_diversity"][i]
-        if sd < 0.1:
-            scored.append((5 * (0.1 - sd) * 10, f"the domain collapses at {where(d['layers'][i])}: sign diversity {sd:.3f} "
-                           "(most pre-activations share one sign, the layer acts almost linearly)"))
+        basis = f"lowest of {len(d['sign_diversity'])} nonlinearities, over {n} samples"
+        if n is not None and n < MIN_DOMAIN_SAMPLES:
+            scored.append((0.12, f"not enough evidence on a collapsing domain: sign diversity {sd:.3f} at "
+                           f"{where(d['layers'][i])} ({basis}; at least {MIN_DOMAIN_SAMPLES} samples are needed)"))
+        elif sd < COLLAPSE_SIGN_DIVERSITY:
+            scored.append((5 * (COLLAPSE_SIGN_DIVERSITY - sd) * 10, f"the domain collapses at {where(d['layers'][i])}: "
+                           f"sign diversity {sd:.3f} ({basis}; collapse below {COLLAPSE_SIGN_DIVERSITY}): most "
+                           "pre-activations share one sign, the layer acts almost linearly"))
+        else:
+            scored.append((0.08, f"no domain collapses: the lowest sign diversity is {sd:.3f} at "
+                           f"{where(d['layers'][i])} ({basis}; 0.5 = balanced signs, collapse below "
+                           f"{COLLAPSE_SIGN_DIVERSITY})"))
+    cob = r.get("cob") if "cob" not in failed else None
+    coverage = ""
+    if cob is not None and cob.get("parameters"):
+        tp, tot = int(cob.get("teleportable_parameters") or 0), int(cob["parameters"])
+        coverage = (f"{tp:,} of {tot:,} parameter values ({100 * tp / tot:.1f}%) in {cob.get('teleportable_tensors')} "
+                    f"of {cob.get('tensors')} tensors, {cob['num_free']} free change-of-basis factors")
     c = r.get("cob_optimization")
-    if c and c.get("ratio") and _teleportable(r):
-        scored.append((abs(math.log(max(c["ratio"], 1e-12))), f"an optimised teleport raises the gradient norm "
+    if c and c.get("ratio") and _teleportable(r) and not failed & {"cob", "cob_optimization"}:
+        verb = "raises" if c["ratio"] > 1 else "lowers" if c["ratio"] < 1 else "keeps"
+        scored.append((abs(math.log(max(c["ratio"], 1e-12))), f"an optimised teleport {verb} the gradient norm "
                        f"{c['ratio']:.2f}x ({c['grad_norm_before']:.3g} -> {c['grad_norm_after']:.3g}) while the "
-                       f"function changes by at most {c['max_function_change']:.1e} (relative)"))
-    cob = r.get("cob")
+                       f"function changes by at most {c['max_function_change']:.1e} (relative); {c.get('steps')} "
+                       f"optimisation steps on {n} samples, reaching {coverage}"))
     if cob is not None:
         frozen = cob.get("frozen") or []
         if frozen:
-            scored.append((1.0, f"{len(frozen)} operation(s) could not be teleported and were pinned (see cob.frozen)"))
-        elif int(cob.get("num_free") or 0) > 0:
-            scored.append((0.2, f"the whole model is teleportable: {cob['num_free']} free change-of-basis factors"))
-        else:
+            scored.append((1.0, f"{len(frozen)} operation(s) could not be teleported and were pinned (see cob.frozen)"
+                           + (f"; a change of basis reaches {coverage}" if coverage else "")))
+        if int(cob.get("num_free") or 0) > 0 and coverage:
+            tp, tot = int(cob.get("teleportable_parameters") or 0), int(cob["parameters"])
+            whole = "the whole model is teleportable" if tp == tot else "part of the model is teleportable"
+            scored.append((0.2, f"{whole}: a change of basis reaches {coverage}"))
+        elif int(cob.get("num_free") or 0) == 0:
             scored.append((0.2, "nothing can be teleported: the model has no free change-of-basis factor (a teleport "
                            "needs hidden units between two linear maps)"))
     cond = r.get("conditioning") or {}
-    if cond.get("coherence") is not None:
-        scored.append((0.3, f"gradient coherence {cond['coherence']:.3f} on the first batch (1 = all samples agree, "
-                       "1/b = orthogonal per-sample gradients)"))
-    for name, err in (r.get("errors") or {}).items():
-        scored.append((0.05, f"section {name} could not be computed: {err.splitlines()[0]}"))
-    return [text for _, text in sorted(scored, key=lambda t: -t[0])]
+    if cond.get("coherence") is not None and "conditioning" not in failed:
+        scored.append((0.3, f"gradient coherence {cond['coherence']:.3f} on the first batch of "
+                       f"{r.get('_first_batch', n)} samples (1 = all samples agree, 1/b = orthogonal per-sample "
+                       "gradients)"))
+    return head + [text for _, text in sorted(scored, key=lambda t: -t[0])]
 
 
-# the fewest layers an explosion-rate fit must go through to be presented as a verdict (2 points fit any line)
-MIN_FIT_LAYERS = 3
+def _nan(v):
+    return float("nan") if v is None else v
 
 
 def _teleportable(r: dict) -> bool:
@@ -447,13 +520,21 @@ def write_diagnosis(result: dict, out: Path, title: str) -> Path:
     return write_report(out / "report.html", title, sections, links={"report.json": "report.json"})
 
 
+def _model_slug(spec: str) -> str:
+    """A directory name for MODEL: the zoo name, or ``<file stem>-<factory>`` for ``path/to/file.py:factory``."""
+    if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+        path, _, factory = spec.rpartition(":")
+        spec = f"{Path(path).stem}-{factory}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec).lstrip(".") or "model"
+
+
 def diagnose_cli(args) -> int:
     if args.batches < 1 or args.batch_size < 2:
         raise UserError(f"--batches must be >= 1 and --batch-size >= 2, got {args.batches} and {args.batch_size}.")
     device = resolve_device(getattr(args, "device", None) or "cpu")
     model, bundle, loss, example = _resolve_model_and_data(args.model, args.data, args.set, args.seed)
     model.to(device)  # after the CPU fit check in _resolve_model_and_data; diagnose() moves the batches
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else Path("runs") / "diagnose" / _model_slug(args.model)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -29,7 +29,7 @@ import hashlib
 
 import torch
 
-__all__ = ["active", "rank", "world_size", "is_main", "free_port", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
+__all__ = ["active", "rank", "world_size", "is_main", "free_port", "init_local_group", "gloo_threads", "describe_exit", "unwrap", "broadcast_module_", "broadcast_optimizer_state_",
            "replica_digests", "assert_replicas_identical", "sync_after_teleport", "run_on_main",
            "ReplicaMismatchError", "strategy", "is_sharded", "local_tensor", "all_reduce_sum", "all_agree",
            "broadcast_object", "rank_slice", "refuse_sharded"]
@@ -47,6 +47,57 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_local_group(backend: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+    """``init_process_group`` on ``tcp://127.0.0.1:<port>`` for a rank of a local job, with ``torch._dynamo``
+    imported first.
+
+    Why: ``DistributedDataParallel``'s constructor imports ``torch._dynamo``; imported *after* the process group
+    exists, it keeps a reference to the group that ``destroy_process_group`` does not release, so the gloo worker
+    and transport threads survive it and are torn down during interpreter shutdown. A gloo thread that then needs
+    the GIL (to release a tensor or callback of the last collective, e.g. the compression hook's ``then`` callback)
+    is terminated by the finalising interpreter inside a ``noexcept`` destructor: ``terminate called without an
+    active exception``, SIGABRT, at random (more often on a busy machine). Imported before, the group is freed by
+    ``destroy_process_group`` and its threads are joined there (:func:`gloo_threads` is then empty)."""
+    from datetime import timedelta
+
+    import torch._dynamo  # noqa: F401  (see above: before the group exists)
+
+    torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo (``pt_gloo_*``, ``gloo_*``), read from ``/proc`` (Linux;
+    empty elsewhere). After ``destroy_process_group`` there should be none."""
+    import os
+
+    names = []
+    try:
+        for t in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{t}/comm") as fh:
+                names.append(fh.read().strip())
+    except OSError:
+        return []
+    return [n for n in names if "gloo" in n]
+
+
+def describe_exit(code: int | None) -> str:
+    """A rank's exit code in words: ``exited normally``, ``exited with code 1``, ``killed by SIGABRT``, or (None)
+    ``still running at the deadline (terminated)``."""
+    import signal
+
+    if code is None:
+        return "still running at the deadline (terminated)"
+    if code == 0:
+        return "exited normally"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def active() -> bool:

@@ -7,6 +7,7 @@ older finished run of that name), so a run directory is never half-written.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import config as cfgmod
+from .callbacks import Callback
 from . import distributed as _dist
 from .utils import TrainingDiverged, UserError, atomic_write_text, is_quiet, resolve_device
 # which data form and size keywords a zoo model takes live with the zoo (gradcond.diagnose uses them too)
@@ -60,6 +62,7 @@ def build_job(cfg: dict, model_state: dict | None = None, device="cpu") -> Job:
     dcfg = cfg["data"]
     form = input_form(mname) if dcfg["form"] == "auto" else dcfg["form"]
     try:
+        zoo.check_options(mname, mcfg, prefix="model.")  # types and ranges of the [model] options, before any work
         bundle = data.load_dataset(dcfg["name"], form=form, seed=cfg["seed"], dtype=dtype, **dcfg.get("options", {}))
         kw = {**model_kwargs_for(mname, bundle), **mcfg}
         torch.manual_seed(cfg["seed"])
@@ -153,16 +156,32 @@ def train_into(job: Job, run_path: Path, resume: bool, extra_callbacks=(), desc:
 RESUMABLE_KEYS = frozenset({"train.epochs"})
 
 
-def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu", nproc=1) -> Path:
+class NothingToResumeWarning(UserWarning):
+    """``--resume`` of a run that has already trained its epochs: nothing was changed."""
+
+
+def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu", nproc=1, force: bool = False,
+        given: set[str] | None = None) -> Path:
     """Run a resolved config into ``out/<name>/`` and return the path of its ``report.html``.
 
     One writer per run: an exclusive lock on ``out/.<name>.lock`` is held from before the partial directory is
     touched until the run is published; a second ``run`` of the same name into the same ``out`` raises
-    :class:`UserError` naming the holder. ``resume=True`` refuses a config that differs from the checkpoint's in
-    any key but :data:`RESUMABLE_KEYS` (and ``stop_after`` callbacks). A training loss that becomes NaN/inf raises
-    :class:`~gradcond.utils.TrainingDiverged` (a fresh run's partial directory is removed); a write that fails
-    (full disk, ...) raises :class:`UserError` and keeps the partial directory only when it holds a complete
-    checkpoint to resume from (checkpoints are written to a temporary file and renamed, so the last one is intact).
+    :class:`UserError` naming the holder. A run is never replaced silently: a fresh run whose ``out/<name>/``
+    holds a finished run, or whose ``out/.<name>.partial/`` holds an interrupted run with a checkpoint, raises
+    :class:`UserError` unless ``force=True`` (which discards them); use another ``name`` to keep both.
+
+    ``resume=True`` continues the run's partial directory (else its finished directory, for more epochs) from its
+    last checkpoint. ``given``: the dotted keys the user set (the CLI passes the keys of the TOML file and of every
+    ``--set``); keys not given are taken from the run's own config, so a resume keeps the run's epoch count unless
+    ``train.epochs`` is given. ``given=None`` means every key of ``cfg`` was given. A given key that differs from
+    the run's (except :data:`RESUMABLE_KEYS`; ``stop_after`` callbacks are ignored) raises :class:`UserError`
+    listing the keys; fewer epochs than the checkpoint has trained raises :class:`UserError`; a finished run asked
+    for no more epochs is left as it is, with a :class:`NothingToResumeWarning` saying so.
+
+    A training loss that becomes NaN/inf raises :class:`~gradcond.utils.TrainingDiverged` (a fresh run's partial
+    directory is removed); a write that fails (full disk, ...) raises :class:`UserError` and keeps the partial
+    directory only when it holds a complete checkpoint to resume from (checkpoints are written to a temporary file
+    and renamed, so the last one is intact).
 
     ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``): where the model trains (both runs of a
     ``compare_teleport``); CUDA on a machine without it raises :class:`UserError` before anything is written. It is
@@ -173,7 +192,7 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu",
     """
     nproc = check_nproc(nproc, device)
     if nproc > 1:
-        return run_ranks(cfg, out, nproc, resume=resume, device=device)
+        return run_ranks(cfg, out, nproc, resume=resume, device=device, force=force, given=given)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not _dist.active():
         raise UserError("gradcond run was started by torchrun (WORLD_SIZE is set), which would make every process "
                         "train its own copy of the run; start it once with --nproc N instead.")
@@ -184,18 +203,13 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu",
     final, partial = out / name, out / f".{name}.partial"
     with RunLock(out, name):
         if resume:
-            source = partial if partial.exists() else final
-            if not (source / "checkpoints" / "last.pt").exists():
-                raise UserError(f"nothing to resume in {out}: no checkpoint for run {name!r}; run without --resume first.")
-            check_resume_config(saved_config(source), cfg, source)
-            _refuse_multirank_checkpoint(source / "checkpoints" / "last.pt", name)
-            if source == final:
-                done = _epochs_done(final)
-                if done >= cfg["train"]["epochs"] and _compare_done(final, cfg):
-                    return final / "report.html"
-                shutil.copytree(final, partial)  # continue a finished run for more epochs; the old one stays until done
+            cfg, done = _prepare_resume(cfg, final, partial, given, world=1)
+            if done:
+                return final / "report.html"
+            if cfg != job.cfg:
+                job = build_job(cfg, device=device)
         else:
-            shutil.rmtree(partial, ignore_errors=True)
+            _prepare_fresh(final, partial, force)
         try:
             return _run_locked(job, cfg, partial, final, resume)
         except TrainingDiverged:
@@ -204,6 +218,65 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu",
             raise
         except OSError as exc:
             raise UserError(_write_failure(exc, partial, name, out, fresh=not resume)) from None
+        except KeyboardInterrupt:
+            from .utils import Interrupted
+
+            raise Interrupted(f"interrupted; {_kept(partial, name, 1, fresh=not resume)}") from None
+
+
+def _prepare_fresh(final: Path, partial: Path, force: bool) -> None:
+    """Before a fresh run: refuse to replace a finished run, or an interrupted one that can be resumed, unless
+    ``force``; remove a partial directory that holds nothing to resume from."""
+    name = final.name
+    if not force:
+        if (final / "checkpoints" / "last.pt").exists() or (final / "report.html").exists():
+            raise UserError(f"run directory {final} already holds a finished run; pass --force to replace it, "
+                            f"--resume to continue it, or choose another name (--set name=...).")
+        if (partial / "checkpoints" / "last.pt").exists():
+            raise UserError(f"an interrupted run {name!r} is kept in {partial} (after {_epochs_done(partial)} "
+                            f"epoch(s)); continue it with --resume, or pass --force to start over.")
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _prepare_resume(cfg: dict, final: Path, partial: Path, given: set[str] | None, world: int):
+    """Before a resume (lock held): the config to continue with (the run's own, with the given keys checked and
+    ``train.epochs`` taken from ``cfg`` when given) and whether there is nothing to do. Copies a finished run into
+    the partial directory when it gets more epochs (the old one stays until the extension is published)."""
+    import warnings
+
+    from .train import load_checkpoint
+
+    name = final.name
+    source = partial if (partial / "checkpoints" / "last.pt").exists() else final
+    ck_path = source / "checkpoints" / "last.pt"
+    if not ck_path.exists():
+        raise UserError(f"nothing to resume in {final.parent}: no checkpoint for run {name!r}; run without --resume "
+                        "first.")
+    saved = saved_config(source)
+    check_resume_config(saved, cfg, source, given)
+    merged = copy.deepcopy(saved)
+    if given is None or "train.epochs" in given:
+        merged["train"]["epochs"] = cfg["train"]["epochs"]
+    if given is None or "callbacks" in given:
+        merged["callbacks"] = cfg["callbacks"]
+    else:  # the run's own callbacks; a stop_after only cut the earlier session short
+        merged["callbacks"] = [c for c in merged.get("callbacks") or [] if c.get("name") != "stop_after"]
+    merged = cfgmod.resolve(merged)  # the saved config, checked like any other
+    ck = load_checkpoint(ck_path)
+    _refuse_other_world(ck, name, world)
+    trained, epochs = int(ck["epoch"]) + 1, merged["train"]["epochs"]
+    if trained > epochs:
+        raise UserError(f"run {name!r} has already trained {trained} epoch(s); --resume cannot shorten it to "
+                        f"{epochs} (pass train.epochs >= {trained}, or start a new run with another name).")
+    if source == final:
+        if trained == epochs and _compare_done(final, merged):
+            warnings.warn(f"nothing to resume: run {name!r} in {final} has already trained its {trained} epoch(s) "
+                          f"and is unchanged; pass --set train.epochs=N with N > {trained} to extend it.",
+                          NothingToResumeWarning, stacklevel=3)
+            return merged, True
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(final, partial)  # continue a finished run for more epochs; the old one stays until done
+    return merged, False
 
 
 def _start_partial(job: Job, cfg: dict, partial: Path, n_train: int) -> None:
@@ -310,11 +383,14 @@ def saved_config(run_dir: Path) -> dict | None:
     return None
 
 
-def check_resume_config(old: dict | None, new: dict, run_dir: Path) -> None:
-    """Refuse (UserError) to resume ``run_dir`` with a config that differs in a non-resumable key."""
+def check_resume_config(old: dict | None, new: dict, run_dir: Path, given: set[str] | None = None) -> None:
+    """Refuse (UserError) to resume ``run_dir`` with a config that differs in a non-resumable key; with ``given``,
+    only those dotted keys (and the keys below them) are compared."""
     if old is None:
         raise UserError(f"cannot resume {run_dir}: its config is missing or unreadable; run without --resume to start over.")
     diff = config_differences(old, new)
+    if given is not None:
+        diff = [k for k in diff if any(k == g or k.startswith(g + ".") or g.startswith(k + ".") for g in given)]
     if diff:
         flat_old, flat_new = flatten_config(old), flatten_config(new)
         shown = "; ".join(f"{k}: {flat_old.get(k, '(unset)')!r} -> {flat_new.get(k, '(unset)')!r}" for k in diff[:6])
@@ -432,7 +508,8 @@ def _train_teleport_copy(cfg: dict, partial: Path, resume: bool, device="cpu"):
             if isinstance(cb, Monitor):
                 cb.use_plan(plan)
     job.callbacks.append(build_callback(_TELEPORT_COPY))
-    hist = train_into(job, sub, resume and (sub / "checkpoints" / "last.pt").exists())
+    # resume=True with no checkpoint in `sub` yet starts the copy afresh (under DDP rank 0 decides for every rank)
+    hist = train_into(job, sub, resume)
     if len(hist.rows) < cfg["train"]["epochs"]:
         return None
     return sub
@@ -532,27 +609,39 @@ def _shard_loader(train, cfg: dict, rank: int, world: int):
     """This rank's training loader: samples ``rank, rank + world, ...`` truncated to ``len(train) // world`` (every
     rank then makes the same number of steps, which DDP needs), shuffled by ``seed + rank``; ``data.batch_size`` is
     per rank."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader, Subset, TensorDataset
 
     per = len(train) // world
     idx = list(range(rank, len(train), world))[:per]
-    return DataLoader(Subset(train, idx), batch_size=cfg["data"]["batch_size"], shuffle=True,
+    # a tensor dataset stays one (the shard's tensors): the monitor then probes the shard's first samples at every
+    # measurement, in a resumed run too, instead of whatever batch came first
+    shard = (TensorDataset(*(t[idx] for t in train.tensors)) if hasattr(train, "tensors") else Subset(train, idx))
+    return DataLoader(shard, batch_size=cfg["data"]["batch_size"], shuffle=True,
                       generator=torch.Generator().manual_seed(cfg["seed"] + rank))
 
 
-def _refuse_multirank_checkpoint(ck: Path, name: str) -> None:
-    """A checkpoint written under ``--nproc > 1`` holds the DDP wrapper's keys (``module.*``): refuse to resume it."""
-    if not ck.exists():
+def _checkpoint_world(ck: dict) -> int:
+    """The number of ranks that wrote a checkpoint (0: unknown, an older multi-rank checkpoint)."""
+    if ck.get("world_size"):
+        return int(ck["world_size"])
+    return 0 if any(str(k).startswith("module.") for k in ck["model"]) else 1
+
+
+def _refuse_other_world(ck: dict, name: str, world: int) -> None:
+    """A run is resumed with the number of ranks it was trained with (each rank trains its own shard)."""
+    saved = _checkpoint_world(ck)
+    if saved == world:
         return
-    from .train import load_checkpoint
+    if saved == 0:
+        raise UserError(f"run {name!r} was trained with several processes by an older gradcond whose checkpoints "
+                        "cannot be resumed; run it again without --resume.")
+    how = "without --nproc (one process)" if saved == 1 else f"with --nproc {saved}"
+    raise UserError(f"run {name!r} was trained {how}; resume it {how} (each process trains its own share of the "
+                    "data, so the number of processes cannot change).")
 
-    saved = load_checkpoint(ck)
-    if any(k.startswith("module.") for k in saved["model"]) or int(saved.get("world_size", 1)) > 1:
-        raise UserError(f"run {name!r} was trained with --nproc > 1 and cannot be resumed (resuming is single-process "
-                        "only); run it again without --resume.")
 
-
-def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, device="cpu") -> Path:
+def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, device="cpu", force: bool = False,
+              given: set[str] | None = None) -> Path:
     """``gradcond run --nproc N``: train ``cfg`` with ``nproc`` local DDP ranks into ``out/<name>/``.
 
     This process validates everything first (bad input is :class:`UserError` before anything is written), takes the
@@ -560,20 +649,26 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
     per rank on CUDA; ``tcp://127.0.0.1:<free port>``, timeout :data:`DDP_TIMEOUT_S`). Every rank builds the same
     model (same seed), wraps it in ``DistributedDataParallel`` and trains on its shard of the training set
     (``data.batch_size`` per rank: the global batch is ``nproc`` times larger); **rank 0 alone writes** the partial
-    run directory, its metrics (rank 0's shard; test metrics on rank 0's replica) and the report; the monitor and
-    teleports follow :mod:`gradcond.distributed`. When every rank has finished this process publishes the run.
-    A failing rank ends the others; its error is re-raised here (:class:`UserError`,
-    :class:`~gradcond.utils.TrainingDiverged`, else ``RuntimeError`` naming the rank) and a fresh run's partial
-    directory is removed. ``resume`` is refused (only single-process runs resume).
+    run directory, its metrics (rank 0's shard; test metrics on rank 0's replica), the checkpoints (holding every
+    rank's random streams) and the report; the monitor and teleports follow :mod:`gradcond.distributed`. When every
+    rank has finished this process publishes the run. ``force``, ``resume`` and ``given`` as in :func:`run`; a run
+    is resumed with the ``nproc`` it was trained with and continues exactly (the same ``metrics.csv`` bytes as an
+    uninterrupted run).
+
+    Faults (:func:`_wait_ranks`): when a rank dies (killed by a signal, or exits without recording an error) the
+    others are stopped and :class:`~gradcond.utils.RankLost` names it (``rank 1 of 2 was killed by SIGKILL``); a
+    rank's own error is re-raised here (:class:`UserError`, :class:`~gradcond.utils.TrainingDiverged`, else
+    ``RuntimeError`` naming the rank); Ctrl-C stops every rank and raises :class:`~gradcond.utils.Interrupted`. In
+    every case the partial directory is kept when it holds a complete checkpoint (rank 0 writes checkpoints
+    atomically, so the last one is whole) and the message says how to continue (``--nproc N --resume``); a fresh
+    run without a checkpoint (or one that diverged) leaves nothing behind.
     """
     import json
-    import logging
     import tempfile
 
     import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
 
-    from .utils import is_quiet
+    from .utils import Interrupted, is_quiet
 
     nproc = check_nproc(nproc, device)
     if cfg["distributed"]["strategy"] == "fsdp2" and (cfg.get("compare_teleport") or any(
@@ -581,9 +676,10 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
         raise UserError("distributed.strategy = \"fsdp2\" cannot run teleports (compare_teleport or a teleport "
                         "callback): a teleport needs every parameter in one process and FSDP2 shards them; use "
                         "distributed.strategy = \"ddp\".")
-    if resume:
-        raise UserError("--resume is not supported with --nproc > 1 (only single-process runs are resumed); run "
-                        "without --resume, or resume with --nproc 1 a run that was trained in one process.")
+    if resume and cfg["distributed"]["strategy"] == "fsdp2":
+        raise UserError("--resume is not supported with distributed.strategy = \"fsdp2\" (its checkpoint holds the "
+                        "gathered full state, which is not re-sharded); resume runs trained with \"ddp\", or run "
+                        "again without --resume.")
     out = Path(out)
     dev = resolve_device(device)
     job = build_job(cfg, device="cpu")  # the same checks as a single-process run, before the disk is touched
@@ -595,28 +691,23 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
     name = cfg["name"]
     final, partial = out / name, out / f".{name}.partial"
     with RunLock(out, name), tempfile.TemporaryDirectory(prefix="gradcond-ranks-") as errdir:
-        shutil.rmtree(partial, ignore_errors=True)
+        if resume:
+            cfg, done = _prepare_resume(cfg, final, partial, given, world=nproc)
+            if done:
+                return final / "report.html"
+        else:
+            _prepare_fresh(final, partial, force)
         port = _dist.free_port()
-        ctx = mp.start_processes(_rank_main, args=(nproc, port, cfg, str(partial), str(dev), is_quiet(), errdir),
+        ctx = mp.start_processes(_rank_main, args=(nproc, port, cfg, str(partial), str(dev), is_quiet(), errdir,
+                                                   resume, os.getpid()),
                                  nprocs=nproc, join=False, start_method="spawn")
-        # torch logs a warning per rank it terminates after a failure; the CLI reports the failure in one line
-        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
-        level = spawn_log.level
-        spawn_log.setLevel(logging.ERROR)
         try:
-            while not ctx.join():
-                pass
-        except ProcessException as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise _rank_failure(Path(errdir), exc) from None
-        except BaseException:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        finally:
-            spawn_log.setLevel(level)
+            failure = _wait_ranks(ctx.processes)
+        except KeyboardInterrupt:
+            _stop_ranks(ctx.processes)
+            raise Interrupted(f"interrupted; {_kept(partial, name, nproc, fresh=not resume)}") from None
+        if failure is not None:
+            raise _rank_failure(Path(errdir), failure, partial, name, nproc, fresh=not resume) from None
         if not (partial / "report.html").exists():  # stopped early (stop_after): kept partial
             return partial / "report.html"
         report = json.loads((Path(errdir) / "report.json").read_text())["report"]
@@ -624,38 +715,157 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
         return final / report
 
 
-def _rank_failure(errdir: Path, exc: BaseException) -> BaseException:
-    """The error to raise in the parent for a failed rank: the earliest error a rank recorded (the cause; the other
-    ranks' errors are usually about the lost peer), mapped back to its kind."""
+# how long the other ranks get to exit on their own after one failed (they normally fail at once on the lost peer)
+# before they are terminated; then how long after SIGTERM before SIGKILL
+RANK_GRACE_S, RANK_TERM_S = 5.0, 10.0
+
+
+def _wait_ranks(procs) -> dict | None:
+    """Wait until every rank exits. None when all exit 0; else the first failure ``{"rank", "exitcode", "signal",
+    "others"}`` -- the rank whose exit was seen first (among ranks seen exiting together, one killed by a signal
+    first: the others' errors are usually about the lost peer). The other ranks get :data:`RANK_GRACE_S` to exit on
+    their own, then are stopped (:func:`_stop_ranks`)."""
+    import signal as _signal
+    from multiprocessing.connection import wait
+
+    pending = {p.sentinel: r for r, p in enumerate(procs)}
+    while pending:
+        ready = wait(list(pending))
+        exited = sorted((pending.pop(s) for s in ready), key=lambda r: (procs[r].exitcode is None
+                                                                        or procs[r].exitcode >= 0, r))
+        for r in exited:
+            procs[r].join()
+        bad = [r for r in exited if procs[r].exitcode != 0]
+        if bad:
+            r = bad[0]
+            code = procs[r].exitcode
+            sig = _signal.Signals(-code).name if code < 0 and -code in _signal.valid_signals() else None
+            deadline = time.monotonic() + RANK_GRACE_S
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+            _stop_ranks(procs)
+            return {"rank": r, "exitcode": code, "signal": sig}
+    return None
+
+
+def _stop_ranks(procs) -> None:
+    """Terminate (SIGTERM, then SIGKILL after :data:`RANK_TERM_S`) every rank still alive, and reap them all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + RANK_TERM_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _kept(partial: Path, name: str, nproc: int, fresh: bool) -> str:
+    """What is left of an interrupted or failed run, in words; removes a fresh partial run without a checkpoint."""
+    if (partial / "checkpoints" / "last.pt").exists():
+        try:
+            done = f" (after {_epochs_done(partial)} epoch(s))"
+        except UserError:
+            done = ""
+        again = f" --nproc {nproc}" if nproc > 1 else ""
+        return f"the last complete checkpoint{done} is kept in {partial} - continue with{again} --resume."
+    if fresh:
+        shutil.rmtree(partial, ignore_errors=True)
+        return f"no epoch of run {name!r} was complete, so nothing was kept - run it again."
+    return f"nothing new was kept for run {name!r}."
+
+
+def _rank_failure(errdir: Path, failure: dict, partial: Path, name: str, nproc: int, fresh: bool) -> BaseException:
+    """The error to raise in the parent for a failed rank: the lost rank (:class:`RankLost`) when one died without
+    recording an error of its own; else the earliest error a rank recorded (the cause; the other ranks' errors
+    are usually about the lost peer), mapped back to its kind. Decides what of the partial run is kept."""
     import json
 
-    errs = []
+    from .utils import RankLost
+
+    errs = {}
     for f in errdir.glob("rank*.json"):
         try:
-            errs.append(json.loads(f.read_text()))
-        except (OSError, ValueError):
+            e = json.loads(f.read_text())
+            errs[int(e["rank"])] = e
+        except (OSError, ValueError, KeyError, TypeError):
             pass
-    if not errs:
-        return RuntimeError(f"a training rank failed without reporting an error ({' '.join(str(exc).split())}).")
-    e = min(errs, key=lambda e: e["time"])
-    if e["kind"] == "user":
-        return UserError(e["message"])
+    r = failure["rank"]
+    if r not in errs or failure["signal"] is not None:
+        how = (f"was killed by {failure['signal']}" if failure["signal"] else
+               f"exited with code {failure['exitcode']} without reporting an error")
+        return RankLost(f"rank {r} of {nproc} {how}; {_kept(partial, name, nproc, fresh)}")
+    e = min(errs.values(), key=lambda e: e["time"])
     if e["kind"] == "diverged":
+        if fresh:
+            shutil.rmtree(partial, ignore_errors=True)  # a diverged fresh run leaves nothing behind
         return TrainingDiverged(e["message"])
-    return RuntimeError(f"rank {e['rank']} of {e['world']} failed: {e['type']}: {e['message']}\n"
+    kept = _kept(partial, name, nproc, fresh)
+    if e["kind"] == "user":
+        return UserError(f"{e['message'].rstrip('.')}; {kept}")
+    if e["kind"] == "interrupted":
+        from .utils import Interrupted
+
+        return Interrupted(f"rank {e['rank']} of {nproc} was interrupted; {kept}")
+    return RuntimeError(f"rank {e['rank']} of {e['world']} failed: {e['type']}: {e['message']}; {kept}\n"
                         f"{e['traceback']}")
 
 
+# Test hook (fault injection): "RANK:EPOCH:SIGNAL" makes that rank send itself SIGNAL at the start of that
+# (0-based) epoch of the plain run, i.e. after the checkpoint of the epoch before; tests use it to kill a rank at a
+# known point instead of after a delay.
+FAULT_ENV = "GRADCOND_TEST_RANK_FAULT"
+
+
+class _SelfSignal(Callback):
+    """The :data:`FAULT_ENV` hook as a callback (nothing is logged; its state is empty)."""
+
+    def __init__(self, epoch: int, sig: int):
+        self.epoch, self.sig = epoch, sig
+
+    def on_epoch_start(self, state) -> None:
+        if state.epoch == self.epoch:
+            os.kill(os.getpid(), self.sig)
+
+
+def _fault_hook(rank: int):
+    import signal as _signal
+
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    r, epoch, sig = spec.split(":")
+    return _SelfSignal(int(epoch), getattr(_signal, sig)) if int(r) == rank else None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this rank gets SIGKILL when the ``gradcond`` process that started it dies (so no rank keeps writing a
+    run whose lock is gone). Best effort elsewhere."""
+    import signal as _signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(_signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device: str, quiet: bool,
-               errdir: str) -> None:
+               errdir: str, resume: bool = False, parent: int | None = None) -> None:
     """One rank of :func:`run_ranks` (runs in a spawned process). Errors are recorded in ``errdir`` for the parent
     and re-raised (a non-zero exit ends the other ranks)."""
     import json
     import warnings
-    from datetime import timedelta
 
     from .utils import set_quiet
 
+    if parent is not None:
+        _die_with_parent(parent)
     set_quiet(quiet)
     if rank != 0:
         warnings.simplefilter("ignore")  # rank 0 reports the warnings once
@@ -666,16 +876,15 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device
             torch.cuda.set_device(dev)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                             timeout=timedelta(seconds=DDP_TIMEOUT_S))
+        _dist.init_local_group("nccl" if dev.type == "cuda" else "gloo", port, rank, world, DDP_TIMEOUT_S)
         job = build_job(cfg, device=dev)
-        report = _rank_body(job, cfg, Path(partial))
+        report = _rank_body(job, cfg, Path(partial), resume, _fault_hook(rank))
         if rank == 0 and report is not None:
             atomic_write_text(Path(errdir) / "report.json", json.dumps({"report": report}))
+        torch.distributed.barrier()  # waits with the GIL released: gloo's workers finish before the group goes
     except BaseException as exc:
         kind = ("user" if isinstance(exc, UserError) else "diverged" if isinstance(exc, TrainingDiverged)
-                else "other")
+                else "interrupted" if isinstance(exc, KeyboardInterrupt) else "other")
         import traceback
 
         atomic_write_text(Path(errdir) / f"rank{rank}.json", json.dumps(
@@ -687,7 +896,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device
             torch.distributed.destroy_process_group()
 
 
-def _rank_body(job: Job, cfg: dict, partial: Path) -> str | None:
+def _rank_body(job: Job, cfg: dict, partial: Path, resume: bool = False, fault=None) -> str | None:
     """What every rank runs (the DDP counterpart of ``_run_locked``): rank 0 writes ``config.toml``, its run files
     and the report into ``partial``; the others train with in-memory logs. Returns the report's file name on rank 0
     (None when stopped early or on other ranks)."""
@@ -703,11 +912,11 @@ def _rank_body(job: Job, cfg: dict, partial: Path) -> str | None:
     runs = {"plain": partial}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnreachableCallbackWarning)
-        hist = train_into(job, partial, False)
+        hist = train_into(job, partial, resume, extra_callbacks=[fault] if fault is not None else ())
         if len(hist.rows) < cfg["train"]["epochs"]:
             return None
         if cfg.get("compare_teleport"):
-            runs["teleport"] = _train_teleport_copy(cfg, partial, False, job.device)
+            runs["teleport"] = _train_teleport_copy(cfg, partial, resume, job.device)
             if runs["teleport"] is None:
                 return None
     if not main:

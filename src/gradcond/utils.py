@@ -13,7 +13,7 @@ _QUIET = False
 
 
 # exit codes of the command line (documented in README "Command line" and `gradcond run --help`)
-EXIT_OK, EXIT_CLAIM_FAILS, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_OK, EXIT_CLAIM_FAILS, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RANK_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class UserError(ValueError):
@@ -22,6 +22,15 @@ class UserError(ValueError):
 
 class TrainingDiverged(FloatingPointError):
     """The training loss became NaN or infinite: the CLI prints the message on one line and exits with code 3."""
+
+
+class RankLost(RuntimeError):
+    """A training process of ``gradcond run --nproc N`` died (killed by a signal, or exited without an error of its
+    own); the message names the rank and says what was kept. The CLI prints it on one line and exits with code 4."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; the message says what was kept and how to continue. Exit code 130."""
 
 
 def set_quiet(quiet: bool) -> None:

@@ -125,6 +125,7 @@ class EntropyHookState:
         self._step_bits = 0
         self._step_values = 0
         self._pending: list[dict] = []
+        self._in_flight = None  # the last exchange's tensors (see entropy_compress_hook)
 
     def _gen(self) -> torch.Generator:
         if self.generator is None:
@@ -165,14 +166,24 @@ def entropy_compress_hook(state: EntropyHookState, bucket) -> torch.futures.Futu
     package failed to carry.  The result (the mean of the decoded gradients over ranks, in rank order) is written
     into the bucket's buffer in its dtype.  A failed exchange (a peer died, the group's timeout expired) raises a
     ``RuntimeError`` naming this rank.  Cost per bucket: one encoding and ``world_size`` decodings (O(n) each).
+
+    Both exchanges are blocking and the decoding runs here, in the backward pass; the returned future is already
+    complete. A Python continuation on the all-gather's future (``fut.then(decode)``, as before) runs on a gloo
+    worker thread, and that thread drops the continuation -- which needs the GIL -- only after DDP's wait on the
+    result has returned; at the end of a process this raced with interpreter shutdown (which terminates a thread
+    that asks for the GIL: "terminate called without an active exception", SIGABRT), and the continuation's
+    reference to the process group kept the group's threads alive past ``destroy_process_group``. Decoding holds
+    the GIL either way, so running it on a worker thread overlapped nothing.
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buf = bucket.buffer()
     if state.iteration < state.start_compress_step:
         state._account(buf.numel() * buf.element_size() * 8, buf.numel(), bucket.is_last())
-        fut = dist.all_reduce(buf.div_(world), group=group, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
+        dist.all_reduce(buf.div_(world), group=group)  # blocking, no Python continuation (see above)
+        fut = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
     sizes = [g.numel() for g in bucket.gradients()]
     x = buf.detach().to("cpu", copy=True)
     pieces = list(x.split(sizes))
@@ -197,25 +208,23 @@ def entropy_compress_hook(state: EntropyHookState, bucket) -> torch.futures.Futu
     state._account(8 * len(message), buf.numel(), bucket.is_last())
     lengths = _gather_lengths(message, group, buf.device, "entropy_compress_hook")
     out = [torch.empty(max(lengths), dtype=torch.uint8, device=buf.device) for _ in range(world)]
+    sent = _padded(message, max(lengths), buf.device)
     try:
-        fut = dist.all_gather(out, _padded(message, max(lengths), buf.device), group=group,
-                              async_op=True).get_future()
+        dist.all_gather(out, sent, group=group)
     except Exception as exc:
         raise _peer_error("entropy_compress_hook", group, exc) from exc
-
-    def finish(f):
-        try:
-            f.wait()
-        except Exception as exc:
-            raise _peer_error("entropy_compress_hook", group, exc) from exc
-        total = None
-        for r, (raw, length) in enumerate(zip(out, lengths)):  # rank order: every rank adds in the same order
-            t = torch.cat(own if r == me else _decode_message(raw, length, sizes)).to(torch.float64)
-            total = t if total is None else total.add_(t)
-        buf.copy_(total.div_(world).to(buf.dtype).to(buf.device))
-        return buf
-
-    return fut.then(finish)
+    total = None
+    for r, (raw, length) in enumerate(zip(out, lengths)):  # rank order: every rank adds in the same order
+        t = torch.cat(own if r == me else _decode_message(raw, length, sizes)).to(torch.float64)
+        total = t if total is None else total.add_(t)
+    buf.copy_(total.div_(world).to(buf.dtype).to(buf.device))
+    # The exchanged tensors stay referenced from Python until the next exchange: a gloo worker thread may drop its
+    # reference to a finished collective's tensors a moment after the wait returned, and if that were the last one
+    # it would need the GIL to free them (see gradcond.distributed.init_local_group).
+    state._in_flight = (out, sent)
+    fut = torch.futures.Future()
+    fut.set_result(buf)
+    return fut
 
 
 # DDP checks the return annotation by identity; under ``from __future__ import annotations`` it would be a string.

@@ -22,11 +22,11 @@ import json
 import os
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from ..distributed import describe_exit, gloo_threads, init_local_group
 from . import judging as J
 from ._launch import launch_ranks
 from .registry import Row, register
@@ -96,6 +96,8 @@ def _train_ddp(rank: int, world: int, cfg: dict, mode: str, result: dict) -> Non
     for _ in range(cfg["epochs"]):
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr) - bs + 1, bs):
+            if cfg.get("max_steps") is not None and step >= cfg["max_steps"]:
+                break  # a short run (tests)
             if cfg.get("die_rank") == rank and step == cfg.get("die_at_step"):
                 os._exit(17)  # fault injection for the test: the rank vanishes without a goodbye
             if cfg.get("hang_rank") == rank and step == cfg.get("hang_at_step"):
@@ -137,10 +139,12 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
     result: dict = {"rank": rank}
     code = 0
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=cfg.get("timeout_s", 30)))
+        init_local_group("gloo", port, rank, world, cfg.get("timeout_s", 30))  # torch._dynamo first: see there
         for mode in cfg["modes"]:
             _train_ddp(rank, world, cfg, mode, result)
+        dist.barrier()  # waits with the GIL released: gloo's workers finish any release that needs it
+        dist.destroy_process_group()
+        result["threads_after_destroy"] = gloo_threads()  # none: the group and its threads are gone
     except Exception as exc:  # report, then exit non-zero: the launcher turns it into one clear message
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()
@@ -149,17 +153,17 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     if code:
         os._exit(code)  # skip destroy_process_group: the peer may be gone
-    dist.destroy_process_group()
 
 
-def run_ddp(cfg: dict, out_dir: str | Path, world: int = 2, join_timeout: float = 300.0) -> dict:
+def run_ddp(cfg: dict, out_dir: str | Path, world: int = 2, join_timeout: float = 300.0,
+            start_method: str = "spawn") -> dict:
     """Start ``world`` ranks of :func:`ddp_worker` on a free loopback port and wait (at most ``join_timeout`` s).
 
     Returns ``{"exitcodes": [...], "seconds": [...] (per rank, from start to exit), "ranks": [rank results]}``;
     a rank still alive after the timeout is terminated and reported with exit code None.
     """
     t0 = time.monotonic()
-    codes, exited, ranks = launch_ranks(ddp_worker, world, cfg, out_dir, join_timeout)
+    codes, exited, ranks = launch_ranks(ddp_worker, world, cfg, out_dir, join_timeout, start_method=start_method)
     seconds = [None if e is None else e - t0 for e in exited]
     return {"exitcodes": codes, "seconds": seconds, "ranks": ranks}
 
@@ -233,7 +237,8 @@ def run_compression_ddp(quick: bool, out_dir: Path) -> list[Row]:
     res = run_ddp(cfg, out_dir / "ranks", world=2)
     rows = []
     if any(c != 0 for c in res["exitcodes"]):
-        errs = "; ".join(r.get("error", "no result") for r in res["ranks"])
+        errs = "; ".join(f"rank {i} {describe_exit(c)}" + (f" ({r['error']})" if r.get("error") else "")
+                         for i, (c, r) in enumerate(zip(res["exitcodes"], res["ranks"])))
         return [Row("2 gloo ranks train", "library requirement (the DDP runs must complete)",
                     f"failed: exit codes {res['exitcodes']}: {errs}", False,
                     criterion="both ranks exit with code 0", tolerance="exact")]
@@ -252,7 +257,7 @@ def run_compression_ddp(quick: bool, out_dir: Path) -> list[Row]:
         criterion="rank 0 exits with code 1 and the message 'exchange of compressed packages failed' < 60 s after "
                   "rank 1 dies",
         tolerance="60 s: the gloo timeout budget the library promises",
-        ours=f"rank 0 exit code {kres['exitcodes'][0]}, {t if t is None else round(t, 1)} s after rank 1 died: "
+        ours=f"rank 0 {describe_exit(kres['exitcodes'][0])}, {t if t is None else round(t, 1)} s after rank 1 died: "
              f"{survivor[:160]}",
         holds=kres["exitcodes"][0] == 1 and t is not None and t < 60 and "exchange of compressed packages failed"
         in survivor, data={"seconds": t, "error": survivor}))

@@ -19,12 +19,12 @@ import signal
 import statistics
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..distributed import describe_exit
 from . import judging as J
 from ._launch import launch_ranks
 from .registry import Row, register
@@ -132,8 +132,9 @@ def dpl_worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> Non
     res: dict = {"rank": rank}
     code = 0
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=cfg["timeout_s"]))
+        from ..distributed import init_local_group
+
+        init_local_group("gloo", port, rank, world, cfg["timeout_s"])  # torch._dynamo first: a clean teardown
         if cfg.get("seeds"):
             res["per_seed"] = [_one_seed(rank, dict(cfg, seed=s, out=cfg.get("out") and f"{cfg['out']}/seed{s}"),
                                          out_dir, hooks=False) for s in cfg["seeds"]]
@@ -232,7 +233,8 @@ def run_dpl_partitions(quick: bool, out_dir: Path) -> list[Row]:
     cfg = dict(DPL_DEFAULTS, seeds=seeds, epochs=epochs)
     res = run_dpl(cfg, out_dir / "ranks", world=2, join_timeout=600)
     if res["exitcodes"] != [0, 0]:
-        errs = "; ".join(r.get("error", "no result") for r in res["ranks"])
+        errs = "; ".join(f"rank {i} {describe_exit(c)}" + (f" ({r['error']})" if r.get("error") else "")
+                         for i, (c, r) in enumerate(zip(res["exitcodes"], res["ranks"])))
         return [Row("2 gloo ranks train their partitions", "library requirement (the DPL run must complete)",
                     f"failed: exit codes {res['exitcodes']}: {errs}", False,
                     criterion="both ranks exit with code 0", tolerance="exact")]

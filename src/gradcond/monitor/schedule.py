@@ -95,7 +95,10 @@ def gsc(model, loss_fn, batch, state=None) -> Rows:
     try:
         fit = prof.fit_explosion()
         rows.append(("", "explosion_rate", fit.rate))
-        rows.append(("", "explosion_fit_layers", float(fit.n_points)))  # the report gives a verdict only from >= 3
+        rows.append(("", "explosion_fit_layers", float(fit.n_points)))  # the report's verdict states its evidence:
+        rows.append(("", "explosion_r2", fit.r2))                        # points, r² and the rate's 95% interval
+        if math.isfinite(fit.rate_low):
+            rows += [("", "explosion_rate_low", fit.rate_low), ("", "explosion_rate_high", fit.rate_high)]
     except ValueError:
         pass  # fewer than two linear layers: no rate to fit
     return rows

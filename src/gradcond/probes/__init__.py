@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..utils import lazy_exports
 
 _EXPORTS = {
-    "scale": ["gsc_profile", "gsc", "GSCProfile", "GSCEstimate", "ExplosionFit"],
+    "scale": ["gsc_profile", "gsc", "gsc_verdict", "GSCProfile", "GSCEstimate", "ExplosionFit"],
     "domain": ["domain_stats", "DomainStats"],
     "dilution": ["dilution_profile", "DilutionProfile", "find_blocks", "composed_dilution"],
     "tracking": ["ResidualTracker", "EffectiveDepth"],

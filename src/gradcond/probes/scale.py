@@ -35,7 +35,7 @@ from ..losses import get_loss
 from ..utils import accepts_model_output, as_batches
 from . import _hooks as H
 
-__all__ = ["GSCProfile", "ExplosionFit", "GSCEstimate", "gsc_profile", "gsc"]
+__all__ = ["GSCProfile", "ExplosionFit", "GSCEstimate", "gsc_profile", "gsc", "gsc_verdict"]
 
 
 @dataclass
@@ -47,9 +47,61 @@ class ExplosionFit:
     r2: float  # coefficient of determination of the log-linear fit
     n_points: int
     kinds: tuple = ("linear",)
+    # 95% confidence interval of r (from the slope's standard error, Student t with n - 2 degrees of freedom);
+    # NaN with fewer than 3 points (a line through 2 points has no error estimate)
+    rate_low: float = float("nan")
+    rate_high: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def verdict(self) -> tuple[str | None, str]:
+        """:func:`gsc_verdict` of this fit."""
+        return gsc_verdict(self.rate, self.n_points, self.rate_low, self.rate_high, self.r2)
+
+
+# Evidence thresholds of a GSC verdict (gradcond diagnose and the run report): a rate per linear layer above
+# EXPLODE_RATE explodes, below VANISH_RATE vanishes; a verdict needs a fit through at least MIN_FIT_LAYERS layers
+# and a 95% interval of the rate that lies entirely on one side (or, for "stable", entirely inside the band).
+EXPLODE_RATE, VANISH_RATE, MIN_FIT_LAYERS = 1.05, 0.95, 3
+
+
+def gsc_verdict(rate, n_points, rate_low=float("nan"), rate_high=float("nan"), r2=None) -> tuple[str | None, str]:
+    """(verdict or None, sentence stating its evidence) for a fitted GSC explosion rate per linear layer.
+
+    ``exploding`` when the whole 95% interval of the rate is above :data:`EXPLODE_RATE`, ``vanishing`` when it is
+    below :data:`VANISH_RATE`, ``stable`` when it lies inside the band; otherwise -- fewer than
+    :data:`MIN_FIT_LAYERS` points, no interval, or an interval that straddles a threshold -- no verdict and a
+    sentence starting "not enough evidence". The goodness of fit (r²) is stated, not used: a flat profile (rate 1)
+    has r² near 0 by construction, so r² cannot tell a stable profile from a noisy one; the interval can."""
+    def ok(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    if not ok(rate):
+        return None, "no explosion rate could be fitted (fewer than 2 measured linear layers, or non-finite GSC)"
+    if n_points is None:
+        return None, (f"not enough evidence: a rate of {rate:.2f} per linear layer was fitted, but the number of "
+                      "layers the fit used is not recorded")
+    n = int(n_points)
+    basis = f"fit through {n} layers" + (f", r² = {r2:.2f}" if ok(r2) else "")
+    if n < MIN_FIT_LAYERS:
+        return None, (f"not enough evidence: the explosion-rate fit goes through only {n} layers ({rate:.2f} per "
+                      f"linear layer; at least {MIN_FIT_LAYERS} are needed)")
+    if not (ok(rate_low) and ok(rate_high)):
+        return None, (f"not enough evidence: a rate of {rate:.2f} per linear layer ({basis}) without a recorded "
+                      "confidence interval")
+    ci = f"95% interval [{rate_low:.2f}, {rate_high:.2f}]"
+    if rate_low > EXPLODE_RATE:
+        return "exploding", (f"gradients explode: the GSC grows by a factor {rate:.2f} per linear layer towards the "
+                             f"input ({ci}; {basis})")
+    if rate_high < VANISH_RATE:
+        return "vanishing", (f"gradients vanish: the GSC shrinks by a factor {rate:.2f} per linear layer towards the "
+                             f"input ({ci}; {basis})")
+    if rate_low >= VANISH_RATE and rate_high <= EXPLODE_RATE:
+        return "stable", f"the gradient scale is stable across depth: {rate:.2f} per linear layer ({ci}; {basis})"
+    return None, (f"not enough evidence for a verdict on exploding or vanishing gradients: {rate:.2f} per linear "
+                  f"layer, {ci} ({basis}) reaches beyond the band [{VANISH_RATE}, {EXPLODE_RATE}] of a stable scale "
+                  "on one side and into it on the other")
 
 
 @dataclass
@@ -110,9 +162,18 @@ class GSCProfile:
         slope, off = np.polyfit(xs, ys, 1)
         pred = off + slope * xs
         ss = float(((ys - ys.mean()) ** 2).sum())
-        r2 = 1.0 - float(((ys - pred) ** 2).sum()) / ss if ss > 0 else 1.0
-        return ExplosionFit(float(math.exp(slope)), float(math.exp(off)), r2, int(len(xs)),
-                            tuple(kinds) if kinds != "all" else ("all",))
+        sse = float(((ys - pred) ** 2).sum())
+        r2 = 1.0 - sse / ss if ss > 0 else 1.0
+        n = len(xs)
+        low = high = float("nan")
+        if n >= 3:  # the slope's standard error and a Student-t 95% interval (n - 2 degrees of freedom)
+            from scipy.stats import t as student_t
+
+            se = math.sqrt(sse / (n - 2) / float(((xs - xs.mean()) ** 2).sum()))
+            half = float(student_t.ppf(0.975, n - 2)) * se
+            low, high = math.exp(slope - half), math.exp(slope + half)
+        return ExplosionFit(float(math.exp(slope)), float(math.exp(off)), r2, int(n),
+                            tuple(kinds) if kinds != "all" else ("all",), low, high)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("grad_norms", "act_norms", "loss_values")}

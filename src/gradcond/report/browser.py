@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,12 +107,12 @@ class _CDP:
         self.ws.close()
 
 
-def check_report(path: str | Path, screenshot: str | Path | None = None, timeout: float = 60.0) -> BrowserCheck:
-    """Open ``path`` in headless Chromium; return image/console findings and save a screenshot if asked.
+@contextmanager
+def _open_page(path: str | Path, timeout: float = 60.0):
+    """Headless Chromium with ``path`` loaded from ``file://``; yields the DevTools client (closed afterwards).
 
     Raises ImportError (with the install command) when ``websocket-client`` is missing and FileNotFoundError when
-    Chromium or the report is missing; both are checked before a browser is started.
-    """
+    Chromium or the page is missing; both are checked before a browser is started."""
     if not have_websocket():
         raise ImportError(WEBSOCKET_MISSING)
     exe = find_chromium()
@@ -140,35 +141,10 @@ def check_report(path: str | Path, screenshot: str | Path | None = None, timeout
             cdp.call("Page.enable")
             cdp.call("Runtime.enable")
             cdp.call("Log.enable")
+            cdp.call("Network.enable")
             cdp.call("Page.navigate", url=path.as_uri())
             cdp.wait_event("Page.loadEventFired", timeout)
-            res = cdp.call("Runtime.evaluate", returnByValue=True, awaitPromise=True, expression="""
-                (async () => {
-                  const imgs = Array.from(document.images);
-                  await Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = r; i.onerror = r; })));
-                  return {n: imgs.length, broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.alt || i.src.slice(0, 60)),
-                          title: document.title, figures: document.querySelectorAll('figure').length,
-                          summary: (document.getElementById('summary') || {innerText: ''}).innerText,
-                          height: document.documentElement.scrollHeight};
-                })()""")["result"]["value"]
-            errors = []
-            for e in cdp.events:
-                m, p = e.get("method"), e.get("params", {})
-                if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                    errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
-                elif m == "Runtime.exceptionThrown":
-                    errors.append(p.get("exceptionDetails", {}).get("text", "exception"))
-                elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-                    errors.append(p["entry"].get("text", "error"))
-            shot = None
-            if screenshot is not None:
-                height = min(int(res.get("height", 2000)), 16000)
-                cdp.call("Emulation.setDeviceMetricsOverride", width=1200, height=height, deviceScaleFactor=1, mobile=False)
-                data = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
-                Path(screenshot).write_bytes(base64.b64decode(data))
-                shot = str(screenshot)
-            return BrowserCheck(res["n"], res["broken"], errors, shot, res.get("title", ""), res.get("figures", 0),
-                                summary=res.get("summary") or "")
+            yield cdp
         finally:
             cdp.close()
     finally:
@@ -178,6 +154,76 @@ def check_report(path: str | Path, screenshot: str | Path | None = None, timeout
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def _evaluate(cdp, expression: str):
+    return cdp.call("Runtime.evaluate", returnByValue=True, awaitPromise=True, expression=expression)["result"].get(
+        "value")
+
+
+def evaluate_page(path: str | Path, expression: str, timeout: float = 60.0) -> dict:
+    """Open ``path`` from ``file://`` in headless Chromium, evaluate the JavaScript ``expression`` (a promise is
+    awaited) and return ``{"value": its JSON value, "requests": [URLs the page requested that are not file: or
+    data: URLs]}`` -- e.g. to check that a documentation page renders its math with no network."""
+    with _open_page(path, timeout) as cdp:
+        value = _evaluate(cdp, expression)
+        requests = [e["params"]["request"]["url"] for e in cdp.events
+                    if e.get("method") == "Network.requestWillBeSent"
+                    and not e["params"]["request"]["url"].startswith(("file:", "data:"))]
+    return {"value": value, "requests": requests}
+
+
+def check_report(path: str | Path, screenshot: str | Path | None = None, timeout: float = 60.0) -> BrowserCheck:
+    """Open ``path`` in headless Chromium; return image/console findings and save a screenshot if asked (cropped
+    to the page: its width and height, not a fixed window).
+
+    Raises ImportError (with the install command) when ``websocket-client`` is missing and FileNotFoundError when
+    Chromium or the report is missing; both are checked before a browser is started.
+    """
+    with _open_page(path, timeout) as cdp:
+        res = _evaluate(cdp, """
+            (async () => {
+              const imgs = Array.from(document.images);
+              await Promise.all(imgs.map(i => i.complete ? null : new Promise(r => { i.onload = r; i.onerror = r; })));
+              return {n: imgs.length, broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.alt || i.src.slice(0, 60)),
+                      title: document.title, figures: document.querySelectorAll('figure').length,
+                      summary: (document.getElementById('summary') || {innerText: ''}).innerText,
+                      height: document.documentElement.scrollHeight};
+            })()""")
+        errors = []
+        for e in cdp.events:
+            m, p = e.get("method"), e.get("params", {})
+            if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+            elif m == "Runtime.exceptionThrown":
+                errors.append(p.get("exceptionDetails", {}).get("text", "exception"))
+            elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+                errors.append(p["entry"].get("text", "error"))
+        shot = None
+        if screenshot is not None:
+            shot = _screenshot(cdp, screenshot)
+        return BrowserCheck(res["n"], res["broken"], errors, shot, res.get("title", ""), res.get("figures", 0),
+                            summary=res.get("summary") or "")
+
+
+SCREENSHOT_WIDTH = 1200  # the window width a report is laid out for in the screenshot
+
+
+def _screenshot(cdp, screenshot) -> str:
+    """A PNG of the whole page cropped to it: laid out at :data:`SCREENSHOT_WIDTH`, then clipped to the content's
+    own width and height (no blank window area below a short page or beside a narrow one)."""
+    cdp.call("Emulation.setDeviceMetricsOverride", width=SCREENSHOT_WIDTH, height=800, deviceScaleFactor=1,
+             mobile=False)
+    size = _evaluate(cdp, """(() => { const b = document.body, d = document.documentElement;
+        const r = b.getBoundingClientRect();
+        return {w: Math.ceil(Math.max(b.scrollWidth, r.right)), h: Math.ceil(Math.max(b.scrollHeight, r.bottom,
+                d.scrollHeight > window.innerHeight ? d.scrollHeight : 0))}; })()""")
+    width = max(1, min(int(size["w"]), SCREENSHOT_WIDTH))
+    height = max(1, min(int(size["h"]), 16000))
+    data = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                    clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})["data"]
+    Path(screenshot).write_bytes(base64.b64decode(data))
+    return str(screenshot)
 
 
 def main(argv=None) -> int:

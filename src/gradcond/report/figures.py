@@ -126,10 +126,20 @@ def curves(runs: dict[str, list[dict]], specs: list[tuple[str, str, str]], title
                 ax.plot([v + (1 if x == "epoch" else 0) for v in xs], ys, marker="o" if len(xs) < 30 else None,
                         ms=3, label=f"{label} ({run_label} run)" if len(runs) > 1 else label)
     mark_events(ax, events, x)
+    if x == "epoch":
+        integer_ticks(ax)
     return finish_axes(ax, title, "epochs completed" if x == "epoch" else "optimizer step", ylabel, logy)
 
 
-def mark_events(ax, events: dict[str, list[dict]] | None, x: str = "epoch", kind: str = "teleport") -> None:
+def integer_ticks(ax) -> None:
+    """Whole numbers only on the x axis (epochs and steps are counts: no "2.5 epochs completed")."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def mark_events(ax, events: dict[str, list[dict]] | None, x: str = "epoch", kind: str = "teleport",
+                label: str | None = None, style: str = "--") -> None:
     """Vertical dashed lines at each event of ``kind``, labelled once in the legend.
 
     On an epoch axis (x = epochs completed) an event logged with 0-based ``epoch`` e fired at the start of that
@@ -143,7 +153,7 @@ def mark_events(ax, events: dict[str, list[dict]] | None, x: str = "epoch", kind
             if e.get("kind") != kind:
                 continue
             pos = e["step"] if x == "step" else e["epoch"]
-            ax.axvline(pos, color="crimson", ls="--", lw=1, label=kind if first else None)
+            ax.axvline(pos, color="crimson", ls=style, lw=1, label=(label or kind) if first else None)
             first = False
 
 
@@ -167,4 +177,5 @@ def per_layer(rows: list[dict], probe: str, name: str, title: str, ylabel: str, 
         xs, ys = by_layer[layer]
         ax.plot(xs, ys, color=cmap(i / max(1, len(layers) - 1)), label=relabel(layer, labels), lw=1.2)
     mark_events(ax, events, x)
+    integer_ticks(ax)
     return finish_axes(ax, title, "optimizer step" if x == "step" else "epoch", ylabel, logy, fontsize=6)

@@ -41,6 +41,7 @@ def _line_fig(rows, probe, name, title, ylabel, events, logy=False, reducer=None
         if xs:
             ax.plot(xs, ys, marker="o", ms=3, label=f"{label} run")
     figures.mark_events(ax, events, x="step")
+    figures.integer_ticks(ax)
     return figures.finish_axes(ax, title, "optimizer step", ylabel, logy)
 
 
@@ -74,11 +75,41 @@ def _table(rows, probe, labels=None):
 
 def _per_run_layer_figures(rows, events, probe, name, stem, title, ylabel, caption, logy=True,
                            labels=None) -> list[Figure]:
-    """One per-layer time-series figure per run that has rows of ``probe``/``name``."""
-    return [Figure(f"{stem}_{label}", figures.per_layer(rr, probe, name, f"{title} ({label} run)", ylabel, logy=logy,
-                                                        events={label: events.get(label, [])}, labels=labels),
-                   f"{caption} ({label} run)")
-            for label, rr in rows.items() if any(r["probe"] == probe and r["name"] == name for r in rr)]
+    """One per-layer time-series figure per run that has rows of ``probe``/``name``, side by side comparable: the
+    panels share their y-range, and each marks every run's teleport (a run's own teleport dashed, another run's
+    dotted, "teleport in the <run> run")."""
+    runs = [label for label, rr in rows.items() if any(r["probe"] == probe and r["name"] == name for r in rr)]
+    figs = []
+    for label in runs:
+        fig = figures.per_layer(rows[label], probe, name, f"{title} ({label} run)", ylabel, logy=logy,
+                                events={label: events.get(label, [])}, labels=labels)
+        for other in runs:
+            if other != label:
+                figures.mark_events(fig.axes[0], {other: events.get(other, [])}, x="step",
+                                    label=f"teleport in the {other} run", style=":")
+        figs.append(fig)
+    if len(figs) > 1:  # one y-range for all panels: the same height means the same value
+        lows, highs = zip(*(f.axes[0].get_ylim() for f in figs))
+        for f in figs:
+            f.axes[0].set_ylim(min(lows), max(highs))
+            if f.axes[0].get_legend_handles_labels()[0]:
+                f.axes[0].legend(fontsize=6, ncol=2)
+    return [Figure(f"{stem}_{label}", fig, f"{caption} ({label} run; the panels share their y-axis)")
+            for label, fig in zip(runs, figs)]
+
+
+# Which direction of each conditioning metric went with better training in seed 004 (notes §3.2, the thesis's
+# figure captions), shown on its plot; coherence has none.
+CONDITIONING_DIRECTION = {
+    "coherence": "neither direction is better: seed 004 (Figs 3.19-3.20) saw extreme values either way with poor "
+                 "training",
+    "step_consistency": "lower is better: in seed 004 (Figs 2.5-2.6) networks with excessively high values failed to "
+                        "converge",
+    "relative_rank_weight": "lower is better: in seed 004 (Figs 3.7-3.8) networks measuring high never learned "
+                            "appreciably",
+    "relative_rank_input": "lower is better: in seed 004 (§4.2.1) networks above 0.15 at initialisation mostly failed "
+                           "to converge",
+}
 
 
 def _noise_fig(rows, events):
@@ -184,9 +215,13 @@ def monitor_sections(rows: dict, events: dict, labels: dict | None = None) -> li
         sec = Section("Gradient conditioning", "<p>Seed 004's metrics on a fixed probe batch: gradient coherence "
                       "(eq. 3.26), step-consistency (eq. 2.24), relative weight-gradient rank (Def. 3.7).</p>")
         for n in names:
-            sec.figures.append(Figure(f"conditioning_{n}", _line_fig(rows, "conditioning", n, n.replace("_", " "),
+            direction = CONDITIONING_DIRECTION.get(n)
+            short = direction.split(":")[0] if direction else None
+            title = n.replace("_", " ") + (f"\n({short})" if short else "")
+            sec.figures.append(Figure(f"conditioning_{n}", _line_fig(rows, "conditioning", n, title,
                                                                      n.replace("_", " "), events),
-                                      f"{n.replace('_', ' ')} over training."))
+                                      f"{n.replace('_', ' ')} over training" + (f"; {direction}." if direction
+                                                                                  else ".")))
         sec.tables.append(("conditioning rows", _table(rows, "conditioning")))
         sections.append(sec)
     failures = [e for evs in events.values() for e in evs if e.get("kind") == "probe_failed"]

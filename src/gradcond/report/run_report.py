@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import dumps
+from ..probes.scale import EXPLODE_RATE, MIN_FIT_LAYERS, VANISH_RATE, gsc_verdict  # noqa: F401  (re-exported)
 from ..train.run import read_events, read_metrics
 from . import figures
 from .html import Figure, Section, write_report
@@ -26,9 +27,7 @@ METRIC_WORDS = {"coherence": "gradient coherence", "step_consistency": "step-con
                 "relative_rank_weight": "relative weight-gradient rank", "relative_rank_input": "relative input-gradient rank"}
 # probes written by the trainer itself, not by the monitor
 _TRAINER_PROBES = {"train", "test", "optim", "monitor"}
-# verdict thresholds on the fitted GSC rate per linear layer (as in ``gradcond diagnose``) and the fewest layers a
-# fit needs before its rate is presented as a verdict (two points always fit a line exactly)
-EXPLODE_RATE, VANISH_RATE, MIN_FIT_LAYERS = 1.05, 0.95, 3
+# the GSC verdict and its evidence thresholds are shared with `gradcond diagnose` (gradcond.probes.scale)
 COLLAPSE_SIGN_DIVERSITY = 0.1
 
 
@@ -121,28 +120,11 @@ def _fit_layers(rr: list[dict], step: int, model_kinds: dict[str, str] | None) -
     return None
 
 
-def gsc_verdict(rate: float | None, fit_layers: int | None) -> tuple[str | None, str]:
-    """(verdict or None, sentence) for a fitted GSC explosion rate per linear layer.
-
-    A verdict (``exploding``, ``vanishing`` or ``stable``) needs a fit through at least :data:`MIN_FIT_LAYERS`
-    layers: through two points a line fits exactly, so such a rate carries no evidence of a trend across depth.
-    """
-    if rate is None or not math.isfinite(rate):
-        return None, "no explosion rate could be fitted (fewer than 2 measured linear layers, or non-finite GSC)"
-    if fit_layers is None:
-        return None, (f"an explosion rate of {rate:.2f} per linear layer was fitted, but the number of layers the "
-                      "fit used is not recorded: no verdict")
-    if fit_layers < MIN_FIT_LAYERS:
-        return None, (f"the explosion-rate fit went through only {fit_layers} layers ({rate:.2f} per linear layer): "
-                      f"not enough for a verdict (at least {MIN_FIT_LAYERS} are needed)")
-    through = f"fit through {fit_layers} layers"
-    if rate > EXPLODE_RATE:
-        return "exploding", (f"gradients explode: the GSC grows by a factor {rate:.2f} per linear layer towards the "
-                             f"input ({through})")
-    if rate < VANISH_RATE:
-        return "vanishing", (f"gradients vanish: the GSC shrinks by a factor {rate:.2f} per linear layer towards the "
-                             f"input ({through})")
-    return "stable", f"the gradient scale is stable across depth: {rate:.2f} per linear layer ({through})"
+def _fit_value(rr: list[dict], step: int, name: str):
+    for r in rr:
+        if r["probe"] == "gsc" and r["name"] == name and r["step"] == step:
+            return r["value"]
+    return None
 
 
 def _gsc_part(rows: dict[str, list[dict]], labels, model_kinds) -> list[str]:
@@ -154,7 +136,9 @@ def _gsc_part(rows: dict[str, list[dict]], labels, model_kinds) -> list[str]:
             continue
         last = max(gsc)
         rate = rates[last][0]["value"] if last in rates else None
-        _, sentence = gsc_verdict(rate, _fit_layers(rr, last, model_kinds))
+        low, high = _fit_value(rr, last, "explosion_rate_low"), _fit_value(rr, last, "explosion_rate_high")
+        _, sentence = gsc_verdict(rate, _fit_layers(rr, last, model_kinds), math.nan if low is None else low,
+                                  math.nan if high is None else high, _fit_value(rr, last, "explosion_r2"))
         lowest = gsc[last][0]
         s = f"{label} run, GSC at step {last}: {sentence}"
         s += f"; GSC(L, 0) at the lowest layer ({figures.relabel(lowest['layer'], labels)}) is {_g(lowest['value'])}"
@@ -165,7 +149,7 @@ def _gsc_part(rows: dict[str, list[dict]], labels, model_kinds) -> list[str]:
     return out
 
 
-def _domain_part(rows: dict[str, list[dict]], labels) -> list[str]:
+def _domain_part(rows: dict[str, list[dict]], labels, probe_batch: int | None = None) -> list[str]:
     out = []
     for label, rr in rows.items():
         sd = _by_step(rr, "domain", "sign_diversity")
@@ -174,13 +158,16 @@ def _domain_part(rows: dict[str, list[dict]], labels) -> list[str]:
         last = max(sd)
         worst = min(sd[last], key=lambda r: r["value"])
         where = figures.relabel(worst["layer"], labels)
+        basis = f"lowest of {len(sd[last])} nonlinearities" + (f", on the monitor's probe batch of up to "
+                                                             f"{probe_batch} samples" if probe_batch else "")
         if worst["value"] < COLLAPSE_SIGN_DIVERSITY:
             s = (f"In the {label} run the domain collapses at {where}: sign diversity {worst['value']:.3f} at step "
-                 f"{last} (below {COLLAPSE_SIGN_DIVERSITY}: most pre-activations share one sign, the layer acts almost "
-                 "linearly)")
+                 f"{last} ({basis}; below {COLLAPSE_SIGN_DIVERSITY}: most pre-activations share one sign, the layer "
+                 "acts almost linearly)")
         else:
             s = (f"In the {label} run no domain collapses: the lowest sign diversity at step {last} is "
-                 f"{worst['value']:.3f} ({where}; 0.5 = balanced signs, collapse below {COLLAPSE_SIGN_DIVERSITY})")
+                 f"{worst['value']:.3f} ({where}; {basis}; 0.5 = balanced signs, collapse below "
+                 f"{COLLAPSE_SIGN_DIVERSITY})")
         first = min(sd)
         if first != last:
             before = [r for r in sd[first] if r["layer"] == worst["layer"]]
@@ -431,7 +418,8 @@ def run_summary(cfg: dict, rows: dict[str, list[dict]], events: dict[str, list[d
     domain, conditioning trends, the teleport's effect and the monitor's coverage. Reads rows and files only."""
     parts = [("Training outcome", _outcome(rows)),
              ("Exploding or vanishing gradients", _gsc_part(rows, labels, model_kinds) or ["GSC was not measured."]),
-             ("Collapsing domain", _domain_part(rows, labels) or ["The domain statistics were not measured."]),
+             ("Collapsing domain", _domain_part(rows, labels, (cfg.get("monitor") or {}).get("probe_batch_size"))
+              or ["The domain statistics were not measured."]),
              ("Conditioning trends", _conditioning_part(rows) or ["Gradient conditioning was not measured."]),
              ("Teleport", _teleport_part(rows, events)),
              ("Monitor coverage", _coverage_part(rows, events, run_dirs, cfg))]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,14 +16,13 @@ import torch
 from torch import nn
 
 from ..callbacks import Callback  # noqa: F401  (the protocol lives in gradcond.callbacks; re-exported here)
-from ..distributed import active as _dist_active, is_main
+from ..distributed import active as _dist_active, is_main, rank as _dist_rank, unwrap, world_size as _world_size
 from ..utils import TrainingDiverged, UserError, module_device, resolve_device
 from ..utils import progress as progress_bar_factory
 from .losses import get_loss
 from .run import RunLogger
 
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
-SCHEDULES = ("constant", "step", "plateau")
+from ..config import OPTIMIZERS, SCHEDULES  # noqa: E402  (the names a config accepts are the ones fit accepts)
 
 
 @dataclass
@@ -217,9 +218,12 @@ def fit(
     DDP (``torch.distributed`` initialised, more than one rank; ``model`` may be wrapped in
     ``DistributedDataParallel``): only rank 0 writes ``run`` (metrics, events, checkpoints); other ranks log in
     memory (give them ``run=None``: a ``RunLogger`` with a path creates its directory when built). The logged
-    ``train/*`` rows are rank 0's shard; ``test/*`` rows are evaluated on rank 0's replica. ``resume=True`` is
-    refused. Callbacks see the wrapped model; the monitor and teleports work on ``model.module``
-    (:mod:`gradcond.distributed`).
+    ``train/*`` rows are rank 0's shard; ``test/*`` rows are evaluated on rank 0's replica. Every epoch the ranks'
+    random streams (global RNG, data-loader generator) are gathered and rank 0's checkpoint holds all of them
+    (``ranks``, ``world_size``); ``resume=True`` makes rank 0 read the checkpoint and send it to every rank, each
+    rank restoring its own streams, so a resumed DDP run continues exactly -- with the same number of ranks (another
+    number is a :class:`~gradcond.utils.UserError`). Callbacks see the wrapped model; the monitor and teleports
+    work on ``model.module`` (:mod:`gradcond.distributed`). Checkpoints hold the inner module's state dict.
 
     Progress: a bar over the optimizer steps (epoch and loss in its postfix) on stderr when stderr is a terminal,
     not :func:`~gradcond.utils.set_quiet`, and training lasts over a second (:func:`gradcond.utils.progress`);
@@ -239,12 +243,8 @@ def fit(
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = make_schedule(schedule, opt, **(schedule_kwargs or {}))
     run = run if run is not None else RunLogger(None)
-    if _dist_active():
-        if resume:
-            raise UserError("resume=True is not supported under torch.distributed (only rank 0 holds the checkpoint); "
-                            "resume in a single process or start a fresh run.")
-        if not is_main():
-            run = RunLogger(None)  # one writer: ranks other than 0 log in memory only (pass run=None there)
+    if _dist_active() and not is_main():
+        run = RunLogger(None)  # one writer: ranks other than 0 log in memory only (pass run=None there)
     callbacks = list(callbacks)
     state = TrainState(model, opt, loss_fn, train_loader, test_loader, run, dict(config or {}), task=task, epochs=epochs,
                        device=device)
@@ -254,17 +254,23 @@ def fit(
     torch.manual_seed(seed)
     gen = getattr(train_loader, "generator", None)
 
-    if resume and run.path is not None and _checkpoint_path(run).exists():
-        ck = load_checkpoint(_checkpoint_path(run))
-        model.load_state_dict(ck["model"])
+    if resume and _sharded(model):
+        raise UserError("resume=True is not supported for an FSDP2 (fully_shard) model: its checkpoint holds the "
+                        "gathered full state, which this loop does not re-shard; resume under DDP or in one process, "
+                        "or start a fresh run.")
+    ck = _resume_checkpoint(run) if resume else None
+    if ck is not None:
+        _check_world(ck)
+        unwrap(model).load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("schedule") is not None:
             sched.load_state_dict(ck["schedule"])
-        torch.set_rng_state(ck["rng"])
-        if device.type == "cuda" and ck.get("cuda_rng") is not None:  # dropout etc. on the GPU draw from this one
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        if gen is not None and ck.get("data_rng") is not None:
-            gen.set_state(ck["data_rng"])
+        own = ck["ranks"][_dist_rank()] if ck.get("ranks") else ck  # each rank's own random streams
+        torch.set_rng_state(own["rng"])
+        if device.type == "cuda" and own.get("cuda_rng") is not None:  # dropout etc. on the GPU draw from this one
+            torch.cuda.set_rng_state(own["cuda_rng"], device)
+        if gen is not None and own.get("data_rng") is not None:
+            gen.set_state(own["data_rng"])
         for cb, cs in _match_callback_states(callbacks, ck.get("callbacks", [])):
             cb.load_state_dict(cs)
         run.truncate(ck["n_metrics"], ck["n_events"], ck.get("n_timings"))
@@ -335,8 +341,10 @@ def fit(
                 sched.step(row["train_loss"]) if schedule == "plateau" else sched.step()
             for cb in callbacks:
                 cb.on_epoch_end(state)
+            ranks = _gather_rank_streams(gen, device)  # collective under DDP/FSDP2: every rank, every epoch
             if run.path is not None or _sharded(model):  # FSDP2: every rank takes part in gathering the state
-                _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step, config, device)
+                _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, state.step, config, device,
+                                 ranks)
             if state.stop_training:
                 break
         for cb in callbacks:
@@ -400,21 +408,80 @@ def _match_callback_states(callbacks, saved) -> list:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by :func:`fit` without executing code: ``torch.load(weights_only=True)`` admits
-    only tensors, containers and plain scalars. A file that needs anything else (e.g. a pickle whose
-    ``__reduce__`` calls a function) is refused with :class:`~gradcond.utils.UserError`; nothing in it runs."""
+    """Read a checkpoint written by :func:`fit` without executing code, or refuse it in one sentence.
+
+    First every member's CRC-32 is checked (``zipfile.testzip``: a checkpoint is a zip archive), so a truncated or
+    bit-flipped file is reported as "corrupt or truncated" before anything is unpickled; then
+    ``torch.load(weights_only=True)`` admits only tensors, containers and plain scalars. A file that needs anything
+    else (e.g. a pickle whose ``__reduce__`` calls a function) is refused, naming what it holds; nothing in it runs,
+    and the message never suggests loading it less safely. Both are :class:`~gradcond.utils.UserError`."""
+    import pickle
+    import re
+    import zipfile
+
     path = Path(path)
     try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        problem = None if bad is None else f"member {bad} fails its CRC check"
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist.") from None
+    except PermissionError as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({exc.strerror}).") from None
+    except Exception as exc:  # BadZipFile, EOFError, a damaged header read as an unknown compression method, ...
+        problem = f"not a readable zip archive: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({problem}); delete it (or the run) and train "
+                        "again without --resume.")
+    try:
         ck = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for damaged files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(
-            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {first}); only checkpoints holding "
-            "tensors and plain values are accepted - delete it or train without --resume."
-        ) from None
+    except Exception as exc:
+        what = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if what:  # the pickle asks for a function or class: what a crafted file does to run code
+            raise UserError(f"checkpoint {path} was refused: it holds a reference to {what.group(1)}, which loading "
+                            "could execute; gradcond only loads checkpoints of tensors and plain values - delete it "
+                            "unless you wrote it with gradcond.") from None
+        # else a damaged pickle inside an archive whose checksums pass (e.g. a damaged directory entry)
+        first = "damaged pickle" if isinstance(exc, pickle.UnpicklingError) else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {first}); delete it (or "
+                        "the run) and train again without --resume.") from None
     if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
         raise UserError(f"checkpoint {path} is not a gradcond training checkpoint (missing model/optimizer/epoch/step).")
+    digest = ck.pop("digest", None)  # checkpoints of older versions have none
+    if digest is not None and digest != content_digest(ck):
+        raise UserError(f"checkpoint {path} is corrupt or truncated (its content does not match the digest saved with "
+                        "it); delete it (or the run) and train again without --resume.")
     return ck
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of a checkpoint's content (nested dicts, lists, tuples, tensors and plain scalars, in order): saved
+    in the checkpoint and checked on load, so damage that the zip checksums miss (a corrupted directory entry that
+    makes a reader take its bytes from the wrong place) is found too. Cost: one pass over the tensors' bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            t = o.detach().contiguous().cpu()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{'L' if isinstance(o, list) else 'U'}{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"S{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
 
 
 def _plain_config(config):
@@ -439,7 +506,7 @@ def _full_state(model, opt):
     with ``torch.distributed.checkpoint.state_dict`` (collective: every rank calls it; a checkpoint, unlike a
     measurement, needs the full parameters), keyed like the unsharded model's; otherwise the plain state dicts."""
     if not _sharded(model):
-        return model.state_dict(), opt.state_dict()
+        return unwrap(model).state_dict(), opt.state_dict()  # the inner module's keys (no DDP "module.")
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -447,8 +514,53 @@ def _full_state(model, opt):
     return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
 
 
-def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, config=None, device=None) -> None:
-    from ..distributed import strategy, world_size
+def _rank_streams(gen, device) -> dict:
+    """This process's random streams: the global torch RNG, the GPU's, the data loader's generator."""
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
+            "data_rng": gen.get_state() if gen is not None else None}
+
+
+def _gather_rank_streams(gen, device) -> list[dict] | None:
+    """Under DDP: every rank's :func:`_rank_streams`, in rank order (one ``all_gather_object`` per epoch; each rank
+    shuffles its own shard with its own generator, so a resume needs all of them). None in one process."""
+    if not _dist_active():
+        return None
+    everyone: list = [None] * _world_size()
+    torch.distributed.all_gather_object(everyone, {k: (v.cpu() if torch.is_tensor(v) else v)
+                                                   for k, v in _rank_streams(gen, device).items()})
+    return everyone
+
+
+def _resume_checkpoint(run) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh start. Under DDP rank 0 reads it (only rank 0 has the run
+    directory) and sends it to every rank; a checkpoint rank 0 cannot read raises on every rank."""
+    def read():
+        path = _checkpoint_path(run) if run.path is not None else None
+        return load_checkpoint(path) if path is not None and path.exists() else None
+
+    if not _dist_active():
+        return read()
+    from ..distributed import run_on_main
+
+    box = [run_on_main(read)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _check_world(ck: dict) -> None:
+    """A checkpoint is resumed with the number of ranks that wrote it (each rank trains its own shard)."""
+    saved = int(ck.get("world_size") or (0 if any(str(k).startswith("module.") for k in ck["model"]) else 1))
+    if saved != _world_size():
+        how = "in one process" if saved == 1 else f"with --nproc {saved}" if saved else "with an unknown number " \
+              "of processes (an older checkpoint)"
+        raise UserError(f"the checkpoint was written by a run trained {how}; resume it with the same number of "
+                        f"processes (this run has {_world_size()}).")
+
+
+def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, config=None, device=None,
+                     ranks=None) -> None:
+    from ..distributed import strategy
 
     model_state, opt_state = _full_state(model, opt)
     if run.path is None:  # FSDP2 ranks other than 0: they only took part in gathering the state
@@ -456,12 +568,11 @@ def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, 
     ck = {
         "model": model_state,
         "optimizer": opt_state,
-        "world_size": world_size(),
         "strategy": strategy(model),
         "schedule": sched.state_dict() if sched is not None else None,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
-        "data_rng": gen.get_state() if gen is not None else None,
+        **_rank_streams(gen, device),
+        "ranks": ranks,  # under DDP: every rank's streams, in rank order
+        "world_size": _world_size(),
         "callbacks": [{"type": _callback_key(cb), "state": cb.state_dict()} for cb in callbacks],
         "rows": rows,
         "epoch": epoch,
@@ -473,9 +584,22 @@ def _save_checkpoint(run, model, opt, sched, gen, callbacks, rows, epoch, step, 
     }
     path = _checkpoint_path(run)
     tmp = path.with_suffix(".tmp")
+    ck["digest"] = content_digest(ck)  # checked by load_checkpoint
+    # torch.save into memory first: writing its bytes ourselves turns a full disk into OSError(ENOSPC) (torch.save
+    # straight to a file raises a RuntimeError from its zip writer instead), which the runner reports in one line
+    buf = io.BytesIO()
+    torch.save(ck, buf)
     try:
-        torch.save(ck, tmp)
+        _write_file(tmp, buf.getbuffer())
         tmp.replace(path)  # atomic: a crash (or a full disk) mid-save leaves the previous checkpoint intact
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_file(path: Path, data) -> None:
+    """Write ``data`` to ``path`` and flush it to the disk (OSError on a full disk, not later at close)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

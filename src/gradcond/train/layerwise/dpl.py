@@ -500,6 +500,8 @@ def _init_from_env(device_type: str, timeout_s: float) -> bool:
     if world <= 1:
         return False
     backend = "nccl" if device_type == "cuda" and dist.is_nccl_available() else "gloo"
+    import torch._dynamo  # noqa: F401  (before the group exists: see gradcond.distributed.init_local_group)
+
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return True
 

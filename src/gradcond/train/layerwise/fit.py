@@ -8,6 +8,8 @@ and a per-block schedule ``lr * lr_decay**i``, ``weight_decay * wd_growth**i`` (
 
 from __future__ import annotations
 
+import io
+
 import copy
 import math
 import numbers
@@ -198,7 +200,9 @@ class _FeatureCache:
             self.items.append((z, y))
         else:
             path = self.directory / f"batch{len(self.items):06d}.pt"
-            torch.save({"z": z.cpu(), "y": y.cpu()}, path)
+            buf = io.BytesIO()  # into memory first: a full disk is then OSError(ENOSPC), not torch's RuntimeError
+            torch.save({"z": z.cpu(), "y": y.cpu()}, buf)
+            path.write_bytes(buf.getbuffer())
             self.items.append(path)
 
     def __len__(self) -> int:
