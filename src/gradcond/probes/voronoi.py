@@ -39,8 +39,9 @@ Algorithms (:func:`pure_entropy`):
   (drop centroids, smallest cells first, while the map stays pure), then a *large-neighbourhood search* that uses
   the exact search as its sub-solver: for each centroid (smallest cells first), free it and its ``region - 1``
   nearest centroids, keep the others fixed, and re-solve the freed cells exactly (at most ``region_nodes`` nodes)
-  with fewer centroids chosen among their samples; passes until no region improves; then the same with as many
-  centroids, kept when the entropy of the whole map falls.  At most ``search_nodes`` nodes in all (a node budget,
+  with fewer centroids chosen among their samples (at most 128 of them, those nearest the freed centroids);
+  passes until no region improves; then the same with as many centroids, kept when the entropy of the whole map
+  falls.  A phase is skipped when its lower bound is already reached (one cell per class; entropy H(Y)).  At most ``search_nodes`` nodes in all (a node budget,
   not a clock, so the result does not depend on the machine's load).  The sub-search runs only on the samples a
   freed candidate could take from their fixed nearest centroid.  Cost: the pairwise distances, O(n^2 d) time and
   O(n^2) memory (float64 up to 4,096 samples, float32 above, at most :data:`MAX_SAMPLES`), FCNN and Gates about
@@ -69,6 +70,8 @@ __all__ = ["pure_entropy", "PureEntropy", "voronoi_cells", "MAX_SAMPLES", "METHO
 METHODS = ("auto", "exact", "heuristic")
 MAX_SAMPLES = 20_000  # the pairwise distance matrix: 1.6 GB in float32 at this size
 _FLOAT64_UP_TO = 4096
+_PACK_ROWS = 64  # misclassified samples tried for the packing bound at each node
+_REGION_CANDIDATES = 128  # samples of a freed region offered as new centroids (those nearest the freed centroids)
 
 
 @dataclass
@@ -254,7 +257,7 @@ def _bnb(D: np.ndarray, y: np.ndarray, max_nodes: int, k_from: int, k_to: int, f
             # packing bound: misclassified samples with pairwise disjoint candidate sets each need their own centroid
             used = np.zeros(len(allowed), dtype=bool)
             packed = 0
-            for i in np.argsort(cnt, kind="stable"):
+            for i in np.argsort(cnt, kind="stable")[:_PACK_ROWS]:  # any subset of the rows gives a valid bound
                 if not (C[i] & used).any():
                     used |= C[i]
                     packed += 1
@@ -420,9 +423,12 @@ def _heuristic(D: np.ndarray, y: np.ndarray, X: np.ndarray, region: int, sub_nod
     _gates(m)
     S = m.S.tolist()
     used = 0
+    classes = len(np.unique(y))
+    floor = _entropy_bits(np.bincount(y))
     for phase in ("cells", "entropy"):
         h = _entropy_bits(np.bincount(_assign(D, np.array(S)), minlength=len(S)))
-        improved = True
+        # nothing to gain at the lower bounds: one cell per class, or the entropy of the labels
+        improved = len(S) > classes if phase == "cells" else h > floor + 1e-12
         while improved and used < budget:
             improved = False
             Sa = np.array(S)
@@ -437,6 +443,17 @@ def _heuristic(D: np.ndarray, y: np.ndarray, X: np.ndarray, region: int, sub_nod
                     continue
                 near = Sa[_assign(D, Sa)]
                 R = np.flatnonzero(np.isin(near, reg))
+                if len(R) > _REGION_CANDIDATES:  # the samples nearest to the freed centroids, in turn
+                    order = np.argsort(D[np.ix_(reg, R)], axis=1, kind="stable")
+                    pick: list[int] = []
+                    for col in range(order.shape[1]):
+                        for r in range(len(reg)):
+                            j = int(R[order[r, col]])
+                            if j not in pick:
+                                pick.append(j)
+                        if len(pick) >= _REGION_CANDIDATES:
+                            break
+                    R = np.array(sorted(pick[:_REGION_CANDIDATES]))
                 fixed = [int(f) for f in Sa if f not in set(reg.tolist())]
                 k = len(reg) - 1 if phase == "cells" else len(reg)
                 sol, nodes, _, _ = _bnb(D, y, min(sub_nodes, budget - used), 1 if phase == "cells" else k, k,
