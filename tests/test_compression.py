@@ -405,6 +405,10 @@ def test_repro_compression_bits_quick(tmp_path):
         assert r.holds is None  # quick mode does not judge a 100-epoch average
     assert any(r.holds is not None for r in rows)
     assert (out / "result.json").exists() and (out / "simulation.json").exists()
+    huff = [r for r in rows if r.claim.startswith("the source's coder on the same weights")]
+    assert len(huff) == 1 and huff[0].holds is None
+    for h, a in zip(huff[0].data["huffman"], huff[0].data["rans"]):  # Huffman >= rANS, less than 1 bit more
+        assert a <= h < a + 1
 
 
 @pytest.mark.slow
