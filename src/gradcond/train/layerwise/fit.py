@@ -26,7 +26,7 @@ from ...losses import get_loss
 from ...utils import TrainingDiverged, as_batch, module_device, progress, resolve_device
 from ..trainer import OPTIMIZERS, make_optimizer, to_model
 from .blocks import is_classifier_block, split_blocks
-from .heads import choose_head, describe_head, gradient_dropout, input_dropout_p, make_head
+from .heads import NoHeadFits, choose_head, describe_head, gradient_dropout, input_dropout_p, make_head, search_head
 from .memory import MemoryReport, memory_accounting, optimizer_state_bytes
 
 METHODS = ("dll", "dsl", "random_robin")
@@ -70,7 +70,9 @@ class LayerwiseResult:
     ``memory[i]``: the peak training memory of step ``i`` (feednet + trained window + head), ``backprop_memory``:
     that of the whole model trained by backprop on the same batch; ``memory_ratio``: the largest of the former over
     the latter. ``history``: one dict per epoch (block, round, epoch, lr, weight_decay, input_dropout, train_loss,
-    train_acc, val_acc, test_acc).
+    train_acc, val_acc, test_acc).  ``head_search[i]``: with ``memory_target``, the decision-block search's log
+    for step ``i`` (every configuration measured with its bytes and memory ratio, then the choice and its reason;
+    :func:`~gradcond.train.layerwise.heads.search_head`); empty otherwise.
     """
 
     method: str
@@ -86,6 +88,7 @@ class LayerwiseResult:
     epochs_run: list[int]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    head_search: list[list[dict]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> list[float]:
@@ -116,6 +119,11 @@ class LayerwiseResult:
         lines.append(f"best depth {self.best_depth}: test accuracy {self.best_test_accuracy:.4f}; peak memory "
                      f"{self.memory_ratio:.1%} of backprop ({self.backprop_memory.total} B, "
                      f"{self.backprop_memory.method})")
+        for d, log in enumerate(self.head_search, start=1):
+            if log:
+                choice = log[-1]
+                lines.append(f"head search, depth {d}: {len(log) - 1} configurations measured; chose "
+                             f"{describe_head(choice['chosen'])} at {choice['ratio']:.1%} ({choice['reason']})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -124,7 +132,7 @@ class LayerwiseResult:
                 "val_accuracy": self.val_accuracy, "memory": [m.to_dict() for m in self.memory],
                 "backprop_memory": self.backprop_memory.to_dict(), "memory_ratio": self.memory_ratio,
                 "memory_ratios": self.memory_ratios, "head_configs": self.head_configs,
-                "epochs_run": self.epochs_run, "seconds": self.seconds}
+                "epochs_run": self.epochs_run, "seconds": self.seconds, "head_search": self.head_search}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -241,6 +249,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                   optimizer: str = "adamw", lr_drops: Sequence[float] = (), input_dropout: float = 0.8,
                   input_dropout_decay: float = 0.95, grad_dropout: float = 0.0, grad_dropout_rescale: bool = True,
                   patience: int | None = None, max_decision_convs: int = 2, memory_budget: float | None = None,
+                  memory_target: float | None = None, memory_tolerance: float = 0.005,
                   window: int = 2, rounds: int | None = None, epochs_per_round: int = 1,
                   feature_checkpoint: str | None = None, checkpoint_at: Sequence[int] | None = None,
                   checkpoint_dir=None, loss="cross_entropy", seed: int = 0, device=None,
@@ -282,7 +291,11 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
     Decision heads (:func:`build_head` configurations, richest first, up to ``max_decision_convs`` down-convs): with
     ``memory_budget`` (a fraction in (0, 1] of full backprop's peak memory) the richest head whose whole step
     (feednet + window + head, :func:`memory_accounting`) fits is used; when none fits a ``ValueError`` says what the
-    cheapest needs. Without a budget the richest head is used.
+    cheapest needs. Without a budget the richest head is used. With ``memory_target`` (a fraction, the thesis's
+    0.30) the head is *searched* instead (:func:`~gradcond.train.layerwise.heads.search_head`: depth up to
+    ``max_decision_convs``, width, down-pooling) so that the step lands in ``memory_target +- memory_tolerance``
+    (Table 6.3: 30 +- 0.5 %); the search's log is ``LayerwiseResult.head_search`` and no head under the band's
+    top is a ``ValueError`` (:class:`NoHeadFits`). ``memory_budget`` and ``memory_target`` exclude each other.
 
     Feature checkpoints (``feature_checkpoint="ram"|"disk"``, DLL and DSL): once block ``j`` is frozen for good and
     ``j`` is in ``checkpoint_at`` (default: every block), its outputs for one pass over ``train_loader`` are stored
@@ -322,6 +335,16 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                                           and not isinstance(memory_budget, bool) and 0 < memory_budget <= 1):
         raise ValueError(f"memory_budget must be a fraction of full-backprop peak memory in (0, 1], got "
                          f"{memory_budget!r}.")
+    if memory_target is not None:
+        if memory_budget is not None:
+            raise ValueError("pass memory_budget (a cap) or memory_target (a target to land on), not both.")
+        if not (isinstance(memory_target, numbers.Real) and not isinstance(memory_target, bool)
+                and 0 < memory_target <= 1):
+            raise ValueError(f"memory_target must be a fraction of full-backprop peak memory in (0, 1], got "
+                             f"{memory_target!r}.")
+        if not (isinstance(memory_tolerance, numbers.Real) and not isinstance(memory_tolerance, bool)
+                and 0 <= memory_tolerance < memory_target):
+            raise ValueError(f"memory_tolerance must be a number in [0, memory_target), got {memory_tolerance!r}.")
     if feature_checkpoint is not None and feature_checkpoint not in CHECKPOINTS:
         raise ValueError(f"feature_checkpoint must be None, 'ram' or 'disk', got {feature_checkpoint!r}.")
     if feature_checkpoint is not None and method == "random_robin":
@@ -379,6 +402,16 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                     f"to train block {i_top}, but memory_budget={memory_budget} allows {int(budget)} bytes; raise "
                     "memory_budget (a fraction of full-backprop peak memory in (0, 1]) or lower the batch size.")
 
+        if memory_target is not None:
+            try:
+                head, config, report, log = search_head(feats[i_top], num_classes, measure, bp_mem.total,
+                                                        float(memory_target), float(memory_tolerance),
+                                                        max_decision_convs=max_decision_convs, dtype=dtype,
+                                                        device=dev)
+            except NoHeadFits as exc:
+                raise NoHeadFits(f"block {i_top}: {exc}") from None
+            search_logs[i_top] = log
+            return head, config, report
         head, config, report = choose_head(feats[i_top], num_classes, measure, budget,
                                            max_decision_convs=max_decision_convs, dtype=dtype, device=dev,
                                            describe_budget=describe)
@@ -386,6 +419,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
             report = measure(head)
         return head, config, report
 
+    search_logs: dict[int, list[dict]] = {}
     total_epochs = sum(epochs_list)
     if method == "random_robin":
         n_rounds = rounds if rounds is not None else math.ceil(max(epochs_list) / epochs_per_round)
@@ -555,5 +589,5 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
         method=method, model=best["model"], best_depth=best["depth"], test_accuracy=test_acc,
         val_accuracy=val_acc if val_loader is not None else None, memory=memory, backprop_memory=bp_mem,
         blocks=trained, heads=heads, head_configs=configs, epochs_run=epochs_run, history=history,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, head_search=[search_logs.get(i, []) for i in range(n)],
     )
