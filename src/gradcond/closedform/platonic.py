@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..presets import presettable
 from ..utils import progress
 from ._factor import SOLVERS, Factor, SingularSystemError
 
@@ -266,11 +267,12 @@ def _randn(shape, generator, device, dtype):
     return torch.randn(*shape, generator=generator, device=gdev, dtype=dtype).to(device)
 
 
+@presettable("fit_platonic")
 def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha: float = 0.1, beta: float = 10.0,
                  n_tries: int = 1, projection: str = "random", first_layer: str | None = None,
                  reweight: float | None = None, solver: str = "pinv", ridge: float = 0.0, atol: float | None = None,
                  dtype: torch.dtype | None = None, model_dtype: torch.dtype | None = None, standardize: bool = False,
-                 generator: torch.Generator | None = None, return_report: bool = False):
+                 generator: torch.Generator | None = None, return_report: bool = False, preset: str | None = None):
     """Fit an MLP with hidden widths ``widths`` to ``(X, Y)`` in closed form with Platonic projections (no
     gradients, one pass over the data).
 
@@ -313,6 +315,12 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
             docstring).
         generator: ``torch.Generator`` for the random P / W (default: torch's global RNG).
         return_report: also return a :class:`FitReport`.
+        preset: fill the arguments not given with a thesis setting (:mod:`gradcond.presets`): ``"thesis"`` (§7.6,
+            two spirals: alpha 0.1, beta 10, pinv, float64, one try -- today's defaults), ``"thesis-mnist"``
+            (Table 7.2: ReLU, alpha 1, beta 10, ridge 50,000 via solve), ``"thesis-deterministic"`` (Table 7.3:
+            Sorted PCA + weighted Platonic PCA, alpha 1, beta 1e6, lambda_EMA 0.2, ridge).  ``ridge`` defaults to 0
+            (the plain least-squares solution; the thesis's 50,000 regularises one-hot MNIST targets and is part of
+            ``"thesis-mnist"``).
 
     Returns:
         An ``nn.Sequential`` of ``nn.Linear`` and activation modules, on ``X``'s device in ``model_dtype``; without

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...losses import get_loss
+from ...presets import presettable
 from ...utils import TrainingDiverged, as_batch, module_device, progress, resolve_device
 from ..trainer import OPTIMIZERS, make_optimizer, to_model
 from .blocks import is_classifier_block, split_blocks
@@ -243,6 +244,7 @@ def _infer_num_classes(blocks, train_loader) -> int:
 # ----------------------------------------------------------------------------------------------- fit_layerwise
 
 
+@presettable("fit_layerwise")
 def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: str = "dll", val_loader=None,
                   num_classes: int | None = None, classifier: str = "auto", epochs=10, lr: float = 3e-3,
                   weight_decay: float = 1e-6, lr_decay: float = 0.8, wd_growth: float = 1.15,
@@ -253,7 +255,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                   window: int = 2, rounds: int | None = None, epochs_per_round: int = 1,
                   feature_checkpoint: str | None = None, checkpoint_at: Sequence[int] | None = None,
                   checkpoint_dir=None, loss="cross_entropy", seed: int = 0, device=None,
-                  progress_bar: bool = True) -> LayerwiseResult:
+                  progress_bar: bool = True, preset: str | None = None) -> LayerwiseResult:
     """Train a classifier block by block (seed 002 ch. 6) and keep the best depth.
 
     ``model_or_blocks``: an ``nn.Sequential`` (split by :func:`split_blocks`) or a list of blocks. Training works on
@@ -302,6 +304,15 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
     (on disk under ``checkpoint_dir``, default a temporary directory removed afterwards) and every later step
     replays them in the recorded order through the blocks between ``j`` and the trained window, instead of running
     the whole feednet. Replaying fixes the batch order (and any augmentation) of that pass.
+
+    ``preset="thesis"``: every argument not passed takes the thesis's Table 6.3 / §6.7 value
+    (:mod:`gradcond.presets`: 300 epochs per block, AdamW, lr 3e-3 x 0.8^i, weight decay 1e-6 x 1.15^i, LR x 0.1 at
+    50 % and 75 %, input dropout 0.8 decaying by 0.95, gradient dropout 0.6, up to 4 decision convs, memory target
+    30 +- 0.5 %).  Where the defaults differ, and why: ``epochs`` 10 (a block of a small network converges in a few
+    epochs; 300 is the thesis's CIFAR/SVHN budget), ``lr_drops`` none (with 10 epochs the drops would cut the few
+    epochs there are), ``grad_dropout`` 0 (at small scale the gradient noise only slows a block down; the thesis
+    uses it against overfitting on large data), ``max_decision_convs`` 2 (small feature maps cannot be halved
+    more often), no memory target (the search costs a forward/backward per configuration; opt in).
 
     Returns a :class:`LayerwiseResult`. Cost: sum over steps of (epochs x one pass of feednet forward + window
     forward/backward) plus an evaluation pass per epoch; one extra forward/backward per step and head configuration
