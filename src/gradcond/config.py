@@ -13,6 +13,8 @@ Sections and their keys (defaults in :data:`DEFAULTS`)::
     [monitor]  enabled, schedule (preset "default"|"full"|"off"), budget (fraction of training time),
                probe_batch_size, probes = {probe = "every:N"|"epoch"|"log", ...} (overrides the preset)
     [[callbacks]]  name = "...", plus that callback's keywords
+    [distributed]  strategy ("ddp": data-parallel ranks of the whole model under --nproc; "dpl": deep
+                   partition-wise learning, seed 002 §6.8), dpl = {...} (see :data:`DPL_KEYS`)
     compare_teleport = false   # also train a copy with one optimised teleport and compare (the demo does)
 
 Every fixed value is checked for type and range before anything is built or written (e.g. ``optim.lr`` a positive
@@ -44,12 +46,33 @@ DEFAULTS: dict = {
     "train": {"epochs": 8, "loss": "auto"},
     "monitor": {"enabled": False, "schedule": "default", "budget": 0.05, "probe_batch_size": 64, "probes": {}},
     "callbacks": [],
+    "distributed": {"strategy": "ddp", "dpl": {}},
+}
+
+# [distributed.dpl]: the arguments of gradcond.train.fit_partitionwise that a run config may set (and what each
+# accepts); `partitions` is the number of partitions (default: one per process) or a list of block counts
+DPL_KEYS = {
+    "partitions": "a positive integer or a list of positive block counts",
+    "replicas": "a list of positive process counts, one per partition",
+    "schedule": "\"concurrent\", \"sequential\", \"round_robin\" or \"random_robin\"",
+    "epochs_per_round": "a positive integer",
+    "feature_checkpoint": "\"auto\", \"device\" or \"cpu\"",
+    "filter_links": "\"every\" or \"first\"",
+    "k_filter": "a table {k, warmup_epochs, filter_batch, max_removed}",
+    "loss_filter": "a table {fraction, from_epoch}",
+    "lr_scale": "a positive number",
+    "wd_scale": "a positive number",
+    "lr_drops": "a list of fractions in (0, 1)",
+    "max_decision_convs": "an integer >= 0",
+    "timeout_s": "a positive number",
+    "preset": "a preset name of fit_partitionwise (\"thesis\", \"thesis-imagenet\")",
 }
 
 # sections whose keys are fixed here; [model], [data.options], [monitor] and callbacks take open keyword sets
 _FIXED = {"data": {"name", "form", "batch_size", "options"}, "optim": set(DEFAULTS["optim"]) | {"name"},
           "monitor": set(DEFAULTS["monitor"]),
-          "schedule": set(DEFAULTS["schedule"]), "train": set(DEFAULTS["train"])}
+          "schedule": set(DEFAULTS["schedule"]), "train": set(DEFAULTS["train"]),
+          "distributed": {"strategy", "dpl"}}
 _TOP = set(DEFAULTS)
 
 
@@ -159,6 +182,8 @@ _VALUE_RULES = (
     ("monitor.budget", lambda v: _is_num(v) and 0 < v <= 1, "a fraction in (0, 1]"),
     ("monitor.probe_batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
     ("monitor.probes", lambda v: isinstance(v, dict), "a table probe = \"every:N\"|\"epoch\"|\"log\""),
+    ("distributed.strategy", lambda v: v in ("ddp", "dpl"), "\"ddp\" or \"dpl\""),
+    ("distributed.dpl", lambda v: isinstance(v, dict), "a table of partition-wise options"),
 )
 
 
@@ -172,6 +197,29 @@ def _check_values(cfg: dict) -> None:
             node = node[part]
         if not ok(node):
             raise UserError(f"{key} must be {accepted}, got {node!r}.")
+    _check_dpl(cfg)
+
+
+def _check_dpl(cfg: dict) -> None:
+    """The ``[distributed.dpl]`` table: known keys with values of the accepted kind (their ranges are checked by
+    ``fit_partitionwise`` before anything is written); DPL runs take no callbacks, monitor or teleport copy."""
+    dpl = cfg["distributed"]["dpl"]
+    bad = sorted(set(dpl) - set(DPL_KEYS))
+    if bad:
+        raise UserError(f"unknown key(s) {', '.join(bad)} in [distributed.dpl]; accepted: {', '.join(DPL_KEYS)}.")
+    kinds = {"partitions": (int, list), "replicas": list, "schedule": str, "epochs_per_round": int,
+             "feature_checkpoint": str, "filter_links": str, "k_filter": dict, "loss_filter": dict,
+             "lr_scale": (int, float), "wd_scale": (int, float), "lr_drops": list, "max_decision_convs": int,
+             "timeout_s": (int, float), "preset": str}
+    for key, value in dpl.items():
+        if isinstance(value, bool) or not isinstance(value, kinds[key]):
+            raise UserError(f"distributed.dpl.{key} must be {DPL_KEYS[key]}, got {value!r}.")
+    if cfg["distributed"]["strategy"] == "dpl":
+        for key, on in (("compare_teleport", cfg["compare_teleport"]), ("monitor.enabled", cfg["monitor"]["enabled"]),
+                        ("callbacks", bool(cfg["callbacks"]))):
+            if on:
+                raise UserError(f"{key} is not supported with distributed.strategy = \"dpl\" (partition-wise "
+                                "training runs its own loop); turn it off or use strategy \"ddp\".")
 
 
 def dumps(cfg: dict) -> str:

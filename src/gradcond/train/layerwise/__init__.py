@@ -15,7 +15,7 @@ __all__ = [
 ]
 
 # Partition-wise training (DPL, ``dpl.py``) loads torch.distributed machinery: imported on first use.
-_DPL_NAMES = ("fit_partitionwise", "PartitionwiseResult", "PartitionPeerLost", "make_partitions")
+_DPL_NAMES = ("fit_partitionwise", "PartitionwiseResult", "PartitionPeerLost", "make_partitions", "partition_model")
 __all__ += list(_DPL_NAMES)
 
 

@@ -61,7 +61,7 @@ from ..filters import KFilter, LossFilter, _block_redundant
 from ..losses import get_loss
 from ..trainer import make_optimizer
 
-__all__ = ["fit_partitionwise", "PartitionwiseResult", "PartitionPeerLost", "make_partitions"]
+__all__ = ["fit_partitionwise", "PartitionwiseResult", "PartitionPeerLost", "make_partitions", "partition_model"]
 
 SCHEDULES = ("concurrent", "sequential", "round_robin", "random_robin")
 FILTER_LINKS = ("every", "first")
@@ -161,6 +161,39 @@ def make_partitions(model_or_blocks, sizes) -> list[nn.Module]:
         out.append(nn.Sequential(*blocks[pos:pos + s]))
         pos += s
     return out
+
+
+def partition_model(model: nn.Module, sizes, example: torch.Tensor, num_classes: int, *,
+                    max_decision_convs: int = 2, seed: int = 0) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``(partitions, heads)`` of a classifier for :func:`fit_partitionwise`: the model's blocks
+    (:func:`~gradcond.train.layerwise.split_blocks`) grouped by ``sizes`` (:func:`make_partitions`), and a decision
+    head per partition (:func:`~gradcond.train.layerwise.build_head` on that partition's output shape, up to
+    ``max_decision_convs`` down-convs) -- except when the last block is the model's own classifier (a Linear with
+    ``num_classes`` outputs): the last partition then ends with it and its head is ``nn.Identity``, so the trained
+    network is the model itself.  ``example``: a batch of inputs (for the shapes; run in eval mode without
+    gradients, the model's modes and buffers untouched).  The heads are drawn from ``seed`` (the global RNG is
+    restored), so every rank builds the same ones.  The partitions share the model's modules."""
+    from .blocks import is_classifier_block, split_blocks
+    from .heads import build_head
+
+    blocks = list(split_blocks(model))
+    parts = make_partitions(blocks, sizes)
+    params = [q for q in model.parameters() if q.is_floating_point()]
+    dtype = params[0].dtype if params else torch.get_default_dtype()
+    device = module_device(model)
+    own = is_classifier_block(blocks[-1], num_classes)
+    heads = []
+    with torch.no_grad(), eval_mode(model), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        h = example.to(device, dtype) if example.is_floating_point() else example.to(device)
+        for i, p in enumerate(parts):
+            h = p(h)
+            if i == len(parts) - 1 and own:
+                heads.append(nn.Identity())
+            else:
+                heads.append(build_head(tuple(h.shape[1:]), num_classes, max_decision_convs=max_decision_convs,
+                                        dtype=dtype, device=device))
+    return parts, heads
 
 
 # --------------------------------------------------------------------------------------------------- one stage
@@ -1258,7 +1291,8 @@ def _fit_distributed_robin(partitions, heads, train_loader, test_loader, loss_fn
         link.flush()
     res = _gather_results(rank, world, part, ranks, partitions, heads, stage, t0, train_loader, epochs,
                           "round_robin", task)
-    res.extra.update({"epochs_per_round": per_round, "rounds": rounds, "checkpoints": ["device"] if rank else None})
+    # every rank but 0 keeps its input checkpoint in its own (device) memory
+    res.extra.update({"epochs_per_round": per_round, "rounds": rounds, "checkpoints": ["device"]})
     return res
 
 
