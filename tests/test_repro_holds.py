@@ -52,6 +52,7 @@ EXPECTED = {
     "kfilter-tradeoff": ("FAILS", 'no k removes >= 30 % of the training data at <= 0.5 pp accuracy loss (digits: 80 % at 18 % kept vs 96 % baseline)'),
     "lsd-depth": ("HOLDS", ""),
     "platonic-checkerboard": ("HOLDS", ""),
+    "pure-entropy-sinusoid": ("FAILS", "Fig. 5.12: the median cell count does not grow from 50 to 100 samples (4 and 4; then 7, 8, 9 up to 800) though H does (1.74, 1.83, ...); Fig. 5.11 (heuristic maps at 400 points: 8, 14, 37, 64 cells; proven-optimal at 100: 4, 7, 21) and eq. 5.4 across the layers hold"),
     "platonic-digits": ("FAILS", 'random projections / random W (ELM) beat Sorted PCA at every width on digits (e.g. 92.7 % vs 88.3 % at width 64)'),
     "platonic-sine": ("FAILS", "train MSE 1.6e-4 (median of 5 seeds) vs the source's 2e-5 (criterion <= 1e-4, Fig. 7.3)"),
     "platonic-spirals": ("FAILS", 'the alpha 0.1 / beta 10 solve is singular in 5/5 runs in float32 and float64'),
