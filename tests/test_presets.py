@@ -140,3 +140,10 @@ def test_fit_partitionwise_preset_runs_round_robin_with_checkpoints():
     res2 = fit_partitionwise(parts, heads, dl, preset="thesis", epochs=2, schedule="concurrent",
                              feature_checkpoint=None)
     assert res2.schedule == "concurrent"
+
+
+def test_the_docs_show_the_registry_as_it_is():
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "methods" / "efficient-training.md").read_text()
+    assert presets.table() in page  # regenerate the table in the page when a preset changes
