@@ -12,7 +12,8 @@ Run: ``OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/pure_entropy.py``.
 * **larger sets**: 1,000 and 2,000 sinusoid points, the hidden-layer features of an MLP trained on ``digits``
   (1,797 samples) and 5,000 x 64 clustered features -- the heuristic's cells and entropy against the proven lower
   bounds (cells: the number of classes, raised by an exact search run with a 2,000-node budget where it applies;
-  entropy: the label entropy H(Y), which every pure map's entropy is at least), and its wall time.
+  entropy: the label entropy H(Y), which every pure map's entropy is at least), and its cost: the CPU time of
+  this thread (one core's work, what a busy machine does not change) and the wall time.
 
 Target (issue 28): a layer's features for a few thousand samples in seconds; the gaps are reported, not judged.
 """
@@ -94,7 +95,9 @@ def large_sets():
             ("clustered features (5,000 x 64, 10 classes)", *_clusters(5000, 64), False)]
     out = []
     for name, X, y, bound in sets:
+        c0 = time.thread_time()
         he = pure_entropy(X, y, method="heuristic")
+        he.cpu_seconds = time.thread_time() - c0  # this thread's CPU time: the work, whatever the machine's load
         lb = he.lower_bound_cells
         if bound:  # an exact search with a small budget: the largest cell count it refutes is a proven bound
             lb = pure_entropy(X, y, method="auto", exact_max_samples=len(y), max_nodes=2_000).lower_bound_cells
@@ -120,12 +123,12 @@ def markdown_table() -> str:
         s = _summary(rows)
         lines.append(f"| {name} | {s['optimal_cells']} of {s['n']} | {s['mean_cell_gap']:.2f} / {s['max_cell_gap']} "
                      f"| {s['mean_bits_gap']:.3f} | {s['exact_seconds']:.2f} s / {s['heuristic_seconds']:.2f} s |")
-    lines += ["", "| larger set | heuristic cells | lower bound (cells) | H (bits) | H(Y) lower bound | time | "
-              "features within 10 s? |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| larger set | heuristic cells | lower bound (cells) | H (bits) | H(Y) lower bound | CPU time (wall) | "
+              "features within 10 s of CPU time? |", "|---|---|---|---|---|---|---|"]
     for name, he, lb, features in big:
-        met = ("yes" if he.seconds <= 10 else "no") if features else "-"
+        met = ("yes" if he.cpu_seconds <= 10 else "no") if features else "-"
         lines.append(f"| {name} | {he.num_cells} | {lb} | {he.entropy:.3f} | {he.label_entropy:.3f} | "
-                     f"{he.seconds:.1f} s | {met} |")
+                     f"{he.cpu_seconds:.1f} s ({he.seconds:.1f} s) | {met} |")
     return "\n".join(lines) + "\n"
 
 

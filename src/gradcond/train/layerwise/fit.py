@@ -30,7 +30,7 @@ from .blocks import is_classifier_block, split_blocks
 from .heads import NoHeadFits, choose_head, describe_head, gradient_dropout, input_dropout_p, make_head, search_head
 from .memory import MemoryReport, memory_accounting, optimizer_state_bytes
 
-METHODS = ("dll", "dsl", "random_robin")
+METHODS = ("dll", "dsl", "random_robin", "round_robin")
 CHECKPOINTS = ("ram", "disk")
 
 
@@ -280,6 +280,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
       for ``epochs_per_round`` epochs on the current blocks below it. ``rounds`` defaults to
       ``ceil(max(epochs) / epochs_per_round)``. Accuracies are measured after the last round; ``patience`` and
       feature checkpoints do not apply.
+    - ``"round_robin"``: the same with Algorithm 4's ``IsRandom`` False -- every round visits the blocks bottom-up.
 
     Schedules: block (or window top) ``i`` (0-based) trains ``epochs`` (an int or one per block) epochs with
     ``optimizer`` (:func:`~gradcond.train.make_optimizer` names), learning rate ``lr * lr_decay**i`` and weight decay
@@ -358,9 +359,9 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
             raise ValueError(f"memory_tolerance must be a number in [0, memory_target), got {memory_tolerance!r}.")
     if feature_checkpoint is not None and feature_checkpoint not in CHECKPOINTS:
         raise ValueError(f"feature_checkpoint must be None, 'ram' or 'disk', got {feature_checkpoint!r}.")
-    if feature_checkpoint is not None and method == "random_robin":
+    if feature_checkpoint is not None and method in ("random_robin", "round_robin"):
         raise ValueError("feature checkpoints need frozen lower blocks, but random robin keeps training every block; "
-                         "use feature_checkpoint=None with method='random_robin'.")
+                         f"use feature_checkpoint=None with method={method!r}.")
 
     original = split_blocks(model_or_blocks)
     # the caller's model is never touched; one deepcopy of the list keeps modules shared between blocks shared
@@ -432,7 +433,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
 
     search_logs: dict[int, list[dict]] = {}
     total_epochs = sum(epochs_list)
-    if method == "random_robin":
+    if method in ("random_robin", "round_robin"):
         n_rounds = rounds if rounds is not None else math.ceil(max(epochs_list) / epochs_per_round)
         n_rounds = _int_at_least("rounds", n_rounds, 1)
         total_epochs = n_rounds * epochs_per_round * n
@@ -565,7 +566,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                 memory[i] = memory[i].plus(parameters=others_params, optimizer_state=others_state)
             gen = torch.Generator().manual_seed(seed)
             for r in range(n_rounds):
-                order = torch.randperm(n, generator=gen).tolist()
+                order = torch.randperm(n, generator=gen).tolist() if method == "random_robin" else list(range(n))
                 for i in order:
                     for _ in range(epochs_per_round):
                         e = epochs_run[i]
