@@ -347,9 +347,6 @@ class _Search:
     def sizes(self) -> np.ndarray:
         return np.bincount(np.searchsorted(self.S, self.n1), minlength=len(self.S))
 
-    def entropy(self) -> float:
-        return _entropy_bits(self.sizes())
-
     def edit(self, remove=(), add=()) -> None:
         """Remove the centroids ``remove`` and add ``add``, updating the top-2 tables incrementally."""
         S = np.array(sorted((set(self.S.tolist()) - set(remove)) | set(add)), dtype=np.int64)
@@ -370,12 +367,11 @@ class _Search:
         if len(aff):
             self.n1[aff], self.d1[aff], self.n2[aff], self.d2[aff] = self._top2(aff, S)
 
-    def removal_errors(self, e: np.ndarray | None = None) -> np.ndarray:
+    def removal_errors(self) -> np.ndarray:
         """Errors after removing each centroid alone: its samples go to their second-nearest centroid, and a tie
-        with a removed second-nearest goes away (exact up to ties with a third centroid).  ``e``: the current
-        :meth:`errors`, when already computed."""
+        with a removed second-nearest goes away (exact up to ties with a third centroid)."""
         y = self.y
-        e = self.errors() if e is None else e
+        e = self.errors()
         k = len(self.S)
         pos1 = np.searchsorted(self.S, self.n1)
         pos2 = np.searchsorted(self.S, self.n2)

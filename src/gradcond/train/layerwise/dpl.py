@@ -38,6 +38,13 @@ stream; on the CPU with one thread the results are bit-identical to the distribu
 
 Per-partition schedules: partition ``i`` uses ``lr * lr_scale**i`` and ``weight_decay * wd_scale**i`` (the source
 multiplies both by 0.5^i on CINIC10+, §6.8.1; the defaults here are 1.0: pass 0.5 for the source's setting).
+
+The thesis's own recipe (§6.8.2, ``preset="thesis"``): the online k-filter on every link (``k_filter``, windows of
+``filter_batch`` samples, capped), round robin over the partitions (``schedule="round_robin"``/``"random_robin"``,
+``epochs_per_round`` per turn) with feature checkpoints held in device memory (``feature_checkpoint``), and, under
+torch.distributed, round robin pipelined by turns and data-parallel replicas per partition (``replicas``: DDP in
+the partition's own process group, ``Join`` for uneven batch counts).  :func:`partition_model` cuts a classifier
+into partitions with decision heads (``gradcond run`` with ``distributed.strategy = "dpl"`` uses it).
 """
 
 from __future__ import annotations
