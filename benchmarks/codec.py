@@ -15,6 +15,8 @@ How it measures (``torch.set_num_threads(1)``, float32), all in one run:
   ``encode(...).to_bytes()``, decode = ``decode(Package.from_bytes(...))``;
 * bits/value = compressed bytes x 8 / values: for the codec everything :meth:`Package.to_bytes` emits (headers and
   histograms included);
+* ``huffman``: the same codec with the source's canonical Huffman coder (``coder="huffman"``) instead of rANS, on
+  the same tensors -- the source's bit-rates compare with this row;
 * baselines: ``fp16`` (a cast), ``uint8`` (8-bit uniform quantisation over [min, max], 1 byte/value + 8 bytes of
   range), ``zlib`` (level 6, lossless on the float32 bytes), ``zstd`` (level 3, lossless; ``zstandard`` package).
   The ratio column is fp32 bits / bits per value.
@@ -94,8 +96,13 @@ def methods(c: float):
         g = gens.setdefault("g", torch.Generator().manual_seed(0))
         return encode(t, c=c, M=4, generator=g).to_bytes()
 
+    def enc_huffman(t):
+        g = gens.setdefault("h", torch.Generator().manual_seed(0))
+        return encode(t, c=c, M=4, generator=g, coder="huffman").to_bytes()
+
     return {
         f"entropy c={c:g}": (enc_entropy, lambda b: decode(Package.from_bytes(b)), len),
+        f"huffman c={c:g}": (enc_huffman, lambda b: decode(Package.from_bytes(b)), len),
         "fp16": (lambda t: t.half(), lambda h: h.float(), lambda h: 2 * h.numel()),
         "uint8": (_uint8_enc, _uint8_dec, lambda p: len(p[2]) + 8),
         "zlib-6": (lambda t: zlib.compress(t.numpy().tobytes(), 6),
@@ -155,7 +162,7 @@ def main() -> None:
         for c in (6, 5):
             ms = methods(c)
             if c == 5:
-                ms = {k: v for k, v in ms.items() if k.startswith("entropy")}
+                ms = {k: v for k, v in ms.items() if k.startswith(("entropy", "huffman"))}
             for mname, (enc, dec, size) in ms.items():
                 r, bits = measure(tensors, enc, dec, size, args.repeats)
                 print(f"{name:<16} {mname:<14} {r['enc_cpu']:>8.1f} {r['enc_wall']:>8.1f} {r['dec_cpu']:>8.1f} "

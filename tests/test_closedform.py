@@ -200,7 +200,7 @@ def test_float32_and_other_activations():
     assert isinstance(model[1], nn.CELU) and model[1].alpha == 0.5 and model[0].weight.dtype == torch.float32
     elm = fit_platonic(X, Y, [16], first_layer="random_w", n_tries=2, generator=torch.Generator().manual_seed(0))
     assert elm[0].weight.shape == (16, 2)
-    m64 = fit_platonic(X, Y, [4], dtype=torch.float64)
+    m64 = fit_platonic(X, Y, [4], model_dtype=torch.float64)
     assert m64[0].weight.dtype == torch.float64
 
 
@@ -248,13 +248,15 @@ def test_singular_system_in_float32_is_a_clear_error():
     X, Y, _ = spirals(torch.float32)
     for solver in ("solve", "ridge"):
         with pytest.raises(SingularSystemError) as err:
-            fit_platonic(X, Y, [32] * 4, solver=solver, ridge=0.0, generator=torch.Generator().manual_seed(0))
+            fit_platonic(X, Y, [32] * 4, solver=solver, ridge=0.0, dtype=torch.float32,
+                         generator=torch.Generator().manual_seed(0))
         msg = str(err.value)
         assert msg.startswith("linear layer 2 of 5: the ridge system Z^T Z + ridge*I (ridge=0) is singular in float32")
         assert "solver='lstsq'" in msg and "solver='pinv' with atol" in msg and "dtype=torch.float64" in msg
     assert issubclass(SingularSystemError, ValueError)
     # a ridge penalty large enough makes the same system solvable
-    model = fit_platonic(X, Y, [32] * 4, solver="ridge", ridge=1.0, generator=torch.Generator().manual_seed(0))
+    model = fit_platonic(X, Y, [32] * 4, solver="ridge", ridge=1.0, dtype=torch.float32,
+                         generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(model(X)).all()
 
 

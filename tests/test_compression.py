@@ -408,6 +408,10 @@ def test_repro_compression_bits_quick(tmp_path):
     assert entry_status(rows) == "UNTESTABLE"
     assert {r.verdict for r in rows if "best test accuracy vs float32" in r.claim} == {"yes"}
     assert (out / "result.json").exists() and (out / "simulation.json").exists()
+    huff = [r for r in rows if r.claim.startswith("the source's coder on the same weights")]
+    assert len(huff) == 1 and huff[0].holds is None
+    for h, a in zip(huff[0].data["huffman"], huff[0].data["rans"]):  # Huffman >= rANS, less than 1 bit more
+        assert a <= h < a + 1
 
 
 def test_compression_bits_rows_one_rule_for_both_modes():

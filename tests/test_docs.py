@@ -178,7 +178,7 @@ def test_math_hook_fails_loudly_on_tex_it_cannot_render():
     assert out.startswith('<p><math xmlns="http://www.w3.org/1998/Math/MathML" display="inline">') and "<mfrac>" in out
     assert "&lt;" in out or "&#x0003C;" in out  # the escaped "<" of the HTML became a MathML operator
     with pytest.raises(ValueError, match="cannot render TeX"):
-        hook.to_mathml('<span class="arithmatex">\\(\\frac{a}\\)</span>', "p.md")
+        hook.to_mathml('<span class="arithmatex">\\(\\left( x\\)</span>', "p.md")
 
 
 def test_a_method_page_shows_rendered_math_from_file_in_headless_chromium(site):

@@ -23,7 +23,7 @@ ROOT = Path(gradcond.__file__).parent
 
 # Layer of each top-level unit of the package (a subpackage or a top-level module).  Lower numbers sit lower.
 LAYERS = {
-    "__init__": 0, "utils": 0,
+    "__init__": 0, "utils": 0, "presets": 0,
     "config": 1, "distributed": 1, "losses": 1, "callbacks": 1, "zoo": 1, "data": 1,
     "graph": 2,
     "teleport": 3, "probes": 3, "compression": 3, "closedform": 3,

@@ -273,6 +273,14 @@ def test_random_robin_visits_every_block_each_round_in_shuffled_orders():
     assert all(a.optimizer_state > b.optimizer_state for a, b in zip(res.memory, dll.memory))
 
 
+def test_plain_round_robin_visits_the_blocks_bottom_up_every_round():
+    tr, te = _loaders()
+    res = fit_layerwise(_cnn(), tr, te, method="round_robin", rounds=3, epochs_per_round=1, input_dropout=0.0,
+                        progress_bar=False)
+    assert [(r["round"], r["block"]) for r in res.history] == [(r, b) for r in range(3) for b in range(2)]
+    assert res.epochs_run == [3, 3]
+
+
 @pytest.mark.parametrize("where", ["ram", "disk"])
 def test_feature_checkpoints_replay_the_same_batches_as_the_feednet(where, tmp_path):
     tr, te = _loaders(shuffle=False)
@@ -298,7 +306,7 @@ def test_early_stopping_restores_the_best_epoch_of_each_block():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "backprop"}, "unknown layer-wise method 'backprop'; accepted: dll, dsl, random_robin."),
+    ({"method": "backprop"}, "unknown layer-wise method 'backprop'; accepted: dll, dsl, random_robin, round_robin."),
     ({"memory_budget": 1.5}, "memory_budget must be a fraction of full-backprop peak memory in (0, 1], got 1.5."),
     ({"epochs": [1, 2, 3]}, "epochs lists 3 values but there are 2 blocks to train; give one per block or a single "
                             "integer."),

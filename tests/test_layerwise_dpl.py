@@ -161,7 +161,8 @@ def test_bad_input_one_clear_sentence_each():
         fit_partitionwise([parts[0], nn.ReLU()], heads, dl)
     with pytest.raises(UserError, match=r"^epochs must be an integer >= 1; got 0\.$"):
         fit_partitionwise(parts, heads, dl, epochs=0)
-    with pytest.raises(UserError, match=r"^unknown schedule 'pipeline'; accepted: concurrent, sequential\.$"):
+    with pytest.raises(UserError, match=r"^unknown schedule 'pipeline'; accepted: concurrent, sequential, "
+                                        r"round_robin, random_robin\.$"):
         fit_partitionwise(parts, heads, dl, schedule="pipeline")
     with pytest.raises(UserError, match=r"^loss_filter must be a gradcond.train.LossFilter"):
         fit_partitionwise(parts, heads, dl, loss_filter=0.25)

@@ -31,6 +31,7 @@ PACKAGES = [
     ("gradcond.data", "data"),
     ("gradcond.compression", "compression"),
     ("gradcond.closedform", "closedform"),
+    ("gradcond.presets", "presets"),
     ("gradcond.experiments", "experiments"),
     ("gradcond.integrations", "integrations"),
 ]

@@ -13,7 +13,8 @@ Sections and their keys (every fixed key, its default, type and range: :data:`SC
     [monitor]  enabled, schedule (preset "default"|"full"|"off"), budget (fraction of training time),
                probe_batch_size, probes = {probe = "every:N"|"epoch"|"log", ...} (overrides the preset)
     [[callbacks]]  name = "...", plus that callback's keywords
-    [distributed]  strategy ("ddp" | "fsdp2"): how the ranks of `gradcond run --nproc N` share the model
+    [distributed]  strategy ("ddp" | "fsdp2": how the ranks of `gradcond run --nproc N` share the model; "dpl": deep
+                   partition-wise learning, seed 002 §6.8), dpl = {...} (see :data:`DPL_KEYS`)
     compare_teleport = false   # also train a copy with one optimised teleport and compare (the demo does)
 
 A ``[monitor]`` table given without ``enabled`` turns the monitor on: setting its budget or probes means the user
@@ -51,6 +52,7 @@ SCHEDULES = ("constant", "step", "plateau")
 DATA_FORMS = ("auto", "flat", "image", "sequence")
 # seeds seed torch (64-bit) and numpy (32-bit) generators; ranks of --nproc add their rank to it
 SEED_MAX = 2**31 - 1
+STRATEGIES = ("ddp", "fsdp2", "dpl")  # distributed.strategy
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("monitor.budget", 0.05, float, gt=0, le=1, accepted="a fraction in (0, 1]"),
     Key("monitor.probe_batch_size", 64, int, ge=1),
     Key("monitor.probes", {}, dict, accepted='a table probe = "every:N"|"epoch"|"log"'),
-    Key("distributed.strategy", "ddp", str, choices=("ddp", "fsdp2"),
-        accepted='"ddp" or "fsdp2" (how --nproc N ranks share the model)'),
+    Key("distributed.strategy", "ddp", str, choices=STRATEGIES,
+        accepted='"ddp" or "fsdp2" (how --nproc N ranks share the model) or "dpl" (partition-wise training)'),
+    Key("distributed.dpl", {}, dict, accepted="a table of partition-wise options ([distributed.dpl])"),
     Key("callbacks", [], list, accepted="an array of tables, each with a name ([[callbacks]] name = ...)"),
 )
 KEYS: dict[str, Key] = {k.path: k for k in SCHEMA}
@@ -168,6 +171,25 @@ def _defaults() -> dict:
 DEFAULTS: dict = _defaults()
 _SECTIONS = {k.path.split(".")[0] for k in SCHEMA if "." in k.path}
 _FIXED = {s: {k.path.split(".", 1)[1] for k in SCHEMA if k.path.startswith(s + ".")} for s in _SECTIONS}
+
+# [distributed.dpl]: the arguments of gradcond.train.fit_partitionwise that a run config may set (and what each
+# accepts); `partitions` is the number of partitions (default: one per process) or a list of block counts
+DPL_KEYS = {
+    "partitions": "a positive integer or a list of positive block counts",
+    "replicas": "a list of positive process counts, one per partition",
+    "schedule": "\"concurrent\", \"sequential\", \"round_robin\" or \"random_robin\"",
+    "epochs_per_round": "a positive integer",
+    "feature_checkpoint": "\"auto\", \"device\" or \"cpu\"",
+    "filter_links": "\"every\" or \"first\"",
+    "k_filter": "a table {k, warmup_epochs, filter_batch, max_removed}",
+    "loss_filter": "a table {fraction, from_epoch}",
+    "lr_scale": "a positive number",
+    "wd_scale": "a positive number",
+    "lr_drops": "a list of fractions in (0, 1)",
+    "max_decision_convs": "an integer >= 0",
+    "timeout_s": "a positive number",
+    "preset": "a preset name of fit_partitionwise (\"thesis\", \"thesis-imagenet\")",
+}
 _TOP = set(DEFAULTS)
 
 
@@ -256,6 +278,7 @@ def check(cfg: dict) -> None:
             raise UserError(f"callbacks[{i}] must be a table with a name ([[callbacks]] name = ...), got {_show(cb)}.")
     if not all(isinstance(k, str) and k for k in cfg["model"]):
         raise UserError(f"[model] keys must be non-empty names, got {sorted(map(repr, cfg['model']))}.")
+    _check_dpl(cfg)
 
 
 _MISSING = object()
@@ -270,6 +293,28 @@ def _show(v) -> str:
     text = "true" if v is True else "false" if v is False else repr(v)
     text = " ".join(text.split())
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_dpl(cfg: dict) -> None:
+    """The ``[distributed.dpl]`` table: known keys with values of the accepted kind (their ranges are checked by
+    ``fit_partitionwise`` before anything is written); DPL runs take no callbacks, monitor or teleport copy."""
+    dpl = cfg["distributed"]["dpl"]
+    bad = sorted(set(dpl) - set(DPL_KEYS))
+    if bad:
+        raise UserError(f"unknown key(s) {', '.join(bad)} in [distributed.dpl]; accepted: {', '.join(DPL_KEYS)}.")
+    kinds = {"partitions": (int, list), "replicas": list, "schedule": str, "epochs_per_round": int,
+             "feature_checkpoint": str, "filter_links": str, "k_filter": dict, "loss_filter": dict,
+             "lr_scale": (int, float), "wd_scale": (int, float), "lr_drops": list, "max_decision_convs": int,
+             "timeout_s": (int, float), "preset": str}
+    for key, value in dpl.items():
+        if isinstance(value, bool) or not isinstance(value, kinds[key]):
+            raise UserError(f"distributed.dpl.{key} must be {DPL_KEYS[key]}, got {value!r}.")
+    if cfg["distributed"]["strategy"] == "dpl":
+        for key, on in (("compare_teleport", cfg["compare_teleport"]), ("monitor.enabled", cfg["monitor"]["enabled"]),
+                        ("callbacks", bool(cfg["callbacks"]))):
+            if on:
+                raise UserError(f"{key} is not supported with distributed.strategy = \"dpl\" (partition-wise "
+                                "training runs its own loop); turn it off or use strategy \"ddp\".")
 
 
 def dumps(cfg: dict) -> str:

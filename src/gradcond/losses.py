@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .presets import presettable
 from .utils import TrainingDiverged
 
 __all__ = ["LOSSES", "get_loss", "dot_error", "cross_entropy", "mse", "SparseCrossEntropy", "NegCorrelationLoss",
@@ -138,10 +139,14 @@ class SparseCrossEntropy(_GALoss):
     (source default 0.1); ``targets = (t_neg, t_pos)`` (the source uses e.g. {0, 16} or {0, 6} to amplify further).
     ``reduction="mean"`` sums over classes and averages over the batch; ``"sum"`` is the source's sum over both.
     Overflow of e^x (a logit above ln(max float / alpha)) raises :class:`~gradcond.utils.TrainingDiverged` with
-    advice instead of returning inf.  Cost O(B C).
+    advice instead of returning inf.  ``preset="thesis"`` (§4.5: alpha 0.1, targets {0, 16}) or
+    ``"thesis-allconv"`` (§4.10: targets {0, 6}) fills the arguments not given (:mod:`gradcond.presets`).  The
+    default targets (0, 1) differ from the thesis's on purpose: they are the one-hot targets every other loss uses,
+    so swapping the loss changes only the output map; raise them to amplify.  Cost O(B C).
     """
 
-    def __init__(self, alpha: float = 0.1, targets=(0.0, 1.0), reduction: str = "mean"):
+    @presettable("SparseCrossEntropy")
+    def __init__(self, alpha: float = 0.1, targets=(0.0, 1.0), reduction: str = "mean", preset: str | None = None):
         super().__init__(targets, reduction)
         self.alpha = _positive("SparseCrossEntropy alpha", alpha)
 
@@ -165,11 +170,13 @@ class NegCorrelationLoss(_GALoss):
         L = sum_k ( alpha x_k^4 / 4 + beta x_k - t_k x_k ),      dL/dx = alpha x^3 + beta - t = y - t,
 
     the source's negative correlation loss.  ``alpha > 0`` (default 1e-3), ``beta >= 0`` (default 0.4),
-    ``targets`` default (0, 10) -- the source's first experiment.  Reduction as :class:`SparseCrossEntropy`.
-    Cost O(B C).
+    ``targets`` default (0, 10) -- the source's first experiment (§4.7; ``preset="thesis"`` states them,
+    ``"thesis-allconv"`` is §4.10's targets {-2, 10}).  Reduction as :class:`SparseCrossEntropy`.  Cost O(B C).
     """
 
-    def __init__(self, alpha: float = 1e-3, beta: float = 0.4, targets=(0.0, 10.0), reduction: str = "mean"):
+    @presettable("NegCorrelationLoss")
+    def __init__(self, alpha: float = 1e-3, beta: float = 0.4, targets=(0.0, 10.0), reduction: str = "mean",
+                 preset: str | None = None):
         super().__init__(targets, reduction)
         self.alpha = _positive("NegCorrelationLoss alpha", alpha)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
@@ -183,10 +190,11 @@ class NegCorrelationLoss(_GALoss):
 
 class LinearMSE(_GALoss):
     """Linear output + squared error for classification (seed 002, §4.3): L = sum_k (x_k - t_k)^2 / 2, so
-    dL/dx = x - t; ``targets`` default (-1, 1) (the source's VGG setting).  Reduction as
-    :class:`SparseCrossEntropy`.  Cost O(B C)."""
+    dL/dx = x - t; ``targets`` default (-1, 1) (the source's VGG setting, §4.11; ``preset="thesis"``).  Reduction
+    as :class:`SparseCrossEntropy`.  Cost O(B C)."""
 
-    def __init__(self, targets=(-1.0, 1.0), reduction: str = "mean"):
+    @presettable("LinearMSE")
+    def __init__(self, targets=(-1.0, 1.0), reduction: str = "mean", preset: str | None = None):
         super().__init__(targets, reduction)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

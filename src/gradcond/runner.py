@@ -191,6 +191,11 @@ def run(cfg: dict, out: str | Path = "runs", resume: bool = False, device="cpu",
     ``nproc`` > 1 trains with that many local DDP ranks (:func:`run_ranks`); 1 (the default) is this process alone.
     """
     nproc = check_nproc(nproc, device)
+    if _is_dpl(cfg):
+        _dpl_plan(cfg, nproc)
+        if resume:
+            raise UserError("--resume is not supported with distributed.strategy = \"dpl\" (partition-wise runs "
+                            "keep no checkpoint); run without --resume.")
     if nproc > 1:
         return run_ranks(cfg, out, nproc, resume=resume, device=device, force=force, given=given)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not _dist.active():
@@ -304,6 +309,10 @@ def _run_locked(job: Job, cfg: dict, partial: Path, final: Path, resume: bool) -
     from .report.run_report import write_run_report
     from .train.trainer import UnreachableCallbackWarning
 
+    if _is_dpl(cfg):
+        report = _dpl_body(job, cfg, partial)
+        _publish(partial, final)
+        return final / report
     _start_partial(job, cfg, partial, len(job.bundle.train))
     t0 = time.perf_counter()
     runs = {"plain": partial}
@@ -683,6 +692,8 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
     out = Path(out)
     dev = resolve_device(device)
     job = build_job(cfg, device="cpu")  # the same checks as a single-process run, before the disk is touched
+    if _is_dpl(cfg):
+        _dpl_partitions(job, cfg, nproc)  # the model splits into the partitions asked for
     if len(job.bundle.train) < nproc:
         raise UserError(f"--nproc {nproc} exceeds the {len(job.bundle.train)} training samples; every rank needs at "
                         "least one.")
@@ -905,6 +916,8 @@ def _rank_body(job: Job, cfg: dict, partial: Path, resume: bool = False, fault=N
     from .report.run_report import write_run_report
     from .train.trainer import UnreachableCallbackWarning
 
+    if _is_dpl(cfg):
+        return _dpl_body(job, cfg, partial)
     main = _dist.is_main()
     if main:
         _start_partial(job, cfg, partial, len(job.bundle.train) // _dist.world_size())
@@ -922,3 +935,96 @@ def _rank_body(job: Job, cfg: dict, partial: Path, resume: bool = False, fault=N
     if not main:
         return None
     return write_run_report(partial, cfg, runs, seconds=time.perf_counter() - t0).name
+
+
+# ------------------------------------------------------------------------- distributed.strategy = "dpl" (seed 002)
+def _is_dpl(cfg: dict) -> bool:
+    return cfg.get("distributed", {}).get("strategy") == "dpl"
+
+
+def _dpl_plan(cfg: dict, nproc: int) -> tuple[object, int]:
+    """``(partition sizes for make_partitions, number of partitions)`` of a DPL run on ``nproc`` processes; bad
+    combinations are one-sentence :class:`UserError` s before anything starts."""
+    dpl = cfg["distributed"]["dpl"]
+    reps, sizes = dpl.get("replicas"), dpl.get("partitions")
+    n = len(sizes) if isinstance(sizes, list) else sizes
+    if reps is not None:
+        if n is not None and n != len(reps):
+            raise UserError(f"distributed.dpl.replicas lists {len(reps)} partition(s) but distributed.dpl.partitions "
+                            f"asks for {n}; give one process count per partition.")
+        n = len(reps)
+        if nproc > 1 and sum(reps) != nproc:
+            raise UserError(f"distributed.dpl.replicas {reps} needs {sum(reps)} processes but --nproc is {nproc}; pass "
+                            f"--nproc {sum(reps)} or change replicas to sum to {nproc}.")
+    elif n is None:
+        n = nproc if nproc > 1 else 2
+    elif nproc > 1 and n != nproc:
+        raise UserError(f"distributed.dpl.partitions is {n} but --nproc is {nproc}: DPL runs one process per partition; "
+                        f"pass --nproc {n}, or set distributed.dpl.replicas (processes per partition) to sum to "
+                        f"{nproc}.")
+    schedule = dpl.get("schedule", "concurrent")
+    if nproc > 1 and schedule not in ("concurrent", "round_robin"):
+        raise UserError(f"distributed.dpl.schedule {schedule!r} runs in one process; with --nproc {nproc} use "
+                        "\"concurrent\" or \"round_robin\".")
+    return (sizes if isinstance(sizes, list) else n), n
+
+
+def _dpl_partitions(job: Job, cfg: dict, nproc: int):
+    """The job's model as ``(partitions, heads)`` (:func:`~gradcond.train.layerwise.dpl.partition_model`)."""
+    from .train.layerwise.dpl import partition_model
+
+    sizes, _ = _dpl_plan(cfg, nproc)
+    x = job.bundle.train.tensors[0][:2]
+    try:
+        return partition_model(job.model, sizes, x, job.bundle.num_outputs,
+                               max_decision_convs=cfg["distributed"]["dpl"].get("max_decision_convs", 2),
+                               seed=cfg["seed"])
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _dpl_body(job: Job, cfg: dict, partial: Path) -> str | None:
+    """Partition-wise training of a run (``distributed.strategy = "dpl"``, seed 002 §6.8): the job's model cut into
+    partitions with decision heads, trained by :func:`~gradcond.train.fit_partitionwise` with the
+    ``[distributed.dpl]`` options -- one process per partition under ``--nproc`` (or ``sum(replicas)``), the
+    single-process schedules otherwise.  Rank 0 writes ``config.toml``, ``partitionwise.json``, ``model.pt`` (the
+    trained network), ``metrics.csv`` (per epoch: the full network's ``train``/``test`` loss and accuracy -- the
+    last partition's head -- and per partition ``dpl/<partition>`` rows) and the report.  Returns the report's file
+    name on rank 0, else None."""
+    from .report.run_report import write_run_report
+    from .train import RunLogger
+    from .train.layerwise.dpl import fit_partitionwise
+
+    main = _dist.is_main()
+    t0 = time.perf_counter()
+    parts, heads = _dpl_partitions(job, cfg, _dist.world_size())
+    if main:
+        _start_partial(job, cfg, partial, len(job.bundle.train))
+    opts = {k: v for k, v in cfg["distributed"]["dpl"].items() if k not in ("partitions", "max_decision_convs")}
+    train_loader, test_loader = job.bundle.loaders(cfg["data"]["batch_size"], seed=cfg["seed"])
+    o = cfg["optim"]
+    try:
+        res = fit_partitionwise(parts, heads, train_loader, test_loader, epochs=cfg["train"]["epochs"], loss=job.loss,
+                                optimizer=o["name"], lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"],
+                                task=job.bundle.task, seed=cfg["seed"], out=partial if main else None, **opts)
+    except ValueError as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(str(exc)) from None
+    if not main:
+        return None
+    run = RunLogger(partial)
+    last = len(parts) - 1
+    steps = math.ceil(len(job.bundle.train) / cfg["data"]["batch_size"])
+    for rec in res.history:
+        e, p = rec["epoch"], rec["partition"]
+        rows = [("dpl", f"partition {p}", k, rec[k]) for k in ("train_loss", "train_acc", "test_loss", "test_acc",
+                                                                  "kept_fraction", "samples") if rec[k] == rec[k]]
+        if p == last:
+            rows += [("train", "", "loss", rec["train_loss"]), ("test", "", "loss", rec["test_loss"])]
+            rows += [(w, "", "acc", rec[f"{w}_acc"]) for w in ("train", "test") if rec[f"{w}_acc"] == rec[f"{w}_acc"]]
+        run.metric_rows([{"step": (e + 1) * steps, "epoch": e, "probe": pr, "layer": la, "name": na,
+                          "value": float(v)} for pr, la, na, v in rows])
+    run.event({"kind": "dpl", "schedule": res.schedule, "world_size": res.world_size, "accuracy": res.accuracy,
+               "best_partition": res.best_partition, **{k: v for k, v in res.extra.items() if k != "seconds_per_rank"}})
+    return write_run_report(partial, cfg, {"plain": partial}, seconds=time.perf_counter() - t0).name

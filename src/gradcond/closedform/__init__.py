@@ -6,6 +6,6 @@ Depends only on :mod:`gradcond.utils` (architecture: a stand-alone idea of seed 
 
 from ._factor import SingularSystemError
 from .init import platonic_init_
-from .platonic import FitDiverged, FitReport, fit_platonic
+from .platonic import FitDiverged, FitReport, ReLUActivityWarning, fit_platonic
 
-__all__ = ["fit_platonic", "FitReport", "FitDiverged", "SingularSystemError", "platonic_init_"]
+__all__ = ["fit_platonic", "FitReport", "FitDiverged", "SingularSystemError", "ReLUActivityWarning", "platonic_init_"]

@@ -43,8 +43,8 @@ def platonic_init_(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, **fit_kwa
     """Set the weights of the plain MLP ``model`` to a closed-form Platonic fit of ``(X, Y)`` (in place).
 
     ``model`` must be Linear, activation, ..., Linear with biases and one activation type (e.g. ``zoo.mlp`` with
-    ``norm="none"``); its hidden widths and activation are used for :func:`fit_platonic`, in the model's dtype and
-    on its device; ``fit_kwargs`` go to :func:`fit_platonic` (``alpha``, ``beta``, ``n_tries``, ``solver``, ...).
+    ``norm="none"``); its hidden widths and activation are used for :func:`fit_platonic`, on its device, solved in
+    float64 (``fit_kwargs`` may pass ``dtype``) and cast to the model's dtype; ``fit_kwargs`` go to :func:`fit_platonic` (``alpha``, ``beta``, ``n_tries``, ``solver``, ...).
     Integer labels are fitted as one-hot 0/1 targets, so a classifier starts from the least-squares read-out.
 
     The fitted weights are first loaded into a copy of ``model``, whose outputs on up to 256 samples must match the
@@ -61,8 +61,8 @@ def platonic_init_(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, **fit_kwa
     X = X.to(device=dev, dtype=dtype)
     Y = Y.to(dev)
     widths = [lin.out_features for lin in linears[:-1]]
-    fitted, report = fit_platonic(X, Y, widths, act=copy.deepcopy(act), dtype=dtype, return_report=True,
-                                  **fit_kwargs)
+    fitted, report = fit_platonic(X, Y, widths, act=copy.deepcopy(act), return_report=True,
+                                  **{"model_dtype": dtype, **fit_kwargs})
     fitted_lin = [m for m in fitted if isinstance(m, nn.Linear)]
     if fitted_lin[-1].out_features != linears[-1].out_features:
         raise ValueError(f"init='platonic': the targets have {fitted_lin[-1].out_features} columns but model "

@@ -9,6 +9,28 @@ gradients. Departures from the source, each documented where it happens: the bia
 order is immaterial); Fig. 7.3's ``Z_0 = torch.cat([b, Z_0])`` is read as concatenating ``x`` (notes 002 §5);
 Sorted PCA picks exactly ``width`` evenly spaced samples (the source's ``arange(0, n - 1, n / width)`` can give
 ``width + 1`` or miss the last one).
+
+Pitfalls the fit guards against (ch. 7; issue 28):
+
+* **ReLU layers that are linear or dead on the data.**  A ReLU unit is linear on the data where its pre-activation
+  is positive on every sample, and constant where it is never positive.  Sorted PCA on non-negative inputs (pixels
+  in [0, 1]) makes every first-layer pre-activation ``x . x_j >= 0`` -- the whole layer is linear and the network
+  collapses to fewer nonlinear layers than it seems.  After each hidden layer with a piecewise-linear activation
+  (``relu``, ``leaky_relu``) the fit measures the fraction of (sample, unit) pre-activations that are positive
+  (``FitReport.active_fraction``) and the fraction of units that are positive on every sample or on none
+  (``FitReport.fixed_units``), and warns (:class:`ReLUActivityWarning`) when the first is at least
+  :data:`ALWAYS_ON` (the layer is (almost) linear) or at most :data:`DEAD` (it is (almost) dead), or when the
+  second is at least :data:`ALWAYS_ON` (every unit is linear or constant, so the layer is linear on the data).
+* **Input scale.**  ``standardize=True`` fits on inputs shifted to zero mean and unit variance per column (constant
+  columns are only centred); the affine map is folded into the first ``nn.Linear``, so the returned model takes the
+  raw inputs.  It also removes the non-negativity that makes Sorted PCA linear under ReLU.
+* **Precision.**  The solves run in float64 unless ``dtype`` says otherwise (the source: "fp64 greatly improves
+  stability", Table 7.1); the returned model is in the inputs' dtype unless ``model_dtype`` says otherwise.
+* **Sign of Platonic PCA.**  Principal directions are defined up to sign, and the SVD's choice is arbitrary.  A
+  direction ``p`` and ``-p`` give hidden targets ``T p`` and ``-T p``: through an odd activation (tanh) the next
+  layer's least-squares solve absorbs the sign, but through ReLU the unit keeps the complementary half of the
+  samples -- another network.  Our convention: each direction is signed so that its largest-magnitude entry is
+  positive (ties: the first such entry).  The source does not state its convention.
 """
 
 from __future__ import annotations
@@ -21,21 +43,31 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..presets import presettable
 from ..utils import progress
 from ._factor import SOLVERS, Factor, SingularSystemError
 
-__all__ = ["fit_platonic", "FitReport", "FitDiverged", "SingularSystemError", "ACTIVATIONS", "PROJECTIONS",
-           "FIRST_LAYERS", "REWEIGHT_DEFAULT"]
+__all__ = ["fit_platonic", "FitReport", "FitDiverged", "SingularSystemError", "ReLUActivityWarning", "ACTIVATIONS",
+           "PROJECTIONS", "FIRST_LAYERS", "REWEIGHT_DEFAULT", "ALWAYS_ON", "DEAD"]
 
 ACTIVATIONS = {
     "tanh": nn.Tanh, "relu": nn.ReLU, "celu": nn.CELU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
     "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "identity": nn.Identity,
 }
 PROJECTIONS = ("random", "platonic_pca", "sorted_pca")
-FIRST_LAYERS = ("random", "platonic_pca", "sorted_pca", "random_w")
+FIRST_LAYERS = ("random", "platonic_pca", "sorted_pca", "sorted_pca_xy", "random_w")
+# ReLU activity thresholds of the warning: fraction of positive (sample, unit) pre-activations of a hidden layer
+ALWAYS_ON = 0.99
+DEAD = 0.01
+_PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU)
 # lambda_EMA of the sample re-weighting: the source's text (sec. 7.9.3, the runs of Table 7.3) says 0.2, the caption
 # of Table 7.3 says 0.02. We follow the text; pass reweight=0.02 for the caption's value.
 REWEIGHT_DEFAULT = 0.2
+
+
+class ReLUActivityWarning(UserWarning):
+    """A hidden ReLU layer of a Platonic fit is (almost) always active on the data (then it is linear) or (almost)
+    never active (then it is constant)."""
 
 
 class FitDiverged(ValueError):
@@ -55,10 +87,17 @@ class FitReport:
     * ``condition``: condition number of the system solved for that layer (``nan`` where no system was solved:
       Sorted PCA or random-W first layers); ``output_condition`` for the read-out;
     * ``chosen_try``: index of the kept candidate among ``n_tries`` (0 for deterministic layers);
-    * ``rank``: numerical rank the solver used for ``Z_{i-1}`` (-1 where no system was solved).
+    * ``rank``: numerical rank the solver used for ``Z_{i-1}`` (-1 where no system was solved);
+    * ``active_fraction``: for ReLU-type layers, the fraction of (sample, unit) pre-activations that are positive,
+      and ``fixed_units`` the fraction of units that are positive on every sample or on none (each such unit is
+      linear or constant on the data); ``nan`` for other activations; see :class:`ReLUActivityWarning`.
 
-    ``mse``: mean over all entries of (prediction - Y)^2 on the fitted data; ``predictions``: the fit's outputs on
-    ``X`` (bit-identical to ``model(X)``, which the fit checks before returning); ``seconds``: wall time.
+    ``mse``: mean over all entries of (prediction - Y)^2 on the fitted data; ``predictions``: the returned model's
+    outputs on ``X`` (the fit checks them against its own); ``seconds``: wall time.  ``dtype``: the precision of
+    the solves; ``model_dtype``: that of the returned model; ``cast_error``: the largest difference between the
+    fit's own predictions and the returned model's, relative to the largest prediction (0 when the model is the
+    fitted network itself; non-zero after standardisation folding or a cast to ``model_dtype``);
+    ``standardized``: whether the inputs were standardised.
     """
 
     solver: str
@@ -75,10 +114,15 @@ class FitReport:
     condition: list[float] = field(default_factory=list)
     rank: list[int] = field(default_factory=list)
     chosen_try: list[int] = field(default_factory=list)
+    active_fraction: list[float] = field(default_factory=list)
+    fixed_units: list[float] = field(default_factory=list)
     output_condition: float = float("nan")
     mse: float = float("nan")
     seconds: float = 0.0
     predictions: torch.Tensor | None = None
+    model_dtype: str = ""
+    cast_error: float = 0.0
+    standardized: bool = False
 
     def summary(self) -> str:
         """One line: solver, dtype, depth, final LSD and MSE, time."""
@@ -109,7 +153,8 @@ def _targets(Y, m: int, dtype, device) -> torch.Tensor:
     return Y
 
 
-def _check_options(widths, act, alpha, beta, n_tries, projection, first_layer, reweight, solver, ridge, atol, dtype):
+def _check_options(widths, act, alpha, beta, n_tries, projection, first_layer, reweight, solver, ridge, atol, dtype,
+                   model_dtype=None, standardize=False):
     if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths) \
             or any(w <= 0 for w in widths):
         raise ValueError(f"widths must be a sequence of positive integers (one per hidden layer), got {widths!r}.")
@@ -145,6 +190,10 @@ def _check_options(widths, act, alpha, beta, n_tries, projection, first_layer, r
             raise ValueError("atol applies to solver='pinv' and 'lstsq' only; for ridge use the ridge argument.")
     if dtype not in (None, torch.float32, torch.float64):
         raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype}.")
+    if model_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"model_dtype must be None, torch.float32 or torch.float64, got {model_dtype}.")
+    if not isinstance(standardize, bool):
+        raise ValueError(f"standardize must be True or False, got {standardize!r}.")
 
 
 def _layer_methods(n_layers: int, projection: str, first_layer: str | None) -> list[str]:
@@ -169,17 +218,48 @@ def _platonic_pca(A: torch.Tensor, width: int, max_dirs: int, layer: int) -> tor
     return P * sign
 
 
-def _sorted_pca_rows(X: torch.Tensor, width: int) -> torch.Tensor:
-    """Sorted PCA (Fig. 7.14): indices of ``width`` samples evenly spaced along the first principal component."""
+def _sorted_pca_rows(X: torch.Tensor, width: int, Y: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted PCA (Fig. 7.14, §7.8.2): indices of ``width`` samples evenly spaced along the first principal
+    component ``c`` of ``X`` -- or, with ``Y``, of ``A = [X | Y]`` (the source's other variant), the samples then
+    sorted by ``A c`` (the source's step 2 writes ``v = X c``, which only type-checks for ``c`` of ``X``; for ``c``
+    of ``[X | Y]`` we project the rows of ``A``)."""
     m = X.shape[0]
+    name = "sorted_pca" if Y is None else "sorted_pca_xy"
     if width > m:
-        raise ValueError(f"first_layer 'sorted_pca' picks {width} samples but X has only {m} rows; use width <= {m}.")
-    Xc = X - X.mean(0, keepdim=True)
-    _, _, Vh = torch.linalg.svd(Xc, full_matrices=False)
+        raise ValueError(f"first_layer '{name}' picks {width} samples but X has only {m} rows; use width <= {m}.")
+    A = X if Y is None else torch.cat([X, Y], 1)
+    Ac = A - A.mean(0, keepdim=True)
+    _, _, Vh = torch.linalg.svd(Ac, full_matrices=False)
     c = Vh[0]
-    ix = torch.argsort(X @ c, stable=True)
+    ix = torch.argsort(A @ c, stable=True)
     pos = (torch.arange(width, device=X.device, dtype=torch.float64) * (m / width)).round().long().clamp(max=m - 1)
     return ix[pos]
+
+
+def _relu_activity(act: nn.Module, layer: int, Z: torch.Tensor) -> tuple[float, float]:
+    """``(fraction of positive pre-activations, fraction of units that are always or never active)`` of a ReLU-type
+    hidden layer (``nan`` for other activations); warns (:class:`ReLUActivityWarning`) when the layer is (almost)
+    always on, (almost) dead, or made of units that are each always on or never on (linear on the data)."""
+    if not isinstance(act, _PIECEWISE_LINEAR):
+        return float("nan"), float("nan")
+    import warnings
+
+    on = Z > 0  # Z = act(A): for ReLU (and LeakyReLU with a positive slope) Z > 0 iff A > 0
+    frac = float(on.double().mean())
+    fixed = float((on.all(0) | ~on.any(0)).double().mean())
+    what = None
+    if frac >= ALWAYS_ON:
+        what = f"is active on {100 * frac:.1f} % of the (sample, unit) pre-activations, so the layer is (almost) " \
+               "linear on the data (e.g. Sorted PCA on non-negative inputs)"
+    elif frac <= DEAD:
+        what = f"is active on only {100 * frac:.1f} % of the (sample, unit) pre-activations, so the layer is " \
+               "(almost) dead on the data"
+    elif fixed >= ALWAYS_ON:
+        what = f"has {100 * fixed:.1f} % of its units always on or never on, so the layer is (almost) linear on the data"
+    if what:
+        warnings.warn(f"hidden layer {layer}: the ReLU {what}; use standardize=True, other alpha/beta, or another "
+                      "first_layer.", ReLUActivityWarning, stacklevel=3)
+    return frac, fixed
 
 
 def _randn(shape, generator, device, dtype):
@@ -187,11 +267,12 @@ def _randn(shape, generator, device, dtype):
     return torch.randn(*shape, generator=generator, device=gdev, dtype=dtype).to(device)
 
 
+@presettable("fit_platonic")
 def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha: float = 0.1, beta: float = 10.0,
                  n_tries: int = 1, projection: str = "random", first_layer: str | None = None,
                  reweight: float | None = None, solver: str = "pinv", ridge: float = 0.0, atol: float | None = None,
-                 dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
-                 return_report: bool = False):
+                 dtype: torch.dtype | None = None, model_dtype: torch.dtype | None = None, standardize: bool = False,
+                 generator: torch.Generator | None = None, return_report: bool = False, preset: str | None = None):
     """Fit an MLP with hidden widths ``widths`` to ``(X, Y)`` in closed form with Platonic projections (no
     gradients, one pass over the data).
 
@@ -212,7 +293,8 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
             ``A = alpha [Z | 1 | beta Y]``, at most n + k of them), or ``sorted_pca`` (the fully deterministic
             pipeline of sec. 7.8.3: Sorted PCA for layer 1, Platonic PCA afterwards).
         first_layer: override for layer 1: ``random``, ``platonic_pca``, ``sorted_pca`` (samples of X evenly spaced
-            along its first principal component are the weight vectors, bias 0) or ``random_w`` (W ~ N(0, 1)
+            along its first principal component are the weight vectors, bias 0), ``sorted_pca_xy`` (the same along
+            the first principal component of ``[X | Y]``, the source's other variant) or ``random_w`` (W ~ N(0, 1)
             including the bias: the extreme learning machine). ``None`` follows ``projection``.
         reweight: lambda_EMA of the sample re-weighting for Platonic PCA (sec. 7.9.3): after each hidden layer a
             read-out is fitted and ``d_j <- lambda d_j + (1 - lambda) ||y_j - yhat_j||^2`` (``d = 1`` at the start);
@@ -223,14 +305,33 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
             that is singular in the working precision raises :class:`SingularSystemError`.
         ridge: L2 penalty for ``solver="ridge"``. atol: absolute singular-value cut-off for pinv and lstsq
             (``1e-5`` is the source's fix for float32).
-        dtype: float64 (recommended) or float32; default ``X``'s dtype if floating, else the default dtype.
+        dtype: precision of the solves: float64 (the default, as the source recommends) or float32.
+        model_dtype: dtype of the returned model; default ``X``'s dtype if floating, else the default dtype.  When
+            it differs from ``dtype`` the fitted weights are cast (``FitReport.cast_error`` says how much the
+            outputs moved).
+        standardize: fit on standardised inputs (zero mean, unit variance per column; constant columns only
+            centred) and fold the standardisation into the first layer, so the model takes raw inputs.  Use it
+            for inputs of very different scales, or non-negative inputs with ReLU and Sorted PCA (see the module
+            docstring).
         generator: ``torch.Generator`` for the random P / W (default: torch's global RNG).
         return_report: also return a :class:`FitReport`.
+        preset: fill the arguments not given with a thesis setting (:mod:`gradcond.presets`): ``"thesis"`` (§7.6,
+            two spirals: alpha 0.1, beta 10, pinv, float64, one try -- today's defaults), ``"thesis-mnist"``
+            (Table 7.2: ReLU, alpha 1, beta 10, ridge 50,000 via solve), ``"thesis-deterministic"`` (Table 7.3:
+            Sorted PCA + weighted Platonic PCA, alpha 1, beta 1e6, lambda_EMA 0.2, ridge).  ``ridge`` defaults to 0
+            (the plain least-squares solution; the thesis's 50,000 regularises one-hot MNIST targets and is part of
+            ``"thesis-mnist"``).
 
     Returns:
-        An ``nn.Sequential`` of ``nn.Linear`` and activation modules, on ``X``'s device in ``dtype``, whose forward
-        pass on ``X`` is bit-identical to the fit's own predictions (checked before returning); with
-        ``return_report=True`` the pair ``(model, report)``. Usable as-is or as an initialiser for training.
+        An ``nn.Sequential`` of ``nn.Linear`` and activation modules, on ``X``'s device in ``model_dtype``; without
+        standardisation and casting its forward pass on ``X`` is bit-identical to the fit's own predictions, with
+        them it is checked against them (relative difference at most 1e-6 in float64 and 1e-3 in float32, else
+        ``FitDiverged``); with ``return_report=True`` the pair ``(model, report)``. Usable as-is or as an
+        initialiser for training.
+
+    Warns:
+        ReLUActivityWarning: a hidden ReLU / LeakyReLU layer whose pre-activations are positive on at least
+            :data:`ALWAYS_ON` (the layer is linear on the data) or at most :data:`DEAD` of the (sample, unit) pairs.
 
     Precision: float64 is strongly recommended. Measured on the CPU (noise-free two spirals, 5,000 points,
     2-32-32-32-32-1 tanh, 50 seeds; the ``platonic-spirals`` reproduction): with alpha 0.1, beta 10, float64 pinv
@@ -260,18 +361,28 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
             widths = list(widths)
         except TypeError:
             pass  # reported by _check_options below
-    _check_options(widths, act, alpha, beta, n_tries, projection, first_layer, reweight, solver, ridge, atol, dtype)
+    _check_options(widths, act, alpha, beta, n_tries, projection, first_layer, reweight, solver, ridge, atol, dtype,
+                   model_dtype, standardize)
     if solver == "solve":
         solver = "ridge"
+    if model_dtype is None:
+        model_dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.get_default_dtype()
     if dtype is None:
-        dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.get_default_dtype()
+        dtype = torch.float64
     device = X.device
     m = X.shape[0]
     if m == 0:
         raise ValueError("X has no rows; give at least one sample.")
-    X = X.detach().to(dtype)
+    X_raw = X.detach()
+    X = X_raw.to(dtype)
     if not torch.isfinite(X).all():
         raise ValueError("X has non-finite entries; give finite inputs.")
+    mu = sd = None
+    if standardize:
+        mu = X.mean(0, keepdim=True)
+        sd = X.std(0, keepdim=True, unbiased=False)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))  # constant columns: centred only
+        X = (X - mu) / sd
     Yt = _targets(Y, m, dtype, device)
     k = Yt.shape[1]
     methods = _layer_methods(len(widths), projection, first_layer)
@@ -285,7 +396,8 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
     report = FitReport(solver=solver, dtype=str(dtype).replace("torch.", ""), widths=list(widths),
                        act=act if isinstance(act, str) else type(act).__name__, alpha=float(alpha), beta=float(beta),
                        n_tries=n_tries, projection=projection, first_layer=methods[0] if methods else "none",
-                       reweight=reweight)
+                       reweight=reweight, model_dtype=str(model_dtype).replace("torch.", ""),
+                       standardized=standardize)
     ones = torch.ones(m, 1, dtype=dtype, device=device)
     layers: list[nn.Module] = []
     weights = torch.ones(m, 1, dtype=dtype, device=device) if reweight is not None else None
@@ -309,8 +421,9 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
             for i, (width, method) in enumerate(zip(widths, methods)):
                 n = Z.shape[1]
                 cond, rank = float("nan"), -1
-                if method == "sorted_pca":
-                    W = torch.cat([Z[_sorted_pca_rows(Z, width)].T, torch.zeros(1, width, dtype=dtype, device=device)])
+                if method in ("sorted_pca", "sorted_pca_xy"):
+                    rows = _sorted_pca_rows(Z, width, Yt if method == "sorted_pca_xy" else None)
+                    W = torch.cat([Z[rows].T, torch.zeros(1, width, dtype=dtype, device=device)])
                     candidates = [W]
                 elif method == "random_w":
                     W_all = _randn((n + 1, width * n_tries), generator, device, dtype)
@@ -349,6 +462,9 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
                     raise failure
                 lsd, j, lin, a, Z, F = best
                 layers += [lin, a]
+                frac, fixed = _relu_activity(a, i + 1, Z)
+                report.active_fraction.append(frac)
+                report.fixed_units.append(fixed)
                 report.lsd.append(lsd)
                 report.chosen_try.append(j)
                 report.condition.append(cond)
@@ -374,7 +490,27 @@ def fit_platonic(X: torch.Tensor, Y: torch.Tensor, widths, *, act="tanh", alpha:
                           report)
     if not torch.equal(check, pred):  # the same modules on the same tensor: any difference is a bug, not rounding
         raise RuntimeError("internal error: the assembled nn.Sequential does not reproduce the fit's predictions.")
-    report.mse = float(((pred - Yt) ** 2).mean())
+    if standardize or model_dtype != dtype:
+        with torch.no_grad():
+            if standardize:  # W (x - mu) / sd + b = (W / sd) x + (b - W (mu / sd))
+                first = layers[0]
+                first.bias.sub_(first.weight @ (mu / sd)[0])
+                first.weight.div_(sd)
+            model = model.to(model_dtype)
+            out = model(X_raw.to(model_dtype))
+        scale = float(pred.abs().max()) or 1.0
+        report.cast_error = float((out.to(dtype) - pred).abs().max()) / scale
+        limit = 1e-6 if model_dtype == torch.float64 else 1e-3
+        if not report.cast_error <= limit:
+            raise FitDiverged(f"the returned model's outputs differ from the fit's by {report.cast_error:.2e} "
+                              f"(relative; more than {limit:g}) after "
+                              f"{'folding the standardisation into the first layer' if standardize else ''}"
+                              f"{' and ' if standardize and model_dtype != dtype else ''}"
+                              f"{'casting to ' + str(model_dtype) if model_dtype != dtype else ''}; pass "
+                              "model_dtype=torch.float64 (the weights are too large or ill-conditioned for float32).",
+                              report)
+        pred = out
+    report.mse = float(((pred.to(dtype) - Yt) ** 2).mean())
     report.predictions = pred
     report.seconds = time.perf_counter() - t0
     return (model, report) if return_report else model

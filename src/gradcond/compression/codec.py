@@ -6,7 +6,8 @@ Per tensor ``w`` with ``n`` values:
 2. the entropy ``H`` (bits) of an ``M``-bit uniform quantisation of a random fraction ``F`` of the values;
 3. the bit width ``N = min(ceil(H + c), ceil(c + M))``;
 4. every value is quantised to one of ``2^N`` equal bins of ``[w_min, w_max]``;
-5. the bin indices are entropy coded (rANS, the ``constriction`` package) with their exact histogram as the model.
+5. the bin indices are entropy coded with their exact histogram as the model: rANS (the ``constriction`` package,
+   the default) or a canonical Huffman code (``coder="huffman"``, the source's coder; :mod:`.huffman`).
 
 The package holds the coded indices, ``w_min``, ``w_max``, ``N``, the histogram and the shape/dtype; decoding puts
 every value at the centre of its bin, so ``|decode(encode(w)) - w| <= (w_max - w_min) / 2^(N+1)`` (half a bin) up to
@@ -24,8 +25,11 @@ Corrections to the printed pseudo-code (``../shared/notes/002_notes.md`` section
 * **K vs N** -- the printed signatures mix ``K`` and ``N`` for the bit width; here it is always ``N`` (``M`` for
   the preliminary estimate).
 
-Instead of a Huffman code (the source) the indices are coded with rANS from ``constriction``: it reaches the
-entropy of the histogram within a fraction of a percent, where Huffman loses up to 1 bit/value on peaked histograms.
+Coders: rANS (default) reaches the entropy of the histogram within a fraction of a percent; the source's Huffman
+code (``coder="huffman"``: canonical, optimal under a 16-bit length limit, rebuilt by the decoder from the
+histogram as in Algorithm 2) costs between the entropy and the entropy + 1 bit/value -- up to 1 bit/value more on
+peaked histograms.  ``benchmarks/codec.py`` compares the two on the same weights, so the source's bit-rates can be
+compared on its own coder.
 
 **Bit rate.** :attr:`Package.bits_per_value` counts every byte :meth:`Package.to_bytes` emits (header, shape,
 histogram, coded indices); :attr:`Package.payload_bits_per_value` the coded indices alone (the source's quantity:
@@ -58,13 +62,17 @@ import torch
 
 from ..utils import UserError
 
-__all__ = ["Package", "encode", "decode", "quantize_indices", "estimate_entropy", "bit_width", "MAX_BITS"]
+__all__ = ["Package", "encode", "decode", "quantize_indices", "estimate_entropy", "bit_width", "MAX_BITS", "CODERS"]
+
+CODERS = ("rans", "huffman")
 
 # Upper bound on c + M (and so on N): the package carries a 2^N-entry histogram, and the source's ceiling is 10 bits.
 MAX_BITS = 16
 
 _MAGIC = b"GCQ1"
-_VERSION = 1
+_VERSION = 1  # rANS packages (unchanged since version 1)
+_VERSION_CODER = 2  # packages with a coder byte after the header: written for Huffman
+_CODER_CODES = {"rans": 0, "huffman": 1}
 _DTYPES = {1: torch.float16, 2: torch.bfloat16, 3: torch.float32, 4: torch.float64}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
 # magic, version, dtype code, N, ndim, w_min, w_max, H, len(counts blob), number of payload words, CRC-32 of the rest
@@ -79,7 +87,7 @@ class Package:
     Attributes: ``shape`` and ``dtype`` of the original tensor; ``n_bits`` (N); ``w_min``/``w_max`` (float64, exact
     copies of the tensor's extreme values); ``entropy`` (the preliminary estimate H, bits, kept for reporting);
     ``counts`` (int64 histogram of the ``2^N`` bin indices -- the entropy model); ``payload`` (uint32 words of the
-    rANS stream).
+    coded stream); ``coder`` (``"rans"`` or ``"huffman"``).
     """
 
     shape: tuple[int, ...]
@@ -90,6 +98,7 @@ class Package:
     entropy: float
     counts: np.ndarray
     payload: np.ndarray
+    coder: str = "rans"
 
     @property
     def numel(self) -> int:
@@ -120,7 +129,10 @@ class Package:
         counts_blob = zlib.compress(np.ascontiguousarray(self.counts, dtype="<u4").tobytes(), 6)
         shape = struct.pack(f"<{len(self.shape)}Q", *self.shape)
         body = shape + counts_blob + np.ascontiguousarray(self.payload, dtype="<u4").tobytes()
-        fields = (_MAGIC, _VERSION, _DTYPE_CODES[self.dtype], self.n_bits, len(self.shape), self.w_min, self.w_max,
+        version = _VERSION if self.coder == "rans" else _VERSION_CODER
+        if version == _VERSION_CODER:  # the coder byte leads the body (and is covered by the CRC)
+            body = bytes([_CODER_CODES[self.coder]]) + body
+        fields = (_MAGIC, version, _DTYPE_CODES[self.dtype], self.n_bits, len(self.shape), self.w_min, self.w_max,
                   self.entropy, len(counts_blob), len(self.payload))
         crc = zlib.crc32(body, zlib.crc32(_HEADER.pack(*fields, 0)[:-4]))  # every byte but the CRC field itself
         return _HEADER.pack(*fields, crc) + body
@@ -135,9 +147,9 @@ class Package:
         magic, version, dcode, n_bits, ndim, w_min, w_max, entropy, n_blob, n_words, crc = _HEADER.unpack_from(data)
         if magic != _MAGIC:
             raise UserError(f"not a gradcond compression package: magic bytes {magic!r}, expected {_MAGIC!r}.")
-        if version != _VERSION:
-            raise UserError(f"compression package version {version} is not supported; this gradcond reads version "
-                            f"{_VERSION}.")
+        if version not in (_VERSION, _VERSION_CODER):
+            raise UserError(f"compression package version {version} is not supported; this gradcond reads versions "
+                            f"{_VERSION} and {_VERSION_CODER}.")
         if dcode not in _DTYPES:
             raise UserError(f"compression package has unknown dtype code {dcode}; accepted: {sorted(_DTYPES)}.")
         if n_bits > MAX_BITS or ndim > _MAX_NDIM:
@@ -146,6 +158,13 @@ class Package:
         if not (math.isfinite(w_min) and math.isfinite(w_max) and w_min <= w_max):
             raise UserError(f"compression package is malformed: range [{w_min}, {w_max}] is not a finite interval.")
         pos = _HEADER.size
+        coder = "rans"
+        if version == _VERSION_CODER:
+            if len(data) <= pos or data[pos] not in _CODER_CODES.values():
+                raise UserError("compression package is malformed: unknown coder byte; accepted: 0 (rANS), "
+                                "1 (Huffman).")
+            coder = {v: k for k, v in _CODER_CODES.items()}[data[pos]]
+            pos += 1
         expected = pos + 8 * ndim + n_blob + 4 * n_words
         if len(data) != expected:
             raise UserError(f"compression package is malformed: {len(data)} bytes, the header announces {expected}.")
@@ -170,7 +189,7 @@ class Package:
                             f"the shape {tuple(shape)} holds {numel}.")
         payload = np.frombuffer(data, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
         return cls(tuple(int(s) for s in shape), _DTYPES[dcode], int(n_bits), float(w_min), float(w_max),
-                   float(entropy), counts, payload)
+                   float(entropy), counts, payload, coder)
 
 
 _F32_SAFE = torch.finfo(torch.float32).max / 4
@@ -233,9 +252,10 @@ def _check_args(c, M, F) -> None:
 
 
 def encode(tensor: torch.Tensor, c: float = 6, M: int = 4, F: float = 0.03,
-           generator: torch.Generator | None = None) -> Package:
+           generator: torch.Generator | None = None, coder: str = "rans") -> Package:
     """Quantise ``tensor`` to ``N = ceil(H + c)`` bits (``H`` estimated on ``M`` bits from a fraction ``F``) and
-    entropy-code the bin indices.
+    entropy-code the bin indices with ``coder`` (``"rans"``, default, or ``"huffman"``, the source's; both
+    lossless on the indices, so :func:`decode` returns the same tensor either way).
 
     Guarantee: every decoded value is within half a bin, ``(w_max - w_min) / 2^(N+1)``, of the original, up to the
     rounding of the arithmetic in the tensor's dtype (float32 for float16/bfloat16/float32, float64 for float64):
@@ -256,13 +276,15 @@ def encode(tensor: torch.Tensor, c: float = 6, M: int = 4, F: float = 0.03,
         raise UserError(f"encode needs a floating-point tensor (float16, bfloat16, float32 or float64); "
                         f"got {tensor.dtype}.")
     _check_args(c, M, F)
+    if coder not in CODERS:
+        raise UserError(f"unknown coder {coder!r}; accepted: {', '.join(CODERS)}.")
     if tensor.ndim > _MAX_NDIM:
         raise UserError(f"encode takes tensors of at most {_MAX_NDIM} dimensions; got {tensor.ndim}.")
     shape, dtype = tuple(tensor.shape), tensor.dtype
     w = tensor.detach().reshape(-1).to("cpu", _work_dtype(dtype))
     n = w.numel()
     if n == 0:
-        return Package(shape, dtype, 0, 0.0, 0.0, 0.0, np.zeros(1, np.int64), np.zeros(0, np.uint32))
+        return Package(shape, dtype, 0, 0.0, 0.0, 0.0, np.zeros(1, np.int64), np.zeros(0, np.uint32), coder)
     w_min_t, w_max_t = torch.aminmax(w)
     w_min, w_max = float(w_min_t), float(w_max_t)
     if not (math.isfinite(w_min) and math.isfinite(w_max)):
@@ -277,8 +299,13 @@ def encode(tensor: torch.Tensor, c: float = 6, M: int = 4, F: float = 0.03,
     N = bit_width(H, c, M)
     q = quantize_indices(w, w_min, w_max, N)
     counts = torch.bincount(q, minlength=2 ** N).numpy().astype(np.int64)
-    payload = _ans_encode(q.numpy(), counts)
-    return Package(shape, dtype, N, w_min, w_max, H, counts, payload)
+    if coder == "huffman":
+        from . import huffman
+
+        payload = huffman.encode(q.numpy(), counts)
+    else:
+        payload = _ans_encode(q.numpy(), counts)
+    return Package(shape, dtype, N, w_min, w_max, H, counts, payload, coder)
 
 
 def _model(counts: np.ndarray):
@@ -322,7 +349,16 @@ def decode(package: Package, device: torch.device | str | None = None) -> torch.
     work = _work_dtype(package.dtype, package.w_min, package.w_max)
     if n == 0:
         return torch.empty(package.shape, dtype=package.dtype, device=device)
-    idx = torch.from_numpy(np.asarray(_ans_decode(package.payload, package.counts, n), dtype=np.int32))
+    if package.coder == "huffman":
+        from . import huffman
+
+        try:
+            sym = huffman.decode(package.payload, package.counts, n)
+        except ValueError as exc:
+            raise UserError(f"compression package is malformed: {exc}") from None
+    else:
+        sym = _ans_decode(package.payload, package.counts, n)
+    idx = torch.from_numpy(np.asarray(sym, dtype=np.int32))
     if package.w_max == package.w_min:
         w = torch.full((n,), package.w_min, dtype=torch.float64)
     else:

@@ -79,15 +79,26 @@ def _loss_filter(cfg):
     return None if f is None else LossFilter(fraction=f["fraction"], from_epoch=f["from_epoch"])
 
 
+def _options(cfg: dict) -> dict:
+    """The optional DPL arguments a configuration may carry (k-filter, filter links, round robin, replicas)."""
+    keys = ("k_filter", "filter_links", "epochs_per_round", "feature_checkpoint", "replicas")
+    out = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    if cfg.get("schedule"):
+        out["schedule"] = cfg["schedule"]
+    return out
+
+
 def fit_local(cfg: dict, schedule: str):
     """The single-process run of the same configuration (``concurrent`` simulation or ``sequential`` DLL)."""
     from ..train.layerwise.dpl import fit_partitionwise
 
     parts, heads = build(cfg)
     train, test = loaders(cfg)
+    opts = {**_options(cfg), "schedule": schedule}
+    opts.pop("replicas", None)
     return fit_partitionwise(parts, heads, train, test, epochs=cfg["epochs"], optimizer=cfg["optimizer"],
-                             lr=cfg["lr"], lr_drops=cfg["lr_drops"], loss_filter=_loss_filter(cfg), schedule=schedule,
-                             seed=cfg["seed"])
+                             lr=cfg["lr"], lr_drops=cfg["lr_drops"], loss_filter=_loss_filter(cfg), seed=cfg["seed"],
+                             **opts)
 
 
 def _one_seed(rank: int, cfg: dict, out_dir: str, hooks: bool) -> dict:
@@ -109,8 +120,7 @@ def _one_seed(rank: int, cfg: dict, out_dir: str, hooks: bool) -> dict:
     train, test = loaders(cfg)
     r = fit_partitionwise(parts, heads, train, test, epochs=cfg["epochs"], optimizer=cfg["optimizer"], lr=cfg["lr"],
                           lr_drops=cfg["lr_drops"], loss_filter=_loss_filter(cfg), seed=cfg["seed"],
-                          timeout_s=cfg["timeout_s"],
-                          out=cfg.get("out"))
+                          timeout_s=cfg["timeout_s"], out=cfg.get("out"), **_options(cfg))
     return {"seed": cfg["seed"], "accuracy": r.accuracy, "seconds": r.seconds,
             "samples_per_second": r.samples_per_second, "history": r.history, "world_size": r.world_size,
             "has_model": r.model is not None, "extra": r.extra,

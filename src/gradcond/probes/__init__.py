@@ -13,7 +13,9 @@ subpackage (seed 004 metrics, one module per metric family; ``from gradcond.prob
 all of them); ``per_sample`` (the per-sample gradient ``Engine``), ``per_sample_fast`` (its layer fast path),
 ``ghost`` (per-sample gradient norms and Grams from layer identities: ``per_sample_stats``), ``flat_vectors``
 (flat weight-vector helpers), ``mask`` (``LayerwiseMask``) and ``reference`` (exact condition
-numbers used to check the estimators).
+numbers used to check the estimators).  Representations (seed 002 ch. 5): ``representation`` (LSD, k-redundancy,
+selection entropy, stable rank, weight entropy) and ``voronoi`` (pure Voronoi maps and the pure entropy H*:
+``pure_entropy``).
 """
 
 from __future__ import annotations
@@ -36,5 +38,6 @@ _EXPORTS = {
     "norms": ["weight_layers", "layer_norms", "snapshot_weights", "update_norms", "gradients_finite"],
     "representation": ["least_squares_distance", "k_redundancy", "redundant_mask", "knn_indices", "selection_entropy",
                        "SelectionEntropy", "stable_rank", "weight_entropy", "error_gradient_rms"],
+    "voronoi": ["pure_entropy", "PureEntropy", "voronoi_cells"],
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...losses import get_loss
+from ...presets import presettable
 from ...utils import TrainingDiverged, as_batch, module_device, progress, resolve_device
 from ..trainer import OPTIMIZERS, make_optimizer, to_model
 from .blocks import is_classifier_block, split_blocks
-from .heads import choose_head, describe_head, gradient_dropout, input_dropout_p, make_head
+from .heads import NoHeadFits, choose_head, describe_head, gradient_dropout, input_dropout_p, make_head, search_head
 from .memory import MemoryReport, memory_accounting, optimizer_state_bytes
 
-METHODS = ("dll", "dsl", "random_robin")
+METHODS = ("dll", "dsl", "random_robin", "round_robin")
 CHECKPOINTS = ("ram", "disk")
 
 
@@ -72,7 +73,9 @@ class LayerwiseResult:
     ``memory[i]``: the peak training memory of step ``i`` (feednet + trained window + head), ``backprop_memory``:
     that of the whole model trained by backprop on the same batch; ``memory_ratio``: the largest of the former over
     the latter. ``history``: one dict per epoch (block, round, epoch, lr, weight_decay, input_dropout, train_loss,
-    train_acc, val_acc, test_acc).
+    train_acc, val_acc, test_acc).  ``head_search[i]``: with ``memory_target``, the decision-block search's log
+    for step ``i`` (every configuration measured with its bytes and memory ratio, then the choice and its reason;
+    :func:`~gradcond.train.layerwise.heads.search_head`); empty otherwise.
     """
 
     method: str
@@ -88,6 +91,7 @@ class LayerwiseResult:
     epochs_run: list[int]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    head_search: list[list[dict]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> list[float]:
@@ -118,6 +122,11 @@ class LayerwiseResult:
         lines.append(f"best depth {self.best_depth}: test accuracy {self.best_test_accuracy:.4f}; peak memory "
                      f"{self.memory_ratio:.1%} of backprop ({self.backprop_memory.total} B, "
                      f"{self.backprop_memory.method})")
+        for d, log in enumerate(self.head_search, start=1):
+            if log:
+                choice = log[-1]
+                lines.append(f"head search, depth {d}: {len(log) - 1} configurations measured; chose "
+                             f"{describe_head(choice['chosen'])} at {choice['ratio']:.1%} ({choice['reason']})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -126,7 +135,7 @@ class LayerwiseResult:
                 "val_accuracy": self.val_accuracy, "memory": [m.to_dict() for m in self.memory],
                 "backprop_memory": self.backprop_memory.to_dict(), "memory_ratio": self.memory_ratio,
                 "memory_ratios": self.memory_ratios, "head_configs": self.head_configs,
-                "epochs_run": self.epochs_run, "seconds": self.seconds}
+                "epochs_run": self.epochs_run, "seconds": self.seconds, "head_search": self.head_search}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -239,16 +248,18 @@ def _infer_num_classes(blocks, train_loader) -> int:
 # ----------------------------------------------------------------------------------------------- fit_layerwise
 
 
+@presettable("fit_layerwise")
 def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: str = "dll", val_loader=None,
                   num_classes: int | None = None, classifier: str = "auto", epochs=10, lr: float = 3e-3,
                   weight_decay: float = 1e-6, lr_decay: float = 0.8, wd_growth: float = 1.15,
                   optimizer: str = "adamw", lr_drops: Sequence[float] = (), input_dropout: float = 0.8,
                   input_dropout_decay: float = 0.95, grad_dropout: float = 0.0, grad_dropout_rescale: bool = True,
                   patience: int | None = None, max_decision_convs: int = 2, memory_budget: float | None = None,
+                  memory_target: float | None = None, memory_tolerance: float = 0.005,
                   window: int = 2, rounds: int | None = None, epochs_per_round: int = 1,
                   feature_checkpoint: str | None = None, checkpoint_at: Sequence[int] | None = None,
                   checkpoint_dir=None, loss="cross_entropy", seed: int = 0, device=None,
-                  progress_bar: bool = True) -> LayerwiseResult:
+                  progress_bar: bool = True, preset: str | None = None) -> LayerwiseResult:
     """Train a classifier block by block (seed 002 ch. 6) and keep the best depth.
 
     ``model_or_blocks``: an ``nn.Sequential`` (split by :func:`split_blocks`) or a list of blocks. Training works on
@@ -273,6 +284,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
       for ``epochs_per_round`` epochs on the current blocks below it. ``rounds`` defaults to
       ``ceil(max(epochs) / epochs_per_round)``. Accuracies are measured after the last round; ``patience`` and
       feature checkpoints do not apply.
+    - ``"round_robin"``: the same with Algorithm 4's ``IsRandom`` False -- every round visits the blocks bottom-up.
 
     Schedules: block (or window top) ``i`` (0-based) trains ``epochs`` (an int or one per block) epochs with
     ``optimizer`` (:func:`~gradcond.train.make_optimizer` names), learning rate ``lr * lr_decay**i`` and weight decay
@@ -286,13 +298,26 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
     Decision heads (:func:`build_head` configurations, richest first, up to ``max_decision_convs`` down-convs): with
     ``memory_budget`` (a fraction in (0, 1] of full backprop's peak memory) the richest head whose whole step
     (feednet + window + head, :func:`memory_accounting`) fits is used; when none fits a ``ValueError`` says what the
-    cheapest needs. Without a budget the richest head is used.
+    cheapest needs. Without a budget the richest head is used. With ``memory_target`` (a fraction, the thesis's
+    0.30) the head is *searched* instead (:func:`~gradcond.train.layerwise.heads.search_head`: depth up to
+    ``max_decision_convs``, width, down-pooling) so that the step lands in ``memory_target +- memory_tolerance``
+    (Table 6.3: 30 +- 0.5 %); the search's log is ``LayerwiseResult.head_search`` and no head under the band's
+    top is a ``ValueError`` (:class:`NoHeadFits`). ``memory_budget`` and ``memory_target`` exclude each other.
 
     Feature checkpoints (``feature_checkpoint="ram"|"disk"``, DLL and DSL): once block ``j`` is frozen for good and
     ``j`` is in ``checkpoint_at`` (default: every block), its outputs for one pass over ``train_loader`` are stored
     (on disk under ``checkpoint_dir``, default a temporary directory removed afterwards) and every later step
     replays them in the recorded order through the blocks between ``j`` and the trained window, instead of running
     the whole feednet. Replaying fixes the batch order (and any augmentation) of that pass.
+
+    ``preset="thesis"``: every argument not passed takes the thesis's Table 6.3 / §6.7 value
+    (:mod:`gradcond.presets`: 300 epochs per block, AdamW, lr 3e-3 x 0.8^i, weight decay 1e-6 x 1.15^i, LR x 0.1 at
+    50 % and 75 %, input dropout 0.8 decaying by 0.95, gradient dropout 0.6, up to 4 decision convs, memory target
+    30 +- 0.5 %).  Where the defaults differ, and why: ``epochs`` 10 (a block of a small network converges in a few
+    epochs; 300 is the thesis's CIFAR/SVHN budget), ``lr_drops`` none (with 10 epochs the drops would cut the few
+    epochs there are), ``grad_dropout`` 0 (at small scale the gradient noise only slows a block down; the thesis
+    uses it against overfitting on large data), ``max_decision_convs`` 2 (small feature maps cannot be halved
+    more often), no memory target (the search costs a forward/backward per configuration; opt in).
 
     Returns a :class:`LayerwiseResult`. Cost: sum over steps of (epochs x one pass of feednet forward + window
     forward/backward) plus an evaluation pass per epoch; one extra forward/backward per step and head configuration
@@ -326,11 +351,21 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                                           and not isinstance(memory_budget, bool) and 0 < memory_budget <= 1):
         raise ValueError(f"memory_budget must be a fraction of full-backprop peak memory in (0, 1], got "
                          f"{memory_budget!r}.")
+    if memory_target is not None:
+        if memory_budget is not None:
+            raise ValueError("pass memory_budget (a cap) or memory_target (a target to land on), not both.")
+        if not (isinstance(memory_target, numbers.Real) and not isinstance(memory_target, bool)
+                and 0 < memory_target <= 1):
+            raise ValueError(f"memory_target must be a fraction of full-backprop peak memory in (0, 1], got "
+                             f"{memory_target!r}.")
+        if not (isinstance(memory_tolerance, numbers.Real) and not isinstance(memory_tolerance, bool)
+                and 0 <= memory_tolerance < memory_target):
+            raise ValueError(f"memory_tolerance must be a number in [0, memory_target), got {memory_tolerance!r}.")
     if feature_checkpoint is not None and feature_checkpoint not in CHECKPOINTS:
         raise ValueError(f"feature_checkpoint must be None, 'ram' or 'disk', got {feature_checkpoint!r}.")
-    if feature_checkpoint is not None and method == "random_robin":
+    if feature_checkpoint is not None and method in ("random_robin", "round_robin"):
         raise ValueError("feature checkpoints need frozen lower blocks, but random robin keeps training every block; "
-                         "use feature_checkpoint=None with method='random_robin'.")
+                         f"use feature_checkpoint=None with method={method!r}.")
 
     original = split_blocks(model_or_blocks)
     # the caller's model is never touched; one deepcopy of the list keeps modules shared between blocks shared
@@ -383,6 +418,16 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                     f"to train block {i_top}, but memory_budget={memory_budget} allows {int(budget)} bytes; raise "
                     "memory_budget (a fraction of full-backprop peak memory in (0, 1]) or lower the batch size.")
 
+        if memory_target is not None:
+            try:
+                head, config, report, log = search_head(feats[i_top], num_classes, measure, bp_mem.total,
+                                                        float(memory_target), float(memory_tolerance),
+                                                        max_decision_convs=max_decision_convs, dtype=dtype,
+                                                        device=dev)
+            except NoHeadFits as exc:
+                raise NoHeadFits(f"block {i_top}: {exc}") from None
+            search_logs[i_top] = log
+            return head, config, report
         head, config, report = choose_head(feats[i_top], num_classes, measure, budget,
                                            max_decision_convs=max_decision_convs, dtype=dtype, device=dev,
                                            describe_budget=describe)
@@ -390,8 +435,9 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
             report = measure(head)
         return head, config, report
 
+    search_logs: dict[int, list[dict]] = {}
     total_epochs = sum(epochs_list)
-    if method == "random_robin":
+    if method in ("random_robin", "round_robin"):
         n_rounds = rounds if rounds is not None else math.ceil(max(epochs_list) / epochs_per_round)
         n_rounds = _int_at_least("rounds", n_rounds, 1)
         total_epochs = n_rounds * epochs_per_round * n
@@ -524,7 +570,7 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
                 memory[i] = memory[i].plus(parameters=others_params, optimizer_state=others_state)
             gen = torch.Generator().manual_seed(seed)
             for r in range(n_rounds):
-                order = torch.randperm(n, generator=gen).tolist()
+                order = torch.randperm(n, generator=gen).tolist() if method == "random_robin" else list(range(n))
                 for i in order:
                     for _ in range(epochs_per_round):
                         e = epochs_run[i]
@@ -559,5 +605,5 @@ def fit_layerwise(model_or_blocks, train_loader, test_loader=None, *, method: st
         method=method, model=best["model"], best_depth=best["depth"], test_accuracy=test_acc,
         val_accuracy=val_acc if val_loader is not None else None, memory=memory, backprop_memory=bp_mem,
         blocks=trained, heads=heads, head_configs=configs, epochs_run=epochs_run, history=history,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, head_search=[search_logs.get(i, []) for i in range(n)],
     )

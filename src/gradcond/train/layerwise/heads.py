@@ -84,28 +84,49 @@ def describe_head(config: dict) -> str:
     """A few words for a head configuration (used in messages and results)."""
     if config.get("pool"):
         return "global average pool + Linear"
-    n = config["convs"]
-    return "Flatten + Linear" if n == 0 else f"{n} down-conv(s) + Flatten + Linear"
+    n, p = config["convs"], config.get("down_pool", 0)
+    parts = [f"{p} down-pool(s)"] if p else []
+    if n:
+        width = config.get("width")
+        kind = config.get("kind", "conv")
+        what = "down-conv(s)" if kind == "conv" else "hidden Linear+ReLU layer(s)"
+        parts.append(f"{n} {what}" + (f" of width {width}" if width is not None else ""))
+    parts.append("Flatten + Linear" if not n or config.get("kind", "conv") == "conv" else "Linear")
+    return " + ".join(parts)
 
 
 def make_head(feature_shape: Sequence[int], num_classes: int, config: dict, dtype=None, device=None) -> nn.Module:
-    """The ``nn.Sequential`` decision head of one configuration from :func:`head_configs`."""
+    """The ``nn.Sequential`` decision head of one configuration (:func:`head_configs`, :func:`search_head`).
+
+    Keys: ``convs`` (number of down-convs -- 3x3, stride 2, padding 1, each + ReLU -- for image features, or of
+    hidden Linear + ReLU layers for flat features), ``width`` (their channels / units; default: the feature's
+    channels / size), ``down_pool`` (2x2 max-pools before the convs, default 0), ``pool`` (global average pool +
+    Linear instead)."""
     shape = tuple(int(s) for s in feature_shape)
     layers: list[nn.Module] = []
     if config.get("pool"):
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shape[0], num_classes)]
+    elif len(shape) == 3:
+        c, h, w = shape
+        for _ in range(config.get("down_pool", 0)):
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        width = config.get("width") or c
+        for _ in range(config["convs"]):
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.ReLU()]
+            c = width
+            h, w = (h + 1) // 2, (w + 1) // 2
+        layers += [nn.Flatten(), nn.Linear(c * h * w, num_classes)]
     else:
-        if config["convs"]:
-            c, h, w = shape
-            for _ in range(config["convs"]):
-                layers += [nn.Conv2d(c, c, 3, stride=2, padding=1), nn.ReLU()]
-                h, w = (h + 1) // 2, (w + 1) // 2
-            n_in = c * h * w
-        else:
-            n_in = 1
-            for s in shape:
-                n_in *= s
-        layers += [nn.Flatten(), nn.Linear(n_in, num_classes)]
+        n_in = 1
+        for s in shape:
+            n_in *= s
+        layers.append(nn.Flatten())
+        width = config.get("width") or n_in
+        for _ in range(config["convs"]):
+            layers += [nn.Linear(n_in, width), nn.ReLU()]
+            n_in = width
+        layers.append(nn.Linear(n_in, num_classes))
     return nn.Sequential(*layers).to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
@@ -137,6 +158,110 @@ def choose_head(feature_shape, num_classes: int, measure: Callable[[nn.Module], 
         f"needs {report.total} bytes per training step but the budget is {int(budget)} bytes; raise memory_budget or "
         "lower the batch size.")
     raise NoHeadFits(f"no decision head meets the memory budget: the cheapest ({describe_head(config)}) {what}")
+
+
+def search_head(feature_shape, num_classes: int, measure: Callable[[nn.Module], MemoryReport], reference: int,
+                target: float, tolerance: float = 0.005, *, max_decision_convs: int = 4, max_down_pools: int = 2,
+                dtype=None, device=None) -> tuple[nn.Module, dict, MemoryReport, list[dict]]:
+    """Decision-block search with a memory *target* (§6.2.2, Table 6.3: "searching for a suitable decision-block
+    configuration that meets the memory restriction of 30 +- 0.5 %").
+
+    ``measure(head)`` gives the step's :class:`MemoryReport`; ``reference`` is the bytes the target is a fraction
+    of (full backprop's peak); the band is ``[target - tolerance, target + tolerance]``.  The search covers the
+    head's **depth** (0 .. ``max_decision_convs`` down-convs, or hidden Linear layers for flat features), its
+    **width** (channels / units of those layers: for each depth and down-pooling, a bisection for the widest head
+    under the band's top, since memory grows with width) and **down-pooling** (0 .. ``max_down_pools`` 2x2
+    max-pools before the convs, image features only), plus the fixed heads without convs (flatten + linear, global
+    average pool).  Choice: among heads inside the band, the deepest, then the one with the fewest down-pools, then
+    the widest; when none lands inside the band (the block and its feednet alone are too large, or every head is
+    too small), the head closest below the top of the band -- then the target is missed and the log says so.  No
+    head under the top of the band raises :class:`NoHeadFits`.
+
+    Returns ``(head, config, report, log)``; ``log`` lists every configuration measured (``config``, ``bytes``,
+    ``ratio``) and, last, the choice (``chosen``, ``ratio``, ``in_band``, ``reason``).  Cost: one forward + backward
+    per configuration measured -- about ``(depths x down-pools) x log2(4 x width)`` of them.
+    """
+    shape = tuple(int(s) for s in feature_shape)
+    image = len(shape) == 3
+    base = shape[0] if image else int(torch.tensor(shape).prod())
+    lo_band, hi_band = target - tolerance, target + tolerance
+    log: list[dict] = []
+    cache: dict[str, tuple[nn.Module, MemoryReport]] = {}
+
+    def run(config: dict) -> tuple[nn.Module, MemoryReport, float]:
+        key = str(sorted(config.items()))
+        if key not in cache:
+            head = make_head(shape, num_classes, config, dtype, device)
+            cache[key] = (head, measure(head))
+            rep = cache[key][1]
+            log.append({"config": dict(config), "bytes": rep.total, "ratio": rep.total / reference})
+        head, rep = cache[key]
+        return head, rep, rep.total / reference
+
+    fixed: list[dict] = []
+    families: list[dict] = []
+    if image:
+        h, w = shape[1], shape[2]
+        for p in range(max_down_pools + 1):
+            hp, wp = h, w
+            for _ in range(p):
+                hp, wp = (hp + 1) // 2, (wp + 1) // 2
+            if p and min(h, w) < 2 ** p:
+                break
+            fixed.append({"convs": 0, "pool": False, "down_pool": p, "kind": "conv"})
+            depth, hh, ww = 0, hp, wp
+            while depth < max_decision_convs and min(hh, ww) >= 2:
+                hh, ww, depth = (hh + 1) // 2, (ww + 1) // 2, depth + 1
+                families.append({"convs": depth, "pool": False, "down_pool": p, "kind": "conv"})
+        if shape[1] * shape[2] > 1:
+            fixed.append({"convs": 0, "pool": True, "kind": "conv"})
+    else:
+        fixed.append({"convs": 0, "pool": False, "kind": "linear"})
+        families += [{"convs": d, "pool": False, "kind": "linear"} for d in range(1, max_decision_convs + 1)]
+    points: list[tuple[dict, float]] = []
+    for cfg in fixed:
+        _, _, r = run(cfg)
+        points.append((cfg, r))
+    for fam in families:
+        lo, hi = 1, 4 * base
+        _, _, r_lo = run({**fam, "width": lo})
+        if r_lo > hi_band:
+            continue  # even the narrowest head of this depth is over the band
+        _, _, r_hi = run({**fam, "width": hi})
+        if r_hi <= hi_band:
+            lo = hi
+        else:
+            while hi - lo > 1:  # largest width under the top of the band (memory grows with the width)
+                mid = (lo + hi) // 2
+                _, _, r_mid = run({**fam, "width": mid})
+                if r_mid <= hi_band:
+                    lo = mid
+                else:
+                    hi = mid
+        cfg = {**fam, "width": lo}
+        points.append((cfg, run(cfg)[2]))
+    feasible = [(c, r) for c, r in points if r <= hi_band]
+    if not feasible:
+        cheapest = min(log, key=lambda e: e["bytes"])
+        raise NoHeadFits(f"no decision head meets the memory target of {100 * target:g} +- {100 * tolerance:g} % of "
+                         f"full backprop: the cheapest ({describe_head(cheapest['config'])}) needs "
+                         f"{100 * cheapest['ratio']:.1f} %; raise the target or lower the batch size.")
+    in_band = [(c, r) for c, r in feasible if r >= lo_band]
+
+    def richness(item):
+        c, r = item
+        return (c["convs"], -c.get("down_pool", 0), c.get("width") or 0, r)
+
+    if in_band:
+        cfg, r = max(in_band, key=richness)
+        reason = f"in the band {100 * lo_band:.1f}-{100 * hi_band:.1f} %: the deepest, least pooled, widest head"
+    else:
+        cfg, r = max(feasible, key=lambda item: (item[1], richness(item)))
+        reason = (f"no head lands in the band {100 * lo_band:.1f}-{100 * hi_band:.1f} %; the closest below it "
+                  f"({100 * r:.1f} %): target missed")
+    head, rep, _ = run(cfg)
+    log.append({"chosen": dict(cfg), "ratio": r, "in_band": bool(in_band), "reason": reason})
+    return head, cfg, rep, log
 
 
 def build_head(feature_shape: Sequence[int], num_classes: int, *, max_decision_convs: int = 2,
