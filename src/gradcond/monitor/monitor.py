@@ -7,38 +7,42 @@ Under DDP (``torch.distributed``, more than one rank) every probe is measured **
 batch, on the inner module (``model.module``): the other ranks' monitors do nothing, and no probe calls a
 collective (see :mod:`gradcond.distributed`). Rank 0's plan and rows are the run's.
 
-The schedule is decided once, deterministically
------------------------------------------------
+The schedule is decided once, from counts, never from a clock
+-------------------------------------------------------------
 ``budget`` is the share of the training time the monitor may spend measuring. With ``budget < 1`` the monitor
-*plans* once, early in training, and never consults the clock again for a decision:
+*plans* once, at the first optimizer step, before measuring anything, and the plan is a function of the config,
+the model and the data shapes only -- not of the machine's speed or load -- so two runs of one config measure the
+same steps on an idle and on a saturated machine (issue 26):
 
-1. **Calibration** (the first ``CALIBRATION_STEPS`` = 3 optimizer steps, or the first epoch if it is shorter): every
-   probe runs as configured; the time of a training step is measured (the fastest of those steps after the first,
-   the monitor's own time excluded). A probe its schedule measured during those steps is costed from them (the
-   fastest call); every other enabled probe is measured once at the calibration step on the probe batch, and that
-   measurement is *logged and counts* (for an ``epoch`` probe it is the first epoch's measurement; epoch 0's end
-   does not measure it again) -- timing the probes costs no discarded calls. Fastest-of estimates the undisturbed
-   cost, which varies less between runs on a busy machine than a mean; the budget is a share of that undisturbed
-   training time. (Plans written before this rule lack ``calibration_measurement`` and keep the old one.)
+1. **Costs** (:mod:`gradcond.monitor.costs`): one forward+backward of a single sample of the probe batch is
+   counted (ATen op calls, flops, elements written; no timing) and turned into modelled seconds of a training step
+   (the training batch size, the optimizer's kind) and of one measurement of each probe (a formula per probe, e.g.
+   ``conditioning`` = three forward+backward passes of the probe batch + the per-sample Gram + an eigen-decomposition),
+   with constants fitted once and fixed in the code. The counts are stored in the plan (``cost_model``), so the plan
+   says what it was decided from. A model the counting cannot run (it raises) gets no budget: every probe is then
+   measured as configured, and the plan says why.
 2. **Plan** (:func:`plan_schedule`, a pure function of those costs, the configured schedules, the budget, the steps
    per epoch and the number of epochs): the budget is split fairly between probes (a probe cheaper than its equal
    share keeps its schedule and leaves the rest to the others), and a probe that needs more is thinned by an
    integer factor -- ``every:N`` becomes every ``N*m`` steps, ``epoch`` every ``m``-th epoch (plus the last one),
-   ``log`` is never thinned (it is already sparse). ``m`` is rounded up to a power of two, so that the small timing
-   noise between two runs of the same config rarely changes the plan.
-3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times, its calibration
-   measurements included, when the run has that many opportunities, *even when this exceeds the budget*; the plan states by how much
-   (``fraction`` of the training time per probe, and the reason sentence). A probe is left out entirely only when
-   its guaranteed measurements alone would take longer than the whole training (then ``skipped`` says so and which
-   setting would include it).
+   ``log`` is never thinned (it is already sparse). ``m`` is rounded up to a power of two.
+3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times when the run has
+   that many opportunities, *even when this exceeds the budget*; the plan states by how much (``fraction`` of the
+   modelled training time per probe, and the reason sentence). A probe is left out entirely only when its guaranteed
+   measurements alone would take longer than the whole training (then ``skipped`` says so and which setting would
+   include it).
+
+The budget is a share of the *modelled* training time; the share actually spent is measured and logged to the
+timing file (``time_fraction``), for information only. Plans written before issue 26 (their probes timed during
+three calibration steps: ``calibration_steps > 0``) are still followed exactly when given or resumed.
 
 The plan is the contract dict written atomically to ``<run_dir>/monitor_schedule.json`` (see :func:`plan_schedule`)
 and kept in :attr:`Monitor.plan`; it is part of the monitor's checkpoint state, so a resumed run uses the same plan
 (and :class:`Monitor` accepts ``plan=`` -- a dict or the path of an earlier ``monitor_schedule.json`` -- to repeat
 a run's schedule exactly). Given the plan, which rows are written depends only on the step and epoch counters:
 two runs with the same plan write the same (step, probe, layer, name) rows. :func:`coverage_sentences` turns a plan
-into plain-English sentences for a report. ``budget=1`` switches the budget off: no calibration, every configured
-measurement runs.
+into plain-English sentences for a report. ``budget=1`` switches the budget off: nothing is counted, every
+configured measurement runs.
 
 Measurements due under the configured schedule but thinned out by the plan are counted per epoch
 (``probe=monitor, name=skipped``, deterministic given the plan); the monitor's share of the time goes to the
@@ -64,7 +68,6 @@ from ..utils import atomic_write_text, selecting_output
 from .schedule import PRESETS, PROBES, Schedule
 
 SCHEDULE_FILE = "monitor_schedule.json"
-CALIBRATION_STEPS = 3
 DEFAULT_MIN_MEASUREMENTS = 3
 # budgets suggested in the reasons ("set monitor.budget = X to measure it as configured")
 _SUGGESTED_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -211,13 +214,18 @@ def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
 
 
 def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: float, steps_per_epoch: int | None,
-                  epochs: int | None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS, calibration_steps: int = 0) -> dict:
+                  epochs: int | None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS, calibration_steps: int = 0,
+                  *, cost_model: dict | None = None) -> dict:
     """Decide the monitor's schedule once: a pure function (no clock), so equal inputs give equal plans.
 
     ``probes``: name -> configured schedule (``Schedule`` or text) of the enabled probes; ``costs``: name -> seconds
-    per measurement (``None`` when unmeasured; ``"<name>:failed"`` -> error text for a probe that raised);
-    ``step_time``: seconds per training step; ``budget``: share of the training time; ``calibration_steps``:
-    the steps already run as configured before the plan applies. With ``calibration_steps > 0`` the measurements
+    per measurement (``None`` when unknown; ``"<name>:failed"`` -> error text for a probe that raised);
+    ``step_time``: seconds per training step (the :class:`Monitor` passes the modelled seconds of
+    :mod:`gradcond.monitor.costs`; any unit works as long as costs and step time share it); ``budget``: share of the
+    training time; ``cost_model``: stored in the plan as ``cost_model`` (with ``cost_source: "model"``), the counts
+    the costs came from. ``calibration_steps`` (plans written before issue 26 timed their probes during the first
+    steps; the Monitor now passes 0): the steps already run as configured before the plan applies. With
+    ``calibration_steps > 0`` the measurements
     made to time the probes count (``calibration_measurement: true``): at the calibration step every probe that its
     schedule did not measure during calibration is measured once (for an ``epoch`` probe that is its first
     epoch's measurement, and epoch 0's end is not measured again), ``planned_measurements`` includes them, and the
@@ -265,10 +273,14 @@ def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: fl
                         "fraction": fraction, "skipped": skipped,
                         "reason": _reason(name, sch, m, why, planned, c, fraction, budget, counts, costs, step_time,
                                           sched, min_measurements, total_time)})
-    return {"budget": budget, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "total_steps": counts.total,
+    plan = {"budget": budget, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "total_steps": counts.total,
             "step_time_s": step_time, "min_measurements": min_measurements, "calibration_steps": calibration_steps,
             "calibration_measurement": counts.cm,
             "planned_fraction": planned_cost / total_time if total_time else None, "probes": entries}
+    if cost_model is not None:
+        plan["cost_source"] = "model"  # costs from gradcond.monitor.costs (counts, no clock)
+        plan["cost_model"] = cost_model
+    return plan
 
 
 def _configured_text(sch: Schedule) -> str:
@@ -344,10 +356,19 @@ def coverage_sentences(schedule: dict) -> list[str]:
         else:
             pf = schedule.get("planned_fraction")
             st = schedule.get("step_time_s")
-            txt = (f"The monitor planned its measurements once, after {schedule.get('calibration_steps', 0)} "
-                   f"calibration step(s)")
-            if st:
-                txt += f" (a training step took about {_fmt_s(st)})"
+            if schedule.get("cost_source") == "model":
+                err = (schedule.get("cost_model") or {}).get("error")
+                txt = ("The monitor planned its measurements once, before the first, from a cost model (operation "
+                       "and flop counts of the model on the batch shapes; no clock)")
+                if err:
+                    txt += f", which could not count this model ({err})"
+                elif st:
+                    txt += f" (a training step is modelled at about {_fmt_s(st)})"
+            else:
+                txt = (f"The monitor planned its measurements once, after {schedule.get('calibration_steps', 0)} "
+                       f"calibration step(s)")
+                if st:
+                    txt += f" (a training step took about {_fmt_s(st)})"
             txt += f", to stay within a budget of {_fmt_budget(budget)} of the training time"
             if pf is not None:
                 txt += f"; the planned measurements take about {_fmt_budget(pf)}"
@@ -364,15 +385,6 @@ def coverage_sentences(schedule: dict) -> list[str]:
 
 
 # ---- the callback -----------------------------------------------------------------------------------------
-def _import_probe_modules() -> None:
-    """Import the modules the probes import lazily, so that the calibration measurement (one call per probe) does
-    not count import time as the probe's cost."""
-    import importlib
-
-    for mod in ("scale", "domain", "conditioning", "representation"):
-        importlib.import_module(f"gradcond.probes.{mod}")
-
-
 class Monitor(Callback):
     """Schedules the probes of :data:`PROBES` during training under ``budget`` (see the module docstring).
 
@@ -406,7 +418,6 @@ class Monitor(Callback):
         self.plan: dict | None = self._check_plan(plan) if plan is not None else None
         self._given_plan = self.plan is not None
         self.spent = 0.0
-        self.cost: dict[str, float] = {}
         self.skipped: Counter = Counter()
         self.failed: dict[str, str] = {}
         self.batch = None
@@ -414,8 +425,6 @@ class Monitor(Callback):
         self._tb = None
         self._tb_dir = tensorboard_dir
         self._plain_state: TrainState | None = None
-        self._durations: list[float] = []
-        self._last_end: float | None = None
         self._plan_written = False
         self._resumed = False
 
@@ -470,40 +479,37 @@ class Monitor(Callback):
             return False
         return sch.kind == "epoch" or (sch.kind == "every" and _multiples(0, calib, sch.n) == 0)
 
+    def _train_batch_size(self, state: TrainState) -> int | None:
+        bs = getattr(state.train_loader, "batch_size", None)
+        if isinstance(bs, int) and bs > 0:
+            return bs
+        if state.batch is not None and isinstance(state.batch[0], torch.Tensor) and state.batch[0].dim():
+            return int(state.batch[0].shape[0])
+        return None
+
     def _make_plan(self, state: TrainState) -> None:
+        """Plan once, from counts (:mod:`gradcond.monitor.costs`): a function of the configured probes, the budget,
+        the run's length, the model, the loss, the batch shapes and the optimizer's kind -- never of a clock."""
         spe, epochs = self._steps_per_epoch(state), self._epochs(state)
-        pending = {}
-        if self.budget >= 1:
-            costs, step_time, calib = {}, None, 0
-        else:
-            calib = state.step
-            # the fastest step after the first (which pays one-time costs): like the probe costs, an estimate of the
-            # undisturbed cost, which varies much less between runs on a busy machine than a mean or a median would
-            later = self._durations[1:] or self._durations
-            step_time = min(later) if later else None
-            costs = {}
-            for name in self.schedules:
-                if name in self.failed:
-                    costs[f"{name}:failed"] = self.failed[name]
-                    continue
-                if not self._calibration_due(name, calib) and name in self.cost:
-                    costs[name] = self.cost[name]  # measured during the calibration steps: no extra call
-                    continue
-                # one measurement, timed; it is not discarded: its rows are logged once the plan is known (a probe
-                # the plan leaves out logs nothing). Probe modules were imported at train start, so this call pays
-                # no import time.
-                rows = self._measure(name, state)
-                if rows is None:
-                    costs[f"{name}:failed"] = self.failed[name]
-                    continue
-                costs[name] = self.cost[name]
-                if self._calibration_due(name, calib):
-                    pending[name] = rows
-        self.plan = plan_schedule({n: s for n, s in self.schedules.items()}, costs, step_time, self.budget, spe,
-                                  epochs, self.min_measurements, calib)
-        for name, rows in pending.items():
-            if not self._entry(name)["skipped"]:
-                self._log(name, rows, state)
+        costs, step_cost, model_info = {}, None, None
+        if self.budget < 1:
+            from .costs import COST_MODEL_VERSION, ELEM_S, FLOP_S, OP_S, estimate_costs, profile_model
+
+            model = unwrap(state.model)
+            batch = self._probe_batch(state)
+            try:
+                prof = profile_model(model, state.loss_fn, batch, optimizer=state.optimizer,
+                                     train_batch=self._train_batch_size(state) or int(batch[0].shape[0]),
+                                     output=getattr(self, "output", None))
+            except Exception as exc:  # the budget cannot be applied: every probe is measured as configured
+                model_info = {"version": COST_MODEL_VERSION, "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                costs, step_cost, notes = estimate_costs(prof, self.schedules)
+                model_info = {"version": COST_MODEL_VERSION, "constants": {"op_s": OP_S, "flop_s": FLOP_S,
+                                                                            "elem_s": ELEM_S},
+                              "profile": prof.to_dict(), "default_cost": notes}
+        self.plan = plan_schedule(dict(self.schedules), costs, step_cost, self.budget, spe, epochs,
+                                  self.min_measurements, 0, cost_model=model_info)
         self._write_plan(state)
 
     def _calibration_measurements(self, state: TrainState) -> None:
@@ -560,19 +566,13 @@ class Monitor(Callback):
         return self.batch
 
     def _measure(self, name: str, state: TrainState):
-        """Run probe ``name`` once: its rows, or None when it raised (then it is disabled and the failure logged).
-        Its time updates :attr:`cost` (the fastest call so far)."""
-        t = time.perf_counter()
+        """Run probe ``name`` once: its rows, or None when it raised (then it is disabled and the failure logged)."""
         try:
             with selecting_output(unwrap(state.model), getattr(self, "output", None)):
-                rows = PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
+                return PROBES[name](unwrap(state.model), state.loss_fn, self._probe_batch(state), state)
         except Exception as exc:  # a failing probe must not stop training
             self._fail(name, exc, state)
             return None
-        dt = time.perf_counter() - t
-        # kept for information (and for calibration); no decision reads it once the plan exists
-        self.cost[name] = dt if name not in self.cost else min(self.cost[name], dt)
-        return rows
 
     def _run(self, name: str, state: TrainState) -> None:
         if name in self.failed:
@@ -601,13 +601,12 @@ class Monitor(Callback):
         if self._given_plan:
             self._write_plan(state)
         elif self.budget >= 1:
-            self._make_plan(state)  # nothing to measure: the plan is the configured schedule
+            self._make_plan(state)  # nothing to budget: the plan is the configured schedule
         else:
-            self.plan = None  # a fresh run plans anew (a resumed run gets its plan from load_state_dict)
+            # a fresh run plans at its first step, when the batch shapes are known (a resumed run gets its plan from
+            # load_state_dict)
+            self.plan = None
             self._plan_written = self._resumed = False
-            self.cost = {}  # this run's calibration times its own probes
-            _import_probe_modules()
-        self._durations, self._last_end = [], time.perf_counter()
 
     def _ensure_written(self, state: TrainState) -> None:
         """After a resume: the plan comes from the checkpoint, or else from the run's ``monitor_schedule.json``;
@@ -626,24 +625,20 @@ class Monitor(Callback):
     def on_step_end(self, state: TrainState) -> None:
         if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
             return
-        t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
+        t = time.perf_counter()  # the monitor's own time (timings.csv only; no decision reads it)
         if self._t0 is None:
             self._t0 = t
-        if self.plan is None and self._last_end is not None:
-            self._durations.append(t - self._last_end)
         self._ensure_written(state)
+        if self.plan is None:
+            self._make_plan(state)
         for name, sch in self.schedules.items():
             if sch.kind != "epoch" and sch.due_at_step(state.step):
-                if self.plan is None or self._planned(name, step=state.step):
+                if self._planned(name, step=state.step):
                     self._run(name, state)
                 else:
                     self.skipped[name] += 1
-        if self.plan is None and len(self._durations) >= CALIBRATION_STEPS:
-            self._make_plan(state)
-        elif self.plan is not None:
-            self._calibration_measurements(state)
-        self._last_end = time.perf_counter()
-        self.spent += self._last_end - t
+        self._calibration_measurements(state)  # plans written before issue 26 only (calibration_steps > 0)
+        self.spent += time.perf_counter() - t
 
     def on_epoch_end(self, state: TrainState) -> None:
         if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
@@ -651,7 +646,7 @@ class Monitor(Callback):
         t = time.perf_counter()
         self._ensure_written(state)
         if self.plan is None:
-            self._make_plan(state)  # an epoch shorter than the calibration window
+            self._make_plan(state)  # an epoch without a step
         epochs = self._epochs(state)
         last = epochs - 1 if epochs is not None else None
         for name, sch in self.schedules.items():
@@ -670,7 +665,6 @@ class Monitor(Callback):
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
         timing = [("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9))]
         (state.log_timings if hasattr(state, "log_timings") else state.log_metrics)(timing)
-        self._last_end = time.perf_counter()
 
     def on_train_end(self, state: TrainState) -> None:
         if self._tb is not None:
@@ -679,19 +673,17 @@ class Monitor(Callback):
     def state_dict(self) -> dict:
         elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         # plain values only (checkpoints are read with weights_only=True)
-        return {"spent": self.spent, "elapsed": elapsed, "cost": dict(self.cost), "failed": dict(self.failed),
+        return {"spent": self.spent, "elapsed": elapsed, "failed": dict(self.failed),
                 "plan": json.loads(json.dumps(self.plan)) if self.plan is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.spent = state.get("spent", 0.0)
         self._t0 = time.perf_counter() - state.get("elapsed", 0.0)
-        self.cost = dict(state.get("cost", {}))
         self.failed = dict(state.get("failed", {}))
         if state.get("plan") is not None and not self._given_plan:
             self.plan = self._check_plan(state["plan"])
         self._plan_written = False
         self._resumed = True
-        self._last_end = time.perf_counter()
 
     # ---- plain loops --------------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None) -> list[dict]:
@@ -707,7 +699,6 @@ class Monitor(Callback):
         if first:
             self._plain_state = TrainState(model, optimizer, get_loss(loss_fn), None, run=run or RunLogger(None))
             self.on_train_start(self._plain_state)
-            self._last_end = None  # the first step of a plain loop happened before the monitor saw it: not timed
         st = self._plain_state
         st.model, st.optimizer, st.batch = model, optimizer, batch
         if self.batch is None:
