@@ -9,7 +9,8 @@ How the counts are made (:func:`profile_model`)
 -----------------------------------------------
 One forward and one backward (to the trainable parameters, ``torch.autograd.grad``: no ``.grad`` is written) of a
 **single sample** of the probe batch run under a counting ``TorchDispatchMode``, in eval mode (BatchNorm buffers are
-not touched), with every module's training flag restored afterwards. Per pass it counts
+not touched), with every module's training flag restored afterwards. For the forward and for forward+backward it
+counts
 
 * ``ops``: ATen operator calls (the per-call overhead that dominates small models: Python, dispatch, kernel launch),
 * ``flops``: floating-point operations of the ops in ``torch.utils.flop_counter``'s registry (matmuls, convolutions,
@@ -17,7 +18,9 @@ not touched), with every module's training flag restored afterwards. Per pass it
 * ``elements``: elements written by all ops (memory traffic), for one sample,
 
 and, per parameter-owning Linear / Conv1d / Conv2d module, its shape (positions T, input features C, outputs O,
-groups G) for the cost of a per-sample Gram matrix. Counts for a batch of n are ``ops`` + n · (``flops``, ``elements``).
+groups G) for the cost of a per-sample Gram matrix. Counts for a batch of n are ``ops`` + n · (``flops``,
+``elements``), except the parameter gradients (P elements, written once per batch). A model that cannot run a single
+sample is counted on the whole probe batch (divided by its size).
 
 The cost of a pass is then ``OP_S · ops + FLOP_S · flops · n + ELEM_S · elements · n`` seconds with fixed constants
 (:data:`OP_S`, :data:`FLOP_S`, :data:`ELEM_S`: one core of an x86-64 CPU, fitted once with
@@ -30,7 +33,7 @@ than the factor of two between the thinning steps -- and it is measured and logg
 Probe costs (:data:`PROBE_COSTS`) are formulas in those passes, one per probe of :data:`gradcond.monitor.PROBES`: e.g.
 ``conditioning`` = three forward+backward passes of the probe batch (the shared per-sample capture and the two
 perturbed gradients of step-consistency) + the per-sample Gram matrix (the cheaper of the ghost and the materialised
-form per layer, as :mod:`gradcond.probes.ghost` chooses) + a b × b eigen-decomposition. A probe without a formula (a
+form per layer, as :mod:`gradcond.probes.per_sample.identities` chooses) + a b × b eigen-decomposition. A probe without a formula (a
 probe added to ``PROBES`` later) is costed as two forward+backward passes of the probe batch, and its plan entry says
 so (``cost_model``). Cost of profiling: one single-sample forward+backward at Python speed (a few ms for a small
 model, tens of ms for an 11M-parameter ResNet), once per run.
@@ -110,8 +113,11 @@ class _Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
+        rets = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            alias = rets[i].alias_info if i < len(rets) else None
+            # a view (t, reshape, expand, detach...) writes nothing; an in-place op writes its output
+            if isinstance(t, torch.Tensor) and (alias is None or alias.is_write):
                 self.elements += t.numel()
         f = self._registry.get(func._overloadpacket)
         if f is not None:
@@ -162,6 +168,7 @@ def profile_model(model: nn.Module, loss_fn: Callable, batch, *, train_batch: in
             lin.append((T, mod.in_channels // mod.groups * k, mod.out_channels // mod.groups, mod.groups))
 
     def count(n):
+        """One counted forward and backward of ``n`` samples: (forward counter, forward+backward counter)."""
         lin.clear()
         outs.clear()
         xs, ys = x[:n], y[:n]
@@ -173,46 +180,32 @@ def profile_model(model: nn.Module, loss_fn: Callable, batch, *, train_batch: in
             with eval_mode(model), selecting_output(model, output), torch.enable_grad():
                 c = _Counter()
                 with c:
-                    model(xs)
-                seen = list(lin)  # the layer shapes of one forward
-                c2 = _Counter()
-                with c2:
-                    loss = loss_fn(model(xs), ys)
+                    out = model(xs)
+                    fwd = (c.ops, c.flops, c.elements)  # the forward alone: the counts so far
+                    loss = loss_fn(out, ys)
                     if params and loss.requires_grad:
                         torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        return c, c2, seen, dict(outs)
+        return fwd, (c.ops, c.flops, c.elements)
 
-    def passes(n_a, n_b):
-        """Counts at two batch sizes: per-sample slope and batch-independent part of flops and elements."""
-        (fa, fba, lin_a, outs_a), (fb_, fbb, _, _) = count(n_a), count(n_b)
-
-        def split(ca, cb):
-            k = n_b - n_a
-            fl, el = (cb.flops - ca.flops) / k, (cb.elements - ca.elements) / k
-            return Pass(ca.ops, max(fl, 0.0), max(el, 0.0), max(ca.flops - fl * n_a, 0.0),
-                        max(ca.elements - el * n_a, 0.0))
-
-        # shapes per sample (the lin hook saw n_a samples; T, C, O do not depend on n)
-        return split(fa, fb_), split(fba, fbb), lin_a, {k: v for k, v in outs_a.items()}
-
+    # one sample (the whole batch when the model cannot run one): flops and elements per sample, except the
+    # parameter gradients, written once per batch (P elements)
+    n = 1 if b >= 2 else b
     try:
-        if b < 2:
-            raise ValueError("one sample")
-        f, fb, lin_s, outs_s = passes(1, 2)
-    except Exception:  # a model that needs more than a sample or two (or a probe batch of one): the whole batch
-        c, c2, lin_s, outs_s = count(b)
-        f = Pass(c.ops, c.flops / b, c.elements / b)
-        fb = Pass(c2.ops, c2.flops / b, c2.elements / b)
-    outs.clear()
-    outs.update(outs_s)
+        f, fb = count(n)
+    except Exception:
+        n = b
+        f, fb = count(n)
+    P = sum(p.numel() for p in params)
+    f = Pass(f[0], f[1] / n, f[2] / n)
+    fb = Pass(fb[0], fb[1] / n, max(fb[2] - P, 0) / n, 0.0, float(P))
     nonlin = sum(1 for m in model.modules() if isinstance(m, _NONLIN))
     return Profile(
-        fwd=f, fwd_bwd=fb, params=sum(p.numel() for p in params), param_tensors=len(params),
+        fwd=f, fwd_bwd=fb, params=P, param_tensors=len(params),
         weight_layers=len(weights), weight_params=sum(m.weight.numel() for _, m in weights), nonlinearities=nonlin,
-        lin_layers=lin_s, out_features=[outs.get(n, 0) for n, _ in weights],
+        lin_layers=list(lin), out_features=[outs.get(name, 0) for name, _ in weights],
         weight_shapes=[(m.weight.shape[0], m.weight[0].numel()) for _, m in weights], train_batch=int(train_batch),
         probe_batch=b, optimizer=_optimizer_kind(optimizer))
 
@@ -229,7 +222,7 @@ def step_cost(p: Profile) -> float:
 
 def _gram_flops(p: Profile) -> float:
     """Flops of the per-sample Gram matrix over the Linear/Conv layers (ghost or materialised, the cheaper; as
-    :func:`gradcond.probes.ghost._lin_gram` decides)."""
+    the per-sample identities decide)."""
     c = p.probe_batch
     total = 0.0
     for T, C, O, G in p.lin_layers:

@@ -190,9 +190,29 @@ def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
         f = frac.pop(name)
         out[name] = (1, False, "fits" if f <= max(left, 0.0) else "log")
         left -= f
+    # the guaranteed minimum first: a probe that needs more than its equal share of what is left even at its
+    # sparsest schedule that keeps min_measurements gets that schedule, and the others share what remains (so a
+    # budget eaten by minimums thins the cheap probes too, instead of letting them keep their shares on top)
+    order = sorted(frac, key=lambda n: (frac[n], n))
+    while order:
+        share = max(left, 0.0) / len(order)
+        bound = []
+        for name in order:
+            sch = sched[name]
+            n1 = counts.after(sch, 1)
+            if n1 is None:
+                continue  # open-ended run: no minimum to keep
+            m_min = _largest_factor(sch, counts, 2 ** 20, counts.target(sch, n1, min_meas))
+            if frac[name] / m_min > share:
+                bound.append((name, m_min))
+        if not bound:
+            break
+        for name, m_min in bound:
+            out[name] = (m_min, False, "minimum")
+            left -= frac[name] / m_min
+            order.remove(name)
     # fair split ("water-filling"): cheapest first; a probe under its equal share of what is left keeps its
     # schedule and leaves the rest to the others; a probe over it is thinned by a power of two
-    order = sorted(frac, key=lambda n: (frac[n], n))
     for i, name in enumerate(order):
         sch, f = sched[name], frac[name]
         share = max(left, 0.0) / (len(order) - i)

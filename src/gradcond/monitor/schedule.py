@@ -28,23 +28,35 @@ def _param_layers(model: nn.Module):
             yield name or "<root>", w
 
 
+def _norms(tensors) -> list[float]:
+    """Frobenius norms of ``tensors`` as Python floats: one fused kernel and one host transfer for all of them (a
+    ``float(t.norm())`` per layer costs a kernel launch and a host sync each)."""
+    import torch
+
+    if not tensors:
+        return []
+    if len({(t.dtype, t.device) for t in tensors}) > 1:  # mixed dtypes or devices: one norm at a time
+        return [float(t.detach().norm()) for t in tensors]
+    return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).tolist()
+
+
 def grad_norm(model, loss_fn, batch, state=None) -> Rows:
     """Per-layer ||dL/dW||_F from the gradients of the last training step (free: no extra pass)."""
-    rows = []
-    for name, w in _param_layers(model):
-        if w.grad is not None:
-            rows.append((name, "grad_norm", float(w.grad.detach().norm())))
-    return rows
+    layers = [(name, w.grad) for name, w in _param_layers(model) if w.grad is not None]
+    return [(name, "grad_norm", v) for (name, _), v in zip(layers, _norms([g for _, g in layers]))]
 
 
 def weight_norm(model, loss_fn, batch, state=None) -> Rows:
     """Per-layer ||W||_F and the relative gradient size ||dW|| / ||W||."""
+    layers = list(_param_layers(model))
+    wn = _norms([w for _, w in layers])
+    with_grad = [i for i, (_, w) in enumerate(layers) if w.grad is not None]
+    gn = dict(zip(with_grad, _norms([layers[i][1].grad for i in with_grad])))
     rows = []
-    for name, w in _param_layers(model):
-        wn = float(w.detach().norm())
-        rows.append((name, "weight_norm", wn))
-        if w.grad is not None and wn > 0:
-            rows.append((name, "grad_to_weight", float(w.grad.detach().norm()) / wn))
+    for i, (name, _) in enumerate(layers):
+        rows.append((name, "weight_norm", wn[i]))
+        if i in gn and wn[i] > 0:
+            rows.append((name, "grad_to_weight", gn[i] / wn[i]))
     return rows
 
 
@@ -75,25 +87,25 @@ def domain(model, loss_fn, batch, state=None) -> Rows:
 
 
 def conditioning(model, loss_fn, batch, state=None) -> Rows:
-    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7).
+    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7), from
+    one shared per-sample engine (:func:`gradcond.probes.conditioning.conditioning_summary`: three forward+backward
+    passes instead of seven; BatchNorm at its running statistics, ``bn="eval"``).
 
     Each metric is computed on its own: one that cannot be computed (e.g. a zero gradient) is left out with a
     warning instead of losing the others; only when all three fail does the probe fail.
     """
     import warnings
 
-    from ..probes import conditioning as C
+    from ..probes.conditioning import conditioning_summary
 
+    res = conditioning_summary(model, loss_fn, batch, bn="eval")
     rows, errors = [], []
-    for name, fn, kw in (
-        ("coherence", C.gradient_coherence, {}),
-        ("step_consistency", C.step_consistency, {}),
-        ("relative_rank_weight", C.relative_gradient_rank, {"wrt": "weight"}),
-    ):
-        try:
-            rows.append(("", name, float(fn(model, loss_fn, batch, bn="eval", **kw).value)))
-        except (ValueError, FloatingPointError) as exc:
-            errors.append(f"{name}: {exc}")
+    for name in ("coherence", "step_consistency", "relative_rank_weight"):
+        r = res[name]
+        if isinstance(r, str):
+            errors.append(f"{name}: {r}")
+        else:
+            rows.append(("", name, float(r.value)))
     if not rows:
         raise ValueError("no conditioning metric could be computed (" + "; ".join(errors) + ")")
     for e in errors:
