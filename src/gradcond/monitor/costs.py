@@ -101,6 +101,9 @@ class Profile:
         return d
 
 
+_OP_INFO: dict = {}  # ATen op -> (which outputs it writes, its flop formula or None)
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -113,13 +116,16 @@ class _Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
-        rets = func._schema.returns
+        info = _OP_INFO.get(func)
+        if info is None:
+            # per output: whether it is written (a view -- t, reshape, expand, detach -- writes nothing; an in-place
+            # op writes its output); the flop formula of the op, if any
+            info = _OP_INFO[func] = (tuple(r.alias_info is None or r.alias_info.is_write for r in func._schema.returns),
+                                     self._registry.get(func._overloadpacket))
+        writes, f = info
         for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
-            alias = rets[i].alias_info if i < len(rets) else None
-            # a view (t, reshape, expand, detach...) writes nothing; an in-place op writes its output
-            if isinstance(t, torch.Tensor) and (alias is None or alias.is_write):
+            if isinstance(t, torch.Tensor) and (i >= len(writes) or writes[i]):
                 self.elements += t.numel()
-        f = self._registry.get(func._overloadpacket)
         if f is not None:
             try:
                 self.flops += f(*args, **kwargs, out_val=out)

@@ -432,6 +432,7 @@ class Monitor(Callback):
         if isinstance(min_measurements, bool) or not isinstance(min_measurements, int) or min_measurements < 1:
             raise ValueError(f"min_measurements must be an integer >= 1, got {min_measurements!r}.")
         self.schedules = {name: Schedule.parse(s) for name, s in probes.items()}
+        self._step_schedules = [(name, sch) for name, sch in self.schedules.items() if sch.kind != "epoch"]
         self.budget = float(budget)
         self.min_measurements = min_measurements
         self.probe_batch_size = probe_batch_size
@@ -548,7 +549,10 @@ class Monitor(Callback):
         self._plan_written = True
 
     def _entry(self, name: str) -> dict:
-        return next(p for p in self.plan["probes"] if p["name"] == name)
+        cache = self.__dict__.get("_entries")
+        if cache is None or cache[0] is not self.plan:  # one look-up table per plan object
+            cache = self._entries = (self.plan, {p["name"]: p for p in self.plan["probes"]})
+        return cache[1][name]
 
     def _planned(self, name: str, step: int | None = None, epoch: int | None = None, last_epoch=None) -> bool:
         """Whether the plan measures ``name`` at this step (step probes) or at the end of this epoch."""
@@ -651,13 +655,15 @@ class Monitor(Callback):
         self._ensure_written(state)
         if self.plan is None:
             self._make_plan(state)
-        for name, sch in self.schedules.items():
-            if sch.kind != "epoch" and sch.due_at_step(state.step):
-                if self._planned(name, step=state.step):
+        step = state.step
+        for name, sch in self._step_schedules:
+            if sch.due_at_step(step):
+                if self._planned(name, step=step):
                     self._run(name, state)
                 else:
                     self.skipped[name] += 1
-        self._calibration_measurements(state)  # plans written before issue 26 only (calibration_steps > 0)
+        if self.plan.get("calibration_measurement"):  # plans written before issue 26 only (calibration_steps > 0)
+            self._calibration_measurements(state)
         self.spent += time.perf_counter() - t
 
     def on_epoch_end(self, state: TrainState) -> None:

@@ -182,7 +182,7 @@ def first_tensor(out):
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """Euclidean norm over all non-batch dims, in float64 (shape (B,))."""
     t = t.detach()
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).double()
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float64)  # one kernel
 
 
 @dataclass
