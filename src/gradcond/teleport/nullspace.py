@@ -61,6 +61,8 @@ sharing between two selected modules is not supported.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -484,7 +486,8 @@ class NullSpaceTeleport:
                                 "model and optimizer were restored to their pre-teleport state")
         g = torch.autograd.grad(L, params, create_graph=create_graph, allow_unused=True)
         g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
-        sq = sum((gi * gi).sum() for gi in g)
+        with torch.no_grad():  # its value only: the objective's gradient is a vector-Jacobian product of g (below)
+            sq = sum(torch.dot(gi.reshape(-1), gi.reshape(-1)) for gi in g)  # no gradient-sized temporaries
         if not finite(sq):
             raise TeleportError("non-finite gradient during a null-space teleport; model and "
                                 "optimizer were restored to their pre-teleport state")
@@ -526,6 +529,7 @@ class NullSpaceTeleport:
                 UserWarning, stacklevel=3,
             )
         active = [b for b in blocks if b.name not in skipped]
+        uses = Counter(id(b.weight) for b in blocks)
         loss0, gn0 = float(L.detach()), float(sq.detach().sqrt())
         steps, capped = 0, False
         ltrace, gtrace = [], []
@@ -560,8 +564,12 @@ class NullSpaceTeleport:
                 break
             if not active:
                 break
-            obj = 0.5 * sq
-            hv = torch.autograd.grad(obj, moved, allow_unused=True)
+            # d/dW 1/2 ||g||^2 = J_g^T g = H g: the vector-Jacobian product of the gradient with itself (the same
+            # vector as differentiating 1/2 ||g||^2, without that node's backward: two gradient-sized temporaries
+            # fewer per parameter)
+            obj = None
+            gg = [gi for gi in g if gi.requires_grad]  # a parameter the loss does not reach has a constant 0 there
+            hv = torch.autograd.grad(gg, moved, grad_outputs=[gi.detach() for gi in gg], allow_unused=True)
             hv = {id(p): (h if h is not None else torch.zeros_like(p)) for p, h in zip(moved, hv)}
             if not all(finite(h) for h in hv.values()):
                 raise TeleportError("non-finite teleport-objective gradient during a null-space "
@@ -588,7 +596,11 @@ class NullSpaceTeleport:
                     G = torch.cat([Gw, gb.unsqueeze(1)], 1)
                 else:
                     G = Gw
-                P = G - (G @ B) @ B.T  # eq. 11 (eqs. 12-13 in the transposed layout)
+                # eq. 11 (eqs. 12-13 in the transposed layout): G - (G B) B^T, in place when G is this block's own
+                # (the concatenation with the bias, or the whole objective gradient of a weight no other block
+                # reads): no weight-sized temporary, whose fresh allocation costs page faults
+                own = b.bias is not None or (b.rows is None and uses[id(b.weight)] == 1)
+                P = (G.addmm_ if own else G.addmm)(G @ B, B.T, alpha=-1)
                 if id(b.weight) in emb_rows and b.rows is None and b.bias is None:
                     # tied embedding / LM head: the head's projection acts on columns, the embedding's on rows;
                     # they commute, so applying both is the projection onto the intersection (both uses unchanged)
