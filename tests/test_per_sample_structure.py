@@ -104,3 +104,12 @@ def test_known_per_sample_losses_equal_the_vmapped_loss(case):
     ref = torch.stack([loss_fn(out[i:i + 1], y[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-14)
     assert _known_per_sample(lambda o, t: F.cross_entropy(o, t), out, y) is None  # unknown losses: vmapped
+
+
+@pytest.mark.parametrize("c", [8, 33, 64, 70])
+def test_block_triangular_gram_equals_the_full_product(c):
+    from gradcond.probes.per_sample.identities import _sym_gram
+
+    g = torch.Generator().manual_seed(c)
+    M = torch.randn(c, 5 * c, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(_sym_gram(M), M @ M.T, rtol=1e-13, atol=1e-12)
