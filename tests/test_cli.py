@@ -103,8 +103,8 @@ def test_repro_list_and_run(run_cli, tmp_path):
     assert rc == 0 and "lli-linear-at-init" in out
     rc, out, err = run_cli("repro", "run", "lli-linear-at-init", "--quick", "--out", str(tmp_path))
     assert rc == 0, err
-    assert "| claim | source | paper | ours | criterion | tolerance | verdict |" in out
-    assert "judged, 0 reported; HOLDS: all" in out
+    assert "| claim | source | paper | ours | criterion | tolerance | preconditions | verdict |" in out
+    assert "0 no, 0 untestable, 0 reported; HOLDS: all" in out
     import json
 
     res = json.loads((tmp_path / "lli-linear-at-init" / "result.json").read_text())

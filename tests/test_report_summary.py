@@ -25,13 +25,14 @@ def test_building_report_figures_keeps_the_process_backend():
         matplotlib.use("svg")
         from gradcond.report import Figure, Section, write_report
         from gradcond.report import figures
-        from gradcond.experiments import conditioning_repro
+        from gradcond.experiments import conditioning_repro, layerwise_repro
         rows = [{"step": s, "epoch": s, "probe": "train", "layer": "", "name": "loss", "value": 1.0 / (s + 1)}
                 for s in range(3)]
         fig = figures.curves({"plain": rows}, [("train", "loss", "train")], "t", "loss")
         fig2, ax = conditioning_repro._plt().subplots(1, 2, figsize=(4, 2))
         out = pathlib.Path(tempfile.mkdtemp())
         write_report(out / "r.html", "t", [Section("s", figures=[Figure("a", fig), Figure("b", fig2)])])
+        layerwise_repro._figure(out / "l.png", {"dll": [0.5, 0.7]}, "accuracy", "t")  # a reproduction's figure
         png = (out / "figures" / "a.png").read_bytes()
         print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules, png[:4] == b"\\x89PNG")
     """)

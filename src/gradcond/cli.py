@@ -1,6 +1,7 @@
 """The ``gradcond`` command line: ``run``, ``repro list|run|all``, ``diagnose``.
 
-Exit codes: 0 success; 1 ``repro run``/``repro all``: a judged claim does not hold (or an entry judges nothing);
+Exit codes: 0 success; 1 ``repro run``/``repro all``: an entry does not hold (a judged claim fails, a row is untestable
+because a precondition is not met, or the entry judges nothing);
 2 bad input or an unusable run directory (one line ``gradcond: error: ...`` saying what was wrong and what is
 accepted; nothing half-written is left); 3 training diverged (the loss became NaN or infinite); 130 interrupted
 (resumable with ``--resume``).
@@ -50,18 +51,22 @@ def _cmd_repro(args) -> int:
 
     exps = registry.load_all()
     if args.repro_cmd == "list":
-        # counts of judged/reported rows come from the last run found in --out (nothing is run to list)
+        # verdict counts come from the last run found in --out (nothing is run to list)
         width = max(len(n) for n in exps) if exps else 0
         for name, exp in exps.items():
             last = registry.last_counts(name, args.out)
-            counts = (f"{last['judged']} judged, {last['reported']} reported ({'quick' if last['quick'] else 'full'} "
-                      f"run, {'holds' if last['holds'] else 'FAILS'})" if last else "not run yet")
+            if last:
+                v = last["verdicts"]
+                counts = (f"{v['yes']} yes, {v['no']} no, {v['untestable']} untestable, {v['reported']} reported "
+                          f"({'quick' if last['quick'] else 'full'} run, {last['status']})")
+            else:
+                counts = "not run yet"
             print(f"{name:<{width}}  [{counts}]  {exp.claim}")
         return 0
     if args.repro_cmd == "all":
         outcomes, report = registry.run_all(args.out, quick=args.quick, device=args.device)
         for o in outcomes:
-            print(f"{o.name}: " + (f"FAILS: raised {o.error}" if o.error else registry.summary_line(o.rows)))
+            print(f"{o.name}: {o.summary}")
         print(report)
         return 0 if all(o.holds for o in outcomes) else 1
     if args.name not in exps:
@@ -121,15 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and no judged row fails.")
     rsub = rp.add_subparsers(dest="repro_cmd", metavar="ACTION", required=True)
     rl = rsub.add_parser("list", help="list the registered reproductions",
-                         description="List the reproductions, with the 'k judged, m reported' counts of the last run "
-                                     "found in --out (nothing is run).")
+                         description="List the reproductions, with the verdict counts (yes / no / untestable / "
+                                     "reported) of the last run found in --out (nothing is run).")
     rl.add_argument("--out", default="runs/repro",
                     help="where to look for the last results (default: runs/repro, the default of `repro all`)")
     rl.set_defaults(func=_cmd_repro)
     rr = rsub.add_parser("run", help="run one reproduction",
                          description="Run one reproduction into OUT/NAME/ (result.json, result.md, figures). "
-                                     "Exit code 0 when it holds, 1 when a judged claim does not hold or no row is "
-                                     "judged, 2 on bad input (including an unwritable --out).")
+                                     "Exit code 0 when it holds, 1 when a judged claim does not hold, a row is "
+                                     "untestable (a precondition is not met) or no row is judged, 2 on bad input "
+                                     "(including an unwritable --out).")
     rr.add_argument("name", help="reproduction name (see `gradcond repro list`)")
     rr.add_argument("--quick", action="store_true", help="a smaller version that finishes in minutes")
     rr.add_argument("--out", default="repro_out", help="output directory (default: repro_out)")
@@ -138,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.set_defaults(func=_cmd_repro)
     ra = rsub.add_parser("all", help="run every reproduction and write REPRODUCTION.md",
                          description="Run every reproduction into OUT/NAME/ and write OUT/REPRODUCTION.md (one table: "
-                                     "entry | claim | source | paper value | ours | criterion | verdict, and a summary "
-                                     "line per entry). An entry that raises is recorded as failing and the others "
-                                     "still run. Exit code 0 when every entry holds, 1 when one does not, 2 on bad "
-                                     "input.")
+                                     "entry | claim | source | paper value | ours | criterion | preconditions | "
+                                     "verdict, the hold / fail / untestable counts and a summary line per "
+                                     "entry). An entry that raises is recorded as failing and the others still run. "
+                                     "Exit code 0 when every entry holds, 1 when one does not, 2 on bad input.")
     ra.add_argument("--quick", action="store_true", help="the smaller version of every entry (minutes each)")
     ra.add_argument("--out", default="runs/repro", help="output directory (default: runs/repro)")
     _device_option(ra)

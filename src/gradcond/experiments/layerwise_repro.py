@@ -100,21 +100,16 @@ def _layerwise(model, tr, va, te, seed: int, **kw):
 
 
 def _figure(path: Path, curves: dict, ylabel: str, title: str, xlabel: str = "depth (blocks)") -> None:
-    import matplotlib
+    from ..report.figures import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = new_figure(figsize=(5.5, 3.5), layout="tight")
     for label, ys in curves.items():
         ax.plot(range(1, len(ys) + 1), ys, marker="o", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _pp(x: float) -> str:
