@@ -138,7 +138,7 @@ def markdown_table(reps: int = 9) -> str:
     d, f = statistics.median(r["default"]), statistics.median(r["full"])
     return (f"CPU-time ratio of the demo training (MLP on digits, 8 epochs, {r['base']:.2f} s CPU without a monitor) "
             f"with the monitor to without it, median of {reps} interleaved repetitions (range in brackets). "
-            f"Target (issue 26): the default monitor <= {TARGET}x with every enabled probe measured at least "
+            f"Target (issue 26): the default monitor <= {TARGET:.2f}x with every enabled probe measured at least "
             f"{MIN_MEASUREMENTS} times (fewest measurements of any default probe in any repetition: {r['fewest']}). "
             "The plan comes from a cost model (counts, no clock), so it is the same in every repetition.\n\n"
             "| monitor | CPU time / no monitor | fewest measurements | target | met |\n|---|---|---|---|---|\n"

@@ -24,7 +24,7 @@ How it measures (all in this one run, float32 parameters, ``torch.set_num_thread
   fewer samples);
 * ``params``: ``teleported_params(model, structure, cob)`` (new tensors, no module; informational);
 * ``copy``: ``teleport(model, cob)`` (also deep-copies the module: buffers, module objects; informational).
-Floor, teleport and clone timings are interleaved (floor, teleport pair, clone, floor, ...) after a warm-up, so
+Floor, teleport and clone timings (CPU time of the thread) are interleaved (floor, teleport pair, clone, ...) after a warm-up, so
 load changes on a shared machine hit them alike; the target ratio is the median of the per-sample ratios (half the
 teleport pair / the floor sample next to it), with its interquartile range; the clone ratio is median(teleport) /
 median(clone) over ``repeats`` interleaved samples.  With ``--rounds R`` the whole measurement is repeated R times and the min / median / max of each ratio

@@ -104,6 +104,28 @@ class Profile:
 _OP_INFO: dict = {}  # ATen op -> (which outputs it writes, its flop formula or None)
 
 
+def _mm_flops(a, b, *rest, **kw):
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _addmm_flops(bias, a, b, *rest, **kw):
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _bmm_flops(a, b, *rest, **kw):
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+def _baddbmm_flops(c, a, b, *rest, **kw):
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+# the matrix products by direct shape arithmetic (the same counts as torch.utils.flop_counter, whose formulas walk
+# their arguments with pytree: most of the counting time of a small model)
+_FAST_FLOPS = {torch.ops.aten.mm: _mm_flops, torch.ops.aten.addmm: _addmm_flops, torch.ops.aten.bmm: _bmm_flops,
+               torch.ops.aten.baddbmm: _baddbmm_flops}
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -120,9 +142,13 @@ class _Counter(TorchDispatchMode):
         if info is None:
             # per output: whether it is written (a view -- t, reshape, expand, detach -- writes nothing; an in-place
             # op writes its output); the flop formula of the op, if any
+            packet = func._overloadpacket
             info = _OP_INFO[func] = (tuple(r.alias_info is None or r.alias_info.is_write for r in func._schema.returns),
-                                     self._registry.get(func._overloadpacket))
-        writes, f = info
+                                     _FAST_FLOPS.get(packet), self._registry.get(packet))
+        writes, fast, f = info
+        if fast is not None:
+            self.flops += fast(*args, **kwargs)
+            f = None
         for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor) and (i >= len(writes) or writes[i]):
                 self.elements += t.numel()

@@ -404,6 +404,13 @@ def coverage_sentences(schedule: dict) -> list[str]:
     return out
 
 
+def _next_due(sch: Schedule, step: int) -> int:
+    """The first step after ``step`` at which the configured schedule ``sch`` (every:N or log) is due."""
+    if sch.kind == "every":
+        return (step // sch.n + 1) * sch.n
+    return 1 << step.bit_length()  # log-spaced: the next power of two
+
+
 # ---- the callback -----------------------------------------------------------------------------------------
 class Monitor(Callback):
     """Schedules the probes of :data:`PROBES` during training under ``budget`` (see the module docstring).
@@ -448,6 +455,7 @@ class Monitor(Callback):
         self._plain_state: TrainState | None = None
         self._plan_written = False
         self._resumed = False
+        self._quiet_until = None  # the next step at which a step probe is due (None: look at every step)
 
     def use_plan(self, plan: dict | str | Path) -> None:
         """Pin the schedule to ``plan`` (a plan dict or the path of a ``monitor_schedule.json``) instead of planning:
@@ -616,6 +624,7 @@ class Monitor(Callback):
         if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
             return
         self._t0 = time.perf_counter()
+        self._quiet_until = None
         if self._tb_dir is not None and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -647,6 +656,8 @@ class Monitor(Callback):
             self._plan_written = True
 
     def on_step_end(self, state: TrainState) -> None:
+        if self._quiet_until is not None and state.step < self._quiet_until:
+            return  # no step probe's configured schedule falls before _quiet_until: nothing to measure or count
         if not is_main():  # DDP: every probe is measured on rank 0 only (gradcond.distributed)
             return
         t = time.perf_counter()  # the monitor's own time (timings.csv only; no decision reads it)
@@ -664,6 +675,8 @@ class Monitor(Callback):
                     self.skipped[name] += 1
         if self.plan.get("calibration_measurement"):  # plans written before issue 26 only (calibration_steps > 0)
             self._calibration_measurements(state)
+        elif self._plan_written:
+            self._quiet_until = min((_next_due(sch, step) for _, sch in self._step_schedules), default=math.inf)
         self.spent += time.perf_counter() - t
 
     def on_epoch_end(self, state: TrainState) -> None:
@@ -710,6 +723,7 @@ class Monitor(Callback):
             self.plan = self._check_plan(state["plan"])
         self._plan_written = False
         self._resumed = True
+        self._quiet_until = None
 
     # ---- plain loops --------------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None) -> list[dict]:

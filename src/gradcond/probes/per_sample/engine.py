@@ -415,11 +415,16 @@ class Engine:
         if self._direct(w):
             own = self._own_params
             leaves, wl = [own[n] for n in self.names], None
+        elif omega is not None and not omega.requires_grad:  # w + ω: new tensors of our own (no graph), the leaves
+            wl = {n: t.requires_grad_(True) for n, t in w.items()}
+            leaves = [wl[n] for n in self.names]
         else:
             wl = {n: t.detach().requires_grad_(True) for n, t in w.items()}
             leaves = [wl[n] for n in self.names]
         with torch.enable_grad():
-            g = torch.autograd.grad(self.loss_sum(wl, x, y) / x.shape[0], leaves, allow_unused=True)
+            loss, k = self.scaled_loss(wl, x, y)
+            # Σ_i ℓ_i / b: the batch-mean loss itself for the known batch-mean losses (k = b)
+            g = torch.autograd.grad(loss if k == x.shape[0] else loss * k / x.shape[0], leaves, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(leaves, g)])
 
     def _chunks(self, b: int) -> Iterator[slice]:
