@@ -122,7 +122,7 @@ def main(reps: int = 9) -> None:
     print(f"demo training without monitor: {r['base']:.3f} s CPU time (median of {reps})")
     d = statistics.median(q["default"])
     print(f"default monitor (budget {Monitor().budget}) / none = {d:.3f}x CPU time "
-          f"[{q['default'][0]:.3f}-{q['default'][-1]:.3f}]  (target <= {TARGET}, every probe >= {MIN_MEASUREMENTS} "
+          f"[{q['default'][0]:.3f}-{q['default'][-1]:.3f}]  (target <= {TARGET:.2f}, every probe >= {MIN_MEASUREMENTS} "
           f"measurements: fewest {r['fewest']}; met: {_met(d, r['fewest'])})")
     print(f"full monitor (no budget)      / none = {statistics.median(q['full']):.3f}x CPU time "
           f"[{q['full'][0]:.3f}-{q['full'][-1]:.3f}]")
@@ -143,7 +143,7 @@ def markdown_table(reps: int = 9) -> str:
             "The plan comes from a cost model (counts, no clock), so it is the same in every repetition.\n\n"
             "| monitor | CPU time / no monitor | fewest measurements | target | met |\n|---|---|---|---|---|\n"
             f"| default (budget 5%) | {d:.3f}x [{r['default'][0]:.3f}-{r['default'][-1]:.3f}] | {r['fewest']} | "
-            f"<= {TARGET}x, >= {MIN_MEASUREMENTS} | {_met(d, r['fewest'])} |\n"
+            f"<= {TARGET:.2f}x, >= {MIN_MEASUREMENTS} | {_met(d, r['fewest'])} |\n"
             f"| full (no budget) | {f:.3f}x [{r['full'][0]:.3f}-{r['full'][-1]:.3f}] | - | - | - |\n")
 
 
