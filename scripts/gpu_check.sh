@@ -15,6 +15,9 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 rc=0
 timeout ${GPU_TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
 rc=${PIPESTATUS[0]}
+# issue 26: diagnose of the 11M-parameter ResNet on CUDA <= 30x one forward+backward (the table says met / not met)
+echo "== benchmarks/diagnose.py --device cuda"
+timeout ${GPU_DIAGNOSE_TIMEOUT:-240} python3 benchmarks/diagnose.py --device cuda 2>&1 | tee -a "$OUT/gpu_bench.log"
 for b in ${GPU_BENCHMARKS:-}; do
   echo "== $b"; timeout 120 python3 "$b" 2>&1 | tee -a "$OUT/gpu_bench.log"
 done

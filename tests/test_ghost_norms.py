@@ -1,4 +1,4 @@
-"""Per-sample gradient norms and Gram matrices from layer identities (gradcond.probes.ghost, issue 18).
+"""Per-sample gradient norms and Gram matrices from layer identities (gradcond.probes.per_sample.identities, issue 18).
 
 Every identity is checked against per-sample gradients materialised by an explicit per-sample autograd loop (no
 torch.func, no engine) in float64 to 1e-10, both ghost and materialised branches and their chunking are exercised, the
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcond.probes import per_sample_stats
-from gradcond.probes.ghost import _lin_gram, _lin_sq_norms
+from gradcond.probes.per_sample.identities import _lin_gram, _lin_sq_norms
 from gradcond.probes.per_sample import Engine
 
 
@@ -90,7 +90,7 @@ def test_linear_flat_and_sequence_inputs():
     lambda: nn.Conv2d(3, 4, 2, padding="same", padding_mode="reflect"),
     lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
     lambda: nn.Conv2d(4, 8, 3, padding=1, groups=4, padding_mode="replicate"),  # depthwise with multiplier 2
-    # 4+ input channels per group: patches from the channels-last strided view (ghost._patches_channels_last)
+    # 4+ input channels per group: patches from the channels-last strided view (identities._patches_channels_last)
     lambda: nn.Conv1d(5, 4, 3, stride=2, padding=1, dilation=2),
     lambda: nn.Conv1d(4, 3, 2, padding="same", dilation=2, padding_mode="circular"),
     lambda: nn.Conv2d(4, 6, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(1, 2), bias=False),

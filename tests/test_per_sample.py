@@ -325,7 +325,7 @@ def _dot(o, t):
 def test_batch_mean_loss_shortcut_matches_loop(name):
     """Known batch-mean losses use Σ_i ℓ_i = b·loss_fn(out, y) in the engine's batched pass; everything else is
     evaluated per sample. Both must equal the explicit per-sample loop (float64, rel. 1e-10)."""
-    from gradcond.probes.per_sample_fast import is_batch_mean_loss as _is_batch_mean_loss
+    from gradcond.probes.per_sample.plan import is_batch_mean_loss as _is_batch_mean_loss
     from gradcond.train import losses as L
 
     model = mlp(torch.float64)
@@ -368,7 +368,7 @@ def test_batch_mean_loss_shortcut_matches_loop(name):
 def test_wide_conv_written_in_place_matches_loop():
     """A conv whose per-sample weight block (O·C = 48·18·9) exceeds the in-place threshold takes
     the direct-bmm branch; the narrow first conv takes the batched-bmm-plus-copy branch. Both equal the loop."""
-    from gradcond.probes import per_sample_fast as PS
+    from gradcond.probes.per_sample import identities as PS
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(2, 18, 3, padding=1), nn.ReLU(), nn.Conv2d(18, 48, 3, padding=1), nn.Flatten(),

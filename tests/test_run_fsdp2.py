@@ -58,7 +58,8 @@ def test_fsdp2_run_measures_the_whole_model_and_says_what_it_left_out(runs):
 def test_bad_strategy_and_fsdp2_teleport_are_refused(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--quiet", "--set", "distributed.strategy=zero3"]) == 2
     assert capsys.readouterr().err == ("gradcond: error: distributed.strategy must be \"ddp\" or \"fsdp2\" (how "
-                                       "--nproc N ranks share the model), got 'zero3'.\n")
+                                       "--nproc N ranks share the model) or \"dpl\" (partition-wise training), got "
+                                       "'zero3'.\n")
     assert main(["run", "--out", str(tmp_path), "--quiet", "--nproc", "2", "--set", "distributed.strategy=fsdp2",
                  "--set", "compare_teleport=true"]) == 2
     err = capsys.readouterr().err

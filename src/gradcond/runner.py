@@ -812,9 +812,10 @@ def _rank_failure(errdir: Path, failure: dict, partial: Path, name: str, nproc: 
         if fresh:
             shutil.rmtree(partial, ignore_errors=True)  # a diverged fresh run leaves nothing behind
         return TrainingDiverged(e["message"])
+    had_checkpoint = (partial / "checkpoints" / "last.pt").exists()
     kept = _kept(partial, name, nproc, fresh)
-    if e["kind"] == "user":
-        return UserError(f"{e['message'].rstrip('.')}; {kept}")
+    if e["kind"] == "user":  # bad input found by a rank: its sentence, plus what was kept when there is something
+        return UserError(f"{e['message'].rstrip('.')}; {kept}" if had_checkpoint or not fresh else e["message"])
     if e["kind"] == "interrupted":
         from .utils import Interrupted
 

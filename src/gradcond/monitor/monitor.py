@@ -15,38 +15,42 @@ DDP, on the inner module (``model.module``) and the gathered global probe batch 
 parameter, are gathered); under FSDP2 they are not run, and a ``probe_unavailable`` event (and the report) says why.
 Rank 0 makes the plan and broadcasts it, failures are agreed between the ranks, and rank 0 alone logs rows.
 
-The schedule is decided once, deterministically
------------------------------------------------
+The schedule is decided once, from counts, never from a clock
+-------------------------------------------------------------
 ``budget`` is the share of the training time the monitor may spend measuring. With ``budget < 1`` the monitor
-*plans* once, early in training, and never consults the clock again for a decision:
+*plans* once, at the first optimizer step, before measuring anything, and the plan is a function of the config,
+the model and the data shapes only -- not of the machine's speed or load -- so two runs of one config measure the
+same steps on an idle and on a saturated machine (issue 26):
 
-1. **Calibration** (the first ``CALIBRATION_STEPS`` = 3 optimizer steps, or the first epoch if it is shorter): every
-   probe runs as configured; the time of a training step is measured (the fastest of those steps after the first,
-   the monitor's own time excluded). A probe its schedule measured during those steps is costed from them (the
-   fastest call); every other enabled probe is measured once at the calibration step on the probe batch, and that
-   measurement is *logged and counts* (for an ``epoch`` probe it is the first epoch's measurement; epoch 0's end
-   does not measure it again) -- timing the probes costs no discarded calls. Fastest-of estimates the undisturbed
-   cost, which varies less between runs on a busy machine than a mean; the budget is a share of that undisturbed
-   training time. (Plans written before this rule lack ``calibration_measurement`` and keep the old one.)
+1. **Costs** (:mod:`gradcond.monitor.costs`): one forward+backward of a single sample of the probe batch is
+   counted (ATen op calls, flops, elements written; no timing) and turned into modelled seconds of a training step
+   (the training batch size, the optimizer's kind) and of one measurement of each probe (a formula per probe, e.g.
+   ``conditioning`` = three forward+backward passes of the probe batch + the per-sample Gram + an eigen-decomposition),
+   with constants fitted once and fixed in the code. The counts are stored in the plan (``cost_model``), so the plan
+   says what it was decided from. A model the counting cannot run (it raises) gets no budget: every probe is then
+   measured as configured, and the plan says why.
 2. **Plan** (:func:`plan_schedule`, a pure function of those costs, the configured schedules, the budget, the steps
    per epoch and the number of epochs): the budget is split fairly between probes (a probe cheaper than its equal
    share keeps its schedule and leaves the rest to the others), and a probe that needs more is thinned by an
    integer factor -- ``every:N`` becomes every ``N*m`` steps, ``epoch`` every ``m``-th epoch (plus the last one),
-   ``log`` is never thinned (it is already sparse). ``m`` is rounded up to a power of two, so that the small timing
-   noise between two runs of the same config rarely changes the plan.
-3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times, its calibration
-   measurements included, when the run has that many opportunities, *even when this exceeds the budget*; the plan states by how much
-   (``fraction`` of the training time per probe, and the reason sentence). A probe is left out entirely only when
-   its guaranteed measurements alone would take longer than the whole training (then ``skipped`` says so and which
-   setting would include it).
+   ``log`` is never thinned (it is already sparse). ``m`` is rounded up to a power of two.
+3. **Minimum**: every enabled probe is measured at least ``min_measurements`` (default 3) times when the run has
+   that many opportunities, *even when this exceeds the budget*; the plan states by how much (``fraction`` of the
+   modelled training time per probe, and the reason sentence). A probe is left out entirely only when its guaranteed
+   measurements alone would take longer than the whole training (then ``skipped`` says so and which setting would
+   include it).
+
+The budget is a share of the *modelled* training time; the share actually spent is measured and logged to the
+timing file (``time_fraction``), for information only. Plans written before issue 26 (their probes timed during
+three calibration steps: ``calibration_steps > 0``) are still followed exactly when given or resumed.
 
 The plan is the contract dict written atomically to ``<run_dir>/monitor_schedule.json`` (see :func:`plan_schedule`)
 and kept in :attr:`Monitor.plan`; it is part of the monitor's checkpoint state, so a resumed run uses the same plan
 (and :class:`Monitor` accepts ``plan=`` -- a dict or the path of an earlier ``monitor_schedule.json`` -- to repeat
 a run's schedule exactly). Given the plan, which rows are written depends only on the step and epoch counters:
 two runs with the same plan write the same (step, probe, layer, name) rows. :func:`coverage_sentences` turns a plan
-into plain-English sentences for a report. ``budget=1`` switches the budget off: no calibration, every configured
-measurement runs.
+into plain-English sentences for a report. ``budget=1`` switches the budget off: nothing is counted, every
+configured measurement runs.
 
 Measurements due under the configured schedule but thinned out by the plan are counted per epoch
 (``probe=monitor, name=skipped``, deterministic given the plan); the monitor's share of the time goes to the
@@ -73,7 +77,6 @@ from ..utils import atomic_write_text, plain_forward, selecting_output
 from .schedule import PRESETS, PROBES, Schedule
 
 SCHEDULE_FILE = "monitor_schedule.json"
-CALIBRATION_STEPS = 3
 DEFAULT_MIN_MEASUREMENTS = 3
 # budgets suggested in the reasons ("set monitor.budget = X to measure it as configured")
 _SUGGESTED_BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -196,9 +199,29 @@ def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
         f = frac.pop(name)
         out[name] = (1, False, "fits" if f <= max(left, 0.0) else "log")
         left -= f
+    # the guaranteed minimum first: a probe that needs more than its equal share of what is left even at its
+    # sparsest schedule that keeps min_measurements gets that schedule, and the others share what remains (so a
+    # budget eaten by minimums thins the cheap probes too, instead of letting them keep their shares on top)
+    order = sorted(frac, key=lambda n: (frac[n], n))
+    while order:
+        share = max(left, 0.0) / len(order)
+        bound = []
+        for name in order:
+            sch = sched[name]
+            n1 = counts.after(sch, 1)
+            if n1 is None:
+                continue  # open-ended run: no minimum to keep
+            m_min = _largest_factor(sch, counts, 2 ** 20, counts.target(sch, n1, min_meas))
+            if frac[name] / m_min > share:
+                bound.append((name, m_min))
+        if not bound:
+            break
+        for name, m_min in bound:
+            out[name] = (m_min, False, "minimum")
+            left -= frac[name] / m_min
+            order.remove(name)
     # fair split ("water-filling"): cheapest first; a probe under its equal share of what is left keeps its
     # schedule and leaves the rest to the others; a probe over it is thinned by a power of two
-    order = sorted(frac, key=lambda n: (frac[n], n))
     for i, name in enumerate(order):
         sch, f = sched[name], frac[name]
         share = max(left, 0.0) / (len(order) - i)
@@ -220,13 +243,18 @@ def _decide(sched, costs, step_time, budget, counts: _Counts, min_meas) -> dict:
 
 
 def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: float, steps_per_epoch: int | None,
-                  epochs: int | None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS, calibration_steps: int = 0) -> dict:
+                  epochs: int | None, min_measurements: int = DEFAULT_MIN_MEASUREMENTS, calibration_steps: int = 0,
+                  *, cost_model: dict | None = None) -> dict:
     """Decide the monitor's schedule once: a pure function (no clock), so equal inputs give equal plans.
 
     ``probes``: name -> configured schedule (``Schedule`` or text) of the enabled probes; ``costs``: name -> seconds
-    per measurement (``None`` when unmeasured; ``"<name>:failed"`` -> error text for a probe that raised);
-    ``step_time``: seconds per training step; ``budget``: share of the training time; ``calibration_steps``:
-    the steps already run as configured before the plan applies. With ``calibration_steps > 0`` the measurements
+    per measurement (``None`` when unknown; ``"<name>:failed"`` -> error text for a probe that raised);
+    ``step_time``: seconds per training step (the :class:`Monitor` passes the modelled seconds of
+    :mod:`gradcond.monitor.costs`; any unit works as long as costs and step time share it); ``budget``: share of the
+    training time; ``cost_model``: stored in the plan as ``cost_model`` (with ``cost_source: "model"``), the counts
+    the costs came from. ``calibration_steps`` (plans written before issue 26 timed their probes during the first
+    steps; the Monitor now passes 0): the steps already run as configured before the plan applies. With
+    ``calibration_steps > 0`` the measurements
     made to time the probes count (``calibration_measurement: true``): at the calibration step every probe that its
     schedule did not measure during calibration is measured once (for an ``epoch`` probe that is its first
     epoch's measurement, and epoch 0's end is not measured again), ``planned_measurements`` includes them, and the
@@ -274,10 +302,14 @@ def plan_schedule(probes: dict, costs: dict, step_time: float | None, budget: fl
                         "fraction": fraction, "skipped": skipped,
                         "reason": _reason(name, sch, m, why, planned, c, fraction, budget, counts, costs, step_time,
                                           sched, min_measurements, total_time)})
-    return {"budget": budget, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "total_steps": counts.total,
+    plan = {"budget": budget, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "total_steps": counts.total,
             "step_time_s": step_time, "min_measurements": min_measurements, "calibration_steps": calibration_steps,
             "calibration_measurement": counts.cm,
             "planned_fraction": planned_cost / total_time if total_time else None, "probes": entries}
+    if cost_model is not None:
+        plan["cost_source"] = "model"  # costs from gradcond.monitor.costs (counts, no clock)
+        plan["cost_model"] = cost_model
+    return plan
 
 
 def _configured_text(sch: Schedule) -> str:
@@ -353,10 +385,19 @@ def coverage_sentences(schedule: dict) -> list[str]:
         else:
             pf = schedule.get("planned_fraction")
             st = schedule.get("step_time_s")
-            txt = (f"The monitor planned its measurements once, after {schedule.get('calibration_steps', 0)} "
-                   f"calibration step(s)")
-            if st:
-                txt += f" (a training step took about {_fmt_s(st)})"
+            if schedule.get("cost_source") == "model":
+                err = (schedule.get("cost_model") or {}).get("error")
+                txt = ("The monitor planned its measurements once, before the first, from a cost model (operation "
+                       "and flop counts of the model on the batch shapes; no clock)")
+                if err:
+                    txt += f", which could not count this model ({err})"
+                elif st:
+                    txt += f" (a training step is modelled at about {_fmt_s(st)})"
+            else:
+                txt = (f"The monitor planned its measurements once, after {schedule.get('calibration_steps', 0)} "
+                       f"calibration step(s)")
+                if st:
+                    txt += f" (a training step took about {_fmt_s(st)})"
             txt += f", to stay within a budget of {_fmt_budget(budget)} of the training time"
             if pf is not None:
                 txt += f"; the planned measurements take about {_fmt_budget(pf)}"
@@ -372,16 +413,14 @@ def coverage_sentences(schedule: dict) -> list[str]:
     return out
 
 
+def _next_due(sch: Schedule, step: int) -> int:
+    """The first step after ``step`` at which the configured schedule ``sch`` (every:N or log) is due."""
+    if sch.kind == "every":
+        return (step // sch.n + 1) * sch.n
+    return 1 << step.bit_length()  # log-spaced: the next power of two
+
+
 # ---- the callback -----------------------------------------------------------------------------------------
-def _import_probe_modules() -> None:
-    """Import the modules the probes import lazily, so that the calibration measurement (one call per probe) does
-    not count import time as the probe's cost."""
-    import importlib
-
-    for mod in ("norms", "noise", "scale", "domain", "conditioning", "representation"):
-        importlib.import_module(f"gradcond.probes.{mod}")
-
-
 class Monitor(Callback):
     """Schedules the probes of :data:`PROBES` during training under ``budget`` (see the module docstring).
 
@@ -409,13 +448,13 @@ class Monitor(Callback):
         if isinstance(min_measurements, bool) or not isinstance(min_measurements, int) or min_measurements < 1:
             raise ValueError(f"min_measurements must be an integer >= 1, got {min_measurements!r}.")
         self.schedules = {name: Schedule.parse(s) for name, s in probes.items()}
+        self._step_schedules = [(name, sch) for name, sch in self.schedules.items() if sch.kind != "epoch"]
         self.budget = float(budget)
         self.min_measurements = min_measurements
         self.probe_batch_size = probe_batch_size
         self.plan: dict | None = self._check_plan(plan) if plan is not None else None
         self._given_plan = self.plan is not None
         self.spent = 0.0
-        self.cost: dict[str, float] = {}
         self.skipped: Counter = Counter()
         self.failed: dict[str, str] = {}
         self.batch = None
@@ -423,8 +462,6 @@ class Monitor(Callback):
         self._tb = None
         self._tb_dir = tensorboard_dir
         self._plain_state: TrainState | None = None
-        self._durations: list[float] = []
-        self._last_end: float | None = None
         self._plan_written = False
         self._resumed = False
         self._calls: Counter = Counter()  # measurements attempted per probe (the same on every rank)
@@ -436,6 +473,7 @@ class Monitor(Callback):
         # the global batch of one optimizer step, when an integration knows it (else per-rank batch x ranks)
         self.global_batch_size: int | None = None
         self.samples_per_step: int | None = None  # this rank's samples per optimizer step, when an integration knows
+        self._quiet_until = None  # the next step at which a step probe is due (None: look at every step)
 
     def use_plan(self, plan: dict | str | Path) -> None:
         """Pin the schedule to ``plan`` (a plan dict or the path of a ``monitor_schedule.json``) instead of planning:
@@ -488,45 +526,41 @@ class Monitor(Callback):
             return False
         return sch.kind == "epoch" or (sch.kind == "every" and _multiples(0, calib, sch.n) == 0)
 
+    def _train_batch_size(self, state: TrainState) -> int | None:
+        bs = getattr(state.train_loader, "batch_size", None)
+        if isinstance(bs, int) and bs > 0:
+            return bs
+        if state.batch is not None and isinstance(state.batch[0], torch.Tensor) and state.batch[0].dim():
+            return int(state.batch[0].shape[0])
+        return None
+
     def _make_plan(self, state: TrainState) -> None:
+        """Plan once, from counts (:mod:`gradcond.monitor.costs`): a function of the configured probes, the budget,
+        the run's length, the model, the loss, the batch shapes and the optimizer's kind -- never of a clock."""
         spe, epochs = self._steps_per_epoch(state), self._epochs(state)
-        pending = {}
-        if self.budget >= 1:
-            costs, step_time, calib = {}, None, 0
-        else:
-            calib = state.step
-            # the fastest step after the first (which pays one-time costs): like the probe costs, an estimate of the
-            # undisturbed cost, which varies much less between runs on a busy machine than a mean or a median would
-            later = self._durations[1:] or self._durations
-            step_time = min(later) if later else None
-            costs = {}
-            for name in self.schedules:
-                if name in self.failed:
-                    costs[f"{name}:failed"] = self.failed[name]
-                    continue
-                if not self._calibration_due(name, calib) and name in self._calls:
-                    if name in self.cost:
-                        costs[name] = self.cost[name]  # measured during the calibration steps: no extra call
-                    continue
-                # one measurement, timed; it is not discarded: its rows are logged once the plan is known (a probe
-                # the plan leaves out logs nothing). Probe modules were imported at train start, so this call pays
-                # no import time.
-                rows = self._measure(name, state)
-                if name in self.failed:
-                    costs[f"{name}:failed"] = self.failed[name]
-                    continue
-                if name in self.cost:
-                    costs[name] = self.cost[name]
-                if self._calibration_due(name, calib):
-                    pending[name] = rows
+        costs, step_cost, model_info = {}, None, None
+        if self.budget < 1:
+            from .costs import COST_MODEL_VERSION, ELEM_S, FLOP_S, OP_S, estimate_costs, profile_model
+
+            model = unwrap(state.model)
+            batch = self._probe_batch(state)
+            try:
+                prof = profile_model(model, state.loss_fn, batch, optimizer=state.optimizer,
+                                     train_batch=self._train_batch_size(state) or int(batch[0].shape[0]),
+                                     output=getattr(self, "output", None))
+            except Exception as exc:  # the budget cannot be applied: every probe is measured as configured
+                model_info = {"version": COST_MODEL_VERSION, "error": f"{type(exc).__name__}: {exc}"}
+            else:
+                costs, step_cost, notes = estimate_costs(prof, self.schedules)
+                model_info = {"version": COST_MODEL_VERSION, "constants": {"op_s": OP_S, "flop_s": FLOP_S,
+                                                                            "elem_s": ELEM_S},
+                              "profile": prof.to_dict(), "default_cost": notes}
         plan = None
-        if is_main():  # rank 0 decides (its clock); every rank follows the same plan
-            plan = plan_schedule({n: s for n, s in self.schedules.items()}, costs, step_time, self.budget, spe,
-                                 epochs, self.min_measurements, calib)
+        if is_main():  # rank 0 decides; every rank follows the same plan (all ranks profiled: FSDP2's forward is
+            # collective, and the counts are the same on every rank)
+            plan = plan_schedule(dict(self.schedules), costs, step_cost, self.budget, spe, epochs,
+                                 self.min_measurements, 0, cost_model=model_info)
         self.plan = D.broadcast_object(plan)
-        for name, rows in pending.items():
-            if not self._entry(name)["skipped"]:
-                self._log(name, rows, state)
         self._write_plan(state)
 
     def _calibration_measurements(self, state: TrainState) -> None:
@@ -545,7 +579,10 @@ class Monitor(Callback):
         self._plan_written = True
 
     def _entry(self, name: str) -> dict:
-        return next(p for p in self.plan["probes"] if p["name"] == name)
+        cache = self.__dict__.get("_entries")
+        if cache is None or cache[0] is not self.plan:  # one look-up table per plan object
+            cache = self._entries = (self.plan, {p["name"]: p for p in self.plan["probes"]})
+        return cache[1][name]
 
     def _planned(self, name: str, step: int | None = None, epoch: int | None = None, last_epoch=None) -> bool:
         """Whether the plan measures ``name`` at this step (step probes) or at the end of this epoch."""
@@ -645,11 +682,10 @@ class Monitor(Callback):
 
     def _measure(self, name: str, state: TrainState):
         """Run probe ``name`` once: its rows, or None when it raised on some rank (then it is disabled on every rank
-        and the failure logged) or ran on another rank. Its time updates :attr:`cost` (the fastest call so far).
+        and the failure logged) or ran on another rank. No decision reads its duration.
         Every rank calls it for the same probes in the same order (one small all-reduce agrees on failures)."""
         self._calls[name] += 1
         where = self._placement(name, state)
-        t = time.perf_counter()
         rows, err = None, None
         if where == "all" or (where == "main" and is_main()):
             try:
@@ -668,9 +704,6 @@ class Monitor(Callback):
             return None
         if rows is None:
             return None
-        dt = time.perf_counter() - t
-        # kept for information (and for calibration); no decision reads it once the plan exists
-        self.cost[name] = dt if name not in self.cost else min(self.cost[name], dt)
         return rows
 
     def _run(self, name: str, state: TrainState) -> None:
@@ -714,7 +747,9 @@ class Monitor(Callback):
 
     def on_train_start(self, state: TrainState) -> None:
         self._setup_distributed(state)
+        self._step_schedules = [(name, sch) for name, sch in self.schedules.items() if sch.kind != "epoch"]
         self._t0 = time.perf_counter()
+        self._quiet_until = None
         if self._tb_dir is not None and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -724,13 +759,12 @@ class Monitor(Callback):
         if self._given_plan:
             self._write_plan(state)
         elif self.budget >= 1:
-            self._make_plan(state)  # nothing to measure: the plan is the configured schedule
+            self._make_plan(state)  # nothing to budget: the plan is the configured schedule
         else:
-            self.plan = None  # a fresh run plans anew (a resumed run gets its plan from load_state_dict)
+            # a fresh run plans at its first step, when the batch shapes are known (a resumed run gets its plan from
+            # load_state_dict)
+            self.plan = None
             self._plan_written = self._resumed = False
-            self.cost = {}  # this run's calibration times its own probes
-            _import_probe_modules()
-        self._durations, self._last_end = [], time.perf_counter()
 
     def _ensure_written(self, state: TrainState) -> None:
         """After a resume: the plan comes from the checkpoint, or else from the run's ``monitor_schedule.json``;
@@ -780,30 +814,32 @@ class Monitor(Callback):
                 self._samples += self.samples_per_step
             elif state.batch is not None and hasattr(state.batch[0], "shape"):
                 self._samples += int(state.batch[0].shape[0])
-        t = time.perf_counter()  # everything the monitor does counts against its budget, bookkeeping included
+        if self._quiet_until is not None and state.step < self._quiet_until:
+            return  # no step probe's configured schedule falls before _quiet_until: nothing to measure
+        t = time.perf_counter()  # the monitor's own time (timings.csv only; no decision reads it)
         if self._t0 is None:
             self._t0 = t
-        if self.plan is None and self._last_end is not None:
-            self._durations.append(t - self._last_end)
         self._ensure_written(state)
-        for name, sch in self.schedules.items():
-            if sch.kind != "epoch" and sch.due_at_step(state.step):
-                if self.plan is None or self._planned(name, step=state.step):
+        if self.plan is None:
+            self._make_plan(state)
+        step = state.step
+        for name, sch in self._step_schedules:
+            if sch.due_at_step(step):
+                if self._planned(name, step=step):
                     self._run(name, state)
                 else:
                     self.skipped[name] += 1
-        if self.plan is None and len(self._durations) >= CALIBRATION_STEPS:
-            self._make_plan(state)
-        elif self.plan is not None:
+        if self.plan.get("calibration_measurement"):  # plans written before issue 26 only (calibration_steps > 0)
             self._calibration_measurements(state)
-        self._last_end = time.perf_counter()
-        self.spent += self._last_end - t
+        elif self._plan_written:
+            self._quiet_until = min((_next_due(sch, step) for _, sch in self._step_schedules), default=math.inf)
+        self.spent += time.perf_counter() - t
 
     def on_epoch_end(self, state: TrainState) -> None:
         t = time.perf_counter()
         self._ensure_written(state)
         if self.plan is None:
-            self._make_plan(state)  # an epoch shorter than the calibration window
+            self._make_plan(state)  # an epoch without a step
         epochs = self._epochs(state)
         last = epochs - 1 if epochs is not None else None
         for name, sch in self.schedules.items():
@@ -823,7 +859,6 @@ class Monitor(Callback):
             elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
             timing = [("monitor", "", "time_fraction", self.spent / max(elapsed, 1e-9))]
             (state.log_timings if hasattr(state, "log_timings") else state.log_metrics)(timing)
-        self._last_end = time.perf_counter()
 
     def on_train_end(self, state: TrainState) -> None:
         if self._tb is not None:
@@ -832,19 +867,18 @@ class Monitor(Callback):
     def state_dict(self) -> dict:
         elapsed = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         # plain values only (checkpoints are read with weights_only=True)
-        return {"spent": self.spent, "elapsed": elapsed, "cost": dict(self.cost), "failed": dict(self.failed),
+        return {"spent": self.spent, "elapsed": elapsed, "failed": dict(self.failed),
                 "plan": json.loads(json.dumps(self.plan)) if self.plan is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.spent = state.get("spent", 0.0)
         self._t0 = time.perf_counter() - state.get("elapsed", 0.0)
-        self.cost = dict(state.get("cost", {}))
         self.failed = dict(state.get("failed", {}))
         if state.get("plan") is not None and not self._given_plan:
             self.plan = self._check_plan(state["plan"])
         self._plan_written = False
         self._resumed = True
-        self._last_end = time.perf_counter()
+        self._quiet_until = None
 
     # ---- plain loops --------------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module, loss_fn, batch, optimizer=None, run: RunLogger | None = None,
@@ -869,7 +903,6 @@ class Monitor(Callback):
         if first:
             self._plain_state = TrainState(model, optimizer, get_loss(loss_fn), None, run=run or RunLogger(None))
             self.on_train_start(self._plain_state)
-            self._last_end = None  # the first step of a plain loop happened before the monitor saw it: not timed
         st = self._plain_state
         st.model, st.optimizer, st.batch = model, optimizer, batch
         if self.batch is None:

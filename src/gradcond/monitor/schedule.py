@@ -116,25 +116,25 @@ def domain(model, loss_fn, batch, state=None) -> Rows:
 
 
 def conditioning(model, loss_fn, batch, state=None) -> Rows:
-    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7).
+    """Gradient coherence (eq. 3.26), step-consistency (eq. 2.24) and relative weight-gradient rank (Def. 3.7), from
+    one shared per-sample engine (:func:`gradcond.probes.conditioning.conditioning_summary`: three forward+backward
+    passes instead of seven; BatchNorm at its running statistics, ``bn="eval"``).
 
     Each metric is computed on its own: one that cannot be computed (e.g. a zero gradient) is left out with a
     warning instead of losing the others; only when all three fail does the probe fail.
     """
     import warnings
 
-    from ..probes import conditioning as C
+    from ..probes.conditioning import conditioning_summary
 
+    res = conditioning_summary(model, loss_fn, batch, bn="eval")
     rows, errors = [], []
-    for name, fn, kw in (
-        ("coherence", C.gradient_coherence, {}),
-        ("step_consistency", C.step_consistency, {}),
-        ("relative_rank_weight", C.relative_gradient_rank, {"wrt": "weight"}),
-    ):
-        try:
-            rows.append(("", name, float(fn(model, loss_fn, batch, bn="eval", **kw).value)))
-        except (ValueError, FloatingPointError) as exc:
-            errors.append(f"{name}: {exc}")
+    for name in ("coherence", "step_consistency", "relative_rank_weight"):
+        r = res[name]
+        if isinstance(r, str):
+            errors.append(f"{name}: {r}")
+        else:
+            rows.append(("", name, float(r.value)))
     if not rows:
         raise ValueError("no conditioning metric could be computed (" + "; ".join(errors) + ")")
     for e in errors:

@@ -4,14 +4,14 @@ Gradient scale (seed 003): ``gsc_profile``, ``gsc``, ``domain_stats``, ``dilutio
 and the trainer callbacks ``ResidualTracker`` and ``EffectiveDepth``. Gradient conditioning (seed 004):
 ``step_consistency``, ``step_metrics``, ``consecutive_step_consistency``, ``batch_dissonance``,
 ``relative_gradient_rank``, ``gradient_confusion``, ``gradient_diversity``, ``gradient_coherence``,
-``batch_efficiency_ratio``, the per-sample ``Engine`` and ``LayerwiseMask``. Gradient noise scale (McCandlish et al.
+``batch_efficiency_ratio``, the per-sample ``Engine``, ``per_sample_stats`` and ``LayerwiseMask``. Gradient noise scale (McCandlish et al.
 2018): ``gradient_noise_scale``, ``noise_scale_from_norms``, ``NoiseScaleRecorder``. Per-layer norms from rank-local
 values (single process, DDP, FSDP2): ``layer_norms``, ``update_norms``. Names are imported lazily.
 
 Where things live: ``scale``, ``domain``, ``dilution``, ``taylor``, ``tracking`` (seed 003); the ``conditioning``
 subpackage (seed 004 metrics, one module per metric family; ``from gradcond.probes import conditioning as C`` gives
-all of them); ``per_sample`` (the per-sample gradient ``Engine``), ``per_sample_fast`` (its layer fast path),
-``ghost`` (per-sample gradient norms and Grams from layer identities: ``per_sample_stats``), ``flat_vectors``
+all of them); the ``per_sample`` subpackage (the per-sample gradient ``Engine`` and ``per_sample_stats``, per-sample
+gradient norms and Grams from layer identities; its files read plan -> capture -> identities -> engine), ``flat_vectors``
 (flat weight-vector helpers), ``mask`` (``LayerwiseMask``) and ``reference`` (exact condition
 numbers used to check the estimators).  Representations (seed 002 ch. 5): ``representation`` (LSD, k-redundancy,
 selection entropy, stable rank, weight entropy) and ``voronoi`` (pure Voronoi maps and the pure entropy H*:
@@ -28,11 +28,10 @@ _EXPORTS = {
     "dilution": ["dilution_profile", "DilutionProfile", "find_blocks", "composed_dilution"],
     "tracking": ["ResidualTracker", "EffectiveDepth"],
     "taylor": ["taylor_truncate", "TaylorTruncated"],
-    "per_sample": ["Engine"],
-    "ghost": ["per_sample_stats", "PerSampleStats"],
+    "per_sample": ["Engine", "per_sample_stats", "PerSampleStats"],
     "conditioning": ["step_consistency", "step_metrics", "consecutive_step_consistency", "ConsecutiveStepConsistency",
                      "batch_dissonance", "input_condition_exact", "relative_gradient_rank", "gradient_confusion", "gradient_diversity",
-                     "gradient_coherence", "batch_efficiency_ratio"],
+                     "gradient_coherence", "batch_efficiency_ratio", "conditioning_summary"],
     "mask": ["LayerwiseMask"],
     "noise": ["NoiseScale", "gradient_noise_scale", "noise_scale_from_norms", "NoiseScaleRecorder"],
     "norms": ["weight_layers", "layer_norms", "snapshot_weights", "update_norms", "gradients_finite"],

@@ -85,7 +85,7 @@ def gradient_noise_scale(model: nn.Module, loss_fn, batch) -> NoiseScale:
     one forward and one backward of the batch. ValueError for fewer than 2 samples."""
     from ..losses import get_loss
     from ..utils import as_batch, eval_mode, selecting_output
-    from .ghost import per_sample_stats
+    from .per_sample import per_sample_stats
 
     loss = get_loss(loss_fn)
     x, y = as_batch(batch)

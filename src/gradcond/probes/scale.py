@@ -159,7 +159,10 @@ class GSCProfile:
         if len(np.unique(xs)) < 2:
             raise ValueError(f"need >= 2 layers of kinds {kinds} at distinct linear indices to fit an explosion rate, "
                              f"got {len(np.unique(xs))}.")
-        slope, off = np.polyfit(xs, ys, 1)
+        # least-squares line in closed form (what np.polyfit(xs, ys, 1) computes, without its SVD machinery)
+        xm, ym = xs.mean(), ys.mean()
+        slope = float(((xs - xm) * (ys - ym)).sum() / ((xs - xm) ** 2).sum())
+        off = float(ym - slope * xm)
         pred = off + slope * xs
         ss = float(((ys - ys.mean()) ** 2).sum())
         sse = float(((ys - pred) ** 2).sum())

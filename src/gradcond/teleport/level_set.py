@@ -329,7 +329,8 @@ def eval_loss(model: nn.Module, loss_fn: Callable, batch: Sequence[torch.Tensor]
 
 
 def _group_norm(params: Sequence[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+    """Frobenius norm of a group of parameters, accumulated in float64 (one pass per tensor, no float64 copy)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in params))
 
 
 def run_teleport(method: str, model: nn.Module, loss_fn: Callable, batches, held_out, optimizer, optimizer_state: str,

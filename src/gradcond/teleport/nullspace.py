@@ -66,6 +66,8 @@ sharing between two selected modules is not supported.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -527,7 +529,8 @@ class NullSpaceTeleport:
                                 "model and optimizer were restored to their pre-teleport state")
         g = torch.autograd.grad(L, params, create_graph=create_graph, allow_unused=True)
         g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
-        sq = sum((gi * gi).sum() for gi in g)
+        with torch.no_grad():  # its value only: the objective's gradient is a vector-Jacobian product of g (below)
+            sq = sum(torch.dot(gi.reshape(-1), gi.reshape(-1)) for gi in g)  # no gradient-sized temporaries
         if not finite(sq):
             raise TeleportError("non-finite gradient during a null-space teleport; model and "
                                 "optimizer were restored to their pre-teleport state")
@@ -569,6 +572,7 @@ class NullSpaceTeleport:
                 UserWarning, stacklevel=3,
             )
         active = [b for b in blocks if b.name not in skipped]
+        uses = Counter(id(b.weight) for b in blocks)
         loss0, gn0 = float(L.detach()), float(sq.detach().sqrt())
         steps, capped = 0, False
         ltrace, gtrace = [], []
@@ -603,8 +607,12 @@ class NullSpaceTeleport:
                 break
             if not active:
                 break
-            obj = 0.5 * sq
-            hv = torch.autograd.grad(obj, moved, allow_unused=True)
+            # d/dW 1/2 ||g||^2 = J_g^T g = H g: the vector-Jacobian product of the gradient with itself (the same
+            # vector as differentiating 1/2 ||g||^2, without that node's backward: two gradient-sized temporaries
+            # fewer per parameter)
+            obj = None
+            gg = [gi for gi in g if gi.requires_grad]  # a parameter the loss does not reach has a constant 0 there
+            hv = torch.autograd.grad(gg, moved, grad_outputs=[gi.detach() for gi in gg], allow_unused=True)
             hv = {id(p): (h if h is not None else torch.zeros_like(p)) for p, h in zip(moved, hv)}
             if not all(finite(h) for h in hv.values()):
                 raise TeleportError("non-finite teleport-objective gradient during a null-space "

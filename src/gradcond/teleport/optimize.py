@@ -131,42 +131,96 @@ def cob_objective(structure: CoBStructure, cob: CoB, weights: dict, grads: dict,
     return _objective_fn(objective)(G, V)
 
 
-def _reduced_objective(structure: CoBStructure, weights: dict, grads: dict, objective):
-    """For the built-in objectives: a function ``cob -> objective`` equal to :func:`cob_objective` that never touches
-    P-sized tensors per step (None for a callable objective).
+class _Reduced:
+    """For the built-in objectives: ``cob -> objective`` equal to :func:`cob_objective`, evaluated in a fixed number
+    of vectorised calls per step whatever the number of parameters, never touching P-sized tensors.
 
     A factor is constant along the dimensions where it broadcasts (a conv weight's factor is (1, C, 1, 1) or
     (O, 1, 1, 1)), so ``Σ (g / f)² = Σ S / f²`` with ``S = Σ g²`` over those dimensions, precomputed once in float64
-    (likewise ``Σ (f w)² = Σ f² Σ w²``). On the 11M-parameter ResNet the factors hold 14k entries: a step of the
-    ascent went from about 0.45 s (float64 casts, elementwise passes and their backward over 11M entries) to
-    milliseconds (issue 18)."""
+    (likewise ``Σ (f w)² = Σ f² Σ w²``). The reduced entries of every parameter are concatenated (M entries; 14k on
+    the 11M-parameter ResNet), and the factor of entry i is ``Π_k ext[IDX_k[i]]`` -- K gathers from the CoB's table
+    ``[1, tau, 1, 1/tau]`` (a parameter with fewer than K terms points its missing ones at the table's leading 1).
+    A step of the ascent is then about ten kernels and their backward (issue 26: the per-parameter loop of issue 18
+    launched a few hundred small kernels per step, which dominated ``diagnose`` on a GPU). Parameters no factor
+    touches contribute a constant. Everything lives on the gradients' device."""
+
+    def __init__(self, structure: CoBStructure, weights: dict, grads: dict, objective: str):
+        self.objective = objective
+        some = next(iter(grads.values()))
+        self.device = dev = some.device
+        const_num, const_terms = 0.0, 0.0
+        S, Wsum, idx_parts, seg = [], [], [], []
+        rules = structure.rules
+        kmax = max((len(r.gidx) for r in rules.values()), default=0)
+        idx_cols = [[] for _ in range(kmax)]
+        n_seg = 0
+        for n, w in weights.items():
+            g = grads[n].to(torch.float64)
+            w64 = w.to(torch.float64) if objective == "normalized_grad_norm" else None
+            rule = rules.get(n)
+            if rule is None or not rule.gidx:  # factor 1: a constant term
+                s_all = float((g * g).sum())
+                if objective == "grad_norm":
+                    const_num += s_all
+                else:
+                    vv = float((w64 * w64).sum())
+                    if vv > 0:
+                        const_terms += s_all / vv
+                continue
+            shape = torch.broadcast_shapes(*[tuple(t.shape) for t in rule.gidx])
+            shape = (1,) * (w.ndim - len(shape)) + tuple(shape)
+            dims = tuple(d for d in range(w.ndim) if shape[d] == 1)
+            Sn = (g * g).sum(dims, keepdim=True) if dims else g * g
+            S.append(Sn.reshape(-1))
+            m = Sn.numel()
+            for k in range(kmax):
+                if k < len(rule.gidx):
+                    gi = rule.gidx[k]
+                    gi = gi.reshape((1,) * (len(shape) - gi.ndim) + tuple(gi.shape))
+                    idx_cols[k].append(gi.expand(shape).reshape(-1).to(dev))
+                else:
+                    idx_cols[k].append(torch.zeros(m, dtype=torch.int64, device=dev))
+            if objective == "normalized_grad_norm":
+                Wn = (w64 * w64).sum(dims, keepdim=True) if dims else w64 * w64
+                Wsum.append(Wn.reshape(-1))
+                seg.append(torch.full((m,), n_seg, dtype=torch.int64, device=dev))
+            n_seg += 1
+        self.S = torch.cat(S) if S else torch.zeros(0, dtype=torch.float64, device=dev)
+        self.idx = [torch.cat(c) for c in idx_cols] if S else []
+        self.const = const_num if objective == "grad_norm" else const_terms
+        if objective == "normalized_grad_norm" and S:
+            self.W = torch.cat(Wsum)
+            self.seg = torch.cat(seg)
+            self.n_seg = n_seg
+            # Σ W f² > 0 exactly when Σ W > 0 (the factors never vanish): decided once, no test per step
+            self.keep = torch.zeros(n_seg, dtype=torch.float64, device=dev).index_add_(0, self.seg, self.W) > 0
+
+    def from_ext(self, ext: torch.Tensor) -> torch.Tensor:
+        """The objective from the CoB's table ``[1, tau, 1, 1/tau]`` (on :attr:`device`); differentiable."""
+        if not self.idx:
+            return torch.sqrt(torch.as_tensor(self.const, dtype=torch.float64, device=self.device))
+        f = ext[self.idx[0]]
+        for ix in self.idx[1:]:
+            f = f * ext[ix]
+        f2 = f * f
+        if self.objective == "grad_norm":
+            return torch.sqrt((self.S / f2).sum() + self.const)
+        z = torch.zeros(self.n_seg, dtype=f2.dtype, device=f2.device)
+        num = z.index_add(0, self.seg, self.S / f2)
+        den = z.index_add(0, self.seg, self.W * f2)
+        terms = torch.where(self.keep, num / torch.where(self.keep, den, torch.ones_like(den)), torch.zeros_like(num))
+        return torch.sqrt(terms.sum() + self.const)
+
+    def __call__(self, cob: CoB) -> torch.Tensor:
+        return self.from_ext(cob.ext().to(self.device))
+
+
+def _reduced_objective(structure: CoBStructure, weights: dict, grads: dict, objective):
+    """:class:`_Reduced` for a built-in ``objective`` (a function ``cob -> objective`` equal to
+    :func:`cob_objective`), None for a callable one."""
     if not isinstance(objective, str):
         return None
-    fac0 = weight_scale_factors(structure, CoB.identity(structure))
-    S, W = {}, {}
-    for n, w in weights.items():
-        f = fac0[n]
-        shape = (1,) * (w.ndim - f.ndim) + tuple(f.shape)
-        dims = tuple(d for d in range(w.ndim) if shape[d] == 1)
-        g = grads[n].to(torch.float64)
-        S[n] = (g * g).sum(dims, keepdim=True) if dims else g * g
-        if objective == "normalized_grad_norm":
-            w64 = w.to(torch.float64)
-            W[n] = (w64 * w64).sum(dims, keepdim=True) if dims else w64 * w64
-
-    def value(cob):
-        fac = weight_scale_factors(structure, cob)
-        if objective == "grad_norm":
-            return torch.sqrt(sum((S[n] / fac[n].to(S[n].device) ** 2).sum() for n in S))
-        terms = []
-        for n in S:
-            f2 = fac[n].to(S[n].device) ** 2
-            vv = (W[n] * f2).sum()
-            if float(vv.detach()) > 0:
-                terms.append((S[n] / f2).sum() / vv)
-        return torch.sqrt(sum(terms))
-
-    return value
+    return _Reduced(structure, weights, grads, objective)
 
 
 def _prepare(model, loss_fn, batches, structure):
@@ -229,34 +283,46 @@ def optimize_cob(model: nn.Module, loss_fn: Callable, batches, structure: CoBStr
     batches, structure, loss, grads, weights = _prepare(model, loss_fn, batches, structure)
     signs, log0 = _signs(structure, mode, init, generator)
     lo, hi = (math.log(1 - sigma_max), math.log(1 + sigma_max)) if sigma_max is not None else (-math.inf, math.inf)
-    theta = log0.clamp(lo, hi).requires_grad_(True)
-
     reduced = _reduced_objective(structure, weights, grads, objective)
-
-    def value(th):
-        cob = CoB.from_vector(structure, th, signs)
-        return reduced(cob) if reduced is not None else cob_objective(structure, cob, weights, grads, objective)
-
     with torch.no_grad():
         ident = CoB.identity(structure)
         before = float(reduced(ident) if reduced is not None else cob_objective(structure, ident, weights, grads,
                                                                                 objective))
+    if reduced is not None:
+        # the built-in objectives: the whole ascent on the gradients' device, without a host sync per step (the
+        # values and the best step are read once, at the end)
+        dev = reduced.device
+        theta = log0.clamp(lo, hi).to(dev).requires_grad_(True)
+        sg = signs.to(dev)
+
+        def value(th):
+            return reduced.from_ext(structure.ext_table_log(th, sg))
+    else:
+        theta = log0.clamp(lo, hi).requires_grad_(True)
+
+        def value(th):
+            return cob_objective(structure, CoB.from_vector(structure, th, signs), weights, grads, objective)
     opt = torch.optim.Adam([theta], lr=lr)
-    history = []
-    best_v, best_th = -math.inf, theta.detach().clone()
+    values = []
+    best_v = torch.full((), -math.inf, dtype=torch.float64, device=theta.device)
+    best_th = theta.detach().clone()
     for _ in progress(range(steps + 1), desc="optimize_cob", unit="step"):  # a bar only on a terminal, after 1 s
         v = value(theta)
-        fv = float(v.detach())
-        history.append(fv)
-        if math.isfinite(fv) and fv > best_v:
-            best_v, best_th = fv, theta.detach().clone()
-        if len(history) > steps or structure.num_free == 0:
+        vd = v.detach()
+        values.append(vd)
+        better = torch.isfinite(vd) & (vd > best_v)  # on the device: no sync
+        best_v = torch.where(better, vd, best_v)
+        best_th = torch.where(better, theta.detach(), best_th)
+        if len(values) > steps or structure.num_free == 0:
             break
         opt.zero_grad()
         (-v).backward()
         opt.step()
         with torch.no_grad():
             theta.clamp_(lo, hi)
+    history = [float(t) for t in torch.stack(values).cpu()]  # one transfer for the whole ascent
+    best_v = float(best_v)
+    best_th = best_th.cpu()
     cob = CoB.from_vector(structure, best_th, signs)
     log = CoBSearchLog("optimize_cob", name, before, best_v if math.isfinite(best_v) else before, loss,
                        len(history) - 1, time.perf_counter() - t0, structure.num_free, history)

@@ -28,6 +28,8 @@ What lives where (``from gradcond.probes import conditioning as C; C.step_consis
 * :mod:`~gradcond.probes.conditioning.batch_metrics` — :func:`gradient_confusion` (eq. 3.24),
   :func:`gradient_diversity` (eq. 3.25), :func:`gradient_coherence` (eq. 3.26), :func:`batch_efficiency_ratio`
   (eq. 3.9).
+* :mod:`~gradcond.probes.conditioning.summary` — :func:`conditioning_summary`: coherence, step-consistency and the
+  weight-gradient rank from one per-sample engine (three passes instead of seven; the monitor's probe).
 * :mod:`~gradcond.probes.conditioning.directions` — the weight/input perturbation samplers;
   :mod:`~gradcond.probes.conditioning.common` — :class:`Result`, validation, mask selection, batch iteration.
 """
@@ -49,6 +51,7 @@ from gradcond.probes.conditioning.consecutive import (
 from gradcond.probes.conditioning.exact import input_condition_exact
 from gradcond.probes.conditioning.perturbation import batch_dissonance, step_consistency, step_metrics
 from gradcond.probes.conditioning.rank import effective_rank, gaussian_effective_rank, relative_gradient_rank
+from gradcond.probes.conditioning.summary import conditioning_summary
 
 __all__ = [
     "Result",
@@ -66,4 +69,5 @@ __all__ = [
     "gradient_diversity",
     "gradient_coherence",
     "batch_efficiency_ratio",
+    "conditioning_summary",
 ]

@@ -144,7 +144,7 @@ def relative_gradient_rank(
     Near 1: white-noise gradients; near 0: highly correlated. Cost: one per-sample pass, O(d b²) for the Gram matrix,
     O(gaussian_samples · b³) for the baseline; A is materialized
     (b × d) for ``wrt="input"``; for ``wrt="weight"`` only the b×b Gram matrix is formed layer by layer (layer
-    identities of :mod:`gradcond.probes.ghost`: Linear, Conv1d/2d incl. grouped, Embedding, norm affines; nothing of
+    identities of :mod:`gradcond.probes.per_sample.identities`: Linear, Conv1d/2d incl. grouped, Embedding, norm affines; nothing of
     size b × m; see :meth:`Engine.per_sample_stats`). Needs b >= 2. The mask applies only to
     ``wrt="weight"``.
     """

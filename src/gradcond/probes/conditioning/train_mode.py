@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from gradcond.probes.flat_vectors import flatten, unflatten
-from gradcond.probes.per_sample_fast import BN_TYPES
+from gradcond.probes.per_sample.plan import BN_TYPES
 
 __all__ = ["BN_MODES", "TrainModeBatch", "engine_for"]
 

@@ -1,8 +1,9 @@
-"""Per-sample gradient norms and Gram matrices without the b × P matrix ("ghost" norms; Goodfellow 2015,
+"""Step 3 of the per-sample path: the **identities** -- per-sample gradients, squared norms and Gram matrices of each
+layer from its captured inputs and output gradients, without the b × P matrix ("ghost" norms; Goodfellow 2015,
 Li et al. 2022 "mixed ghost clipping").
 
-The per-sample engine (:class:`gradcond.probes.per_sample.Engine`) captures, in ONE batched forward and ONE backward,
-the inputs ``a`` and output gradients ``e = ∂(Σ_j ℓ_j)/∂out`` of every parameter-owning module. Because the measurement
+The capture (:mod:`gradcond.probes.per_sample.capture`) gives, from ONE batched forward and ONE backward, the inputs
+``a`` and output gradients ``e = ∂(Σ_j ℓ_j)/∂out`` of every parameter-owning module. Because the measurement
 treats samples independently (eval mode, BatchNorm statistics frozen or running), ``e_i = ∂ℓ_i/∂out_i``; every
 per-sample parameter gradient of a supported layer is a per-sample contraction of ``a_i`` and ``e_i``, and so are its
 squared norm and its inner products with the other samples' gradients. This module turns captured calls into
@@ -33,7 +34,7 @@ per-sample gradients are materialised by ``vmap`` of the ``vjp`` of the module a
 root module or shared between modules, or read outside its module's forward) is measured by ``vmap(grad)`` of the
 whole model; then every parameter is in ``fallback``.
 
-First use on a model (:func:`gradcond.probes.per_sample_fast._validate`, once per model and parameter set): the
+First use on a model (:func:`validate`, once per model and parameter set): the
 identities' per-sample gradients must sum to autograd's batch gradient and give sample 0 exactly its gradient when
 evaluated alone, else the whole model falls back to ``vmap(grad)`` with the reason (a parameter read outside its module,
 a layer whose dimension 0 is not the sample). Cost of that check: one backward to the parameters and one
@@ -56,7 +57,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["PerSampleStats", "per_sample_stats"]
+from gradcond.probes.per_sample.plan import BN_TYPES, LayerPlan, Unsupported, mark_validated, plain_forward
+
+__all__ = ["PerSampleStats", "assemble", "build_factors", "module_grads", "reduce_factors", "stats_from_calls",
+           "validate", "whole_model_fallback"]
 
 
 @dataclass
@@ -82,69 +86,7 @@ class PerSampleStats:
         return None if self.sq_norms is None else self.sq_norms.sqrt()
 
 
-def per_sample_stats(model: nn.Module, loss_fn, batch, *, gram: bool = True, norms: bool = True, bn: str = "batch",
-                     memory_bytes: int | None = None) -> PerSampleStats:
-    """Per-sample gradient squared norms and/or Gram matrix of ``model`` on one batch ``(x, y)`` without forming the
-    b × P per-sample gradient matrix (layer identities above; float64 results).
-
-    ``loss_fn(output, target)`` follows the Engine's per-sample convention (``ℓ_i = loss_fn(f(x_i)[None], t_i[None])``);
-    ``bn``: ``"batch"`` or ``"eval"`` (see :class:`gradcond.probes.per_sample.Engine`). Cost: one batched forward, one
-    backward to the layer outputs, plus per layer the cheaper of the ghost and materialised forms (module docstring);
-    with ``bn="batch"`` and BatchNorm layers in train mode their batch statistics are recorded by that same forward
-    (``LayerPath.capture``) instead of a separate pass (a BN module called more than once takes the separate pass);
-    the model (parameters, buffers, ``.grad``, modes) is left unchanged. ValueError for a batch of fewer than 1 sample or
-    neither ``gram`` nor ``norms`` asked for."""
-    from gradcond.probes.per_sample import DEFAULT_MEMORY_BYTES, Engine
-    from gradcond.utils import as_batch
-
-    if not (gram or norms):
-        raise ValueError("per_sample_stats needs gram=True or norms=True (nothing to compute otherwise).")
-    x, y = as_batch(batch)
-    mb = DEFAULT_MEMORY_BYTES if memory_bytes is None else memory_bytes
-    e = Engine(model, loss_fn, x, y, bn=bn, memory_bytes=mb)
-    e._defer_bn = True  # bn="batch" statistics are recorded by the capture forward itself (one forward fewer)
-    with e:
-        return e.per_sample_stats(norms=norms, gram=gram)
-
-
 # ---------------------------------------------------------------------------------------------------- factors
-
-
-# the forwards whose per-sample gradients the identities below describe; a subclass that overrides them (a masked
-# Linear, a custom conv) computes something else and takes the fallback
-_PLAIN_FORWARDS = {
-    nn.Linear: (nn.Linear.forward,),
-    nn.Conv1d: (nn.Conv1d.forward, nn.Conv1d._conv_forward),
-    nn.Conv2d: (nn.Conv2d.forward, nn.Conv2d._conv_forward),
-    nn.Embedding: (nn.Embedding.forward,),
-    nn.modules.batchnorm._BatchNorm: (nn.modules.batchnorm._BatchNorm.forward,),
-    nn.SyncBatchNorm: (nn.SyncBatchNorm.forward,),
-    nn.LayerNorm: (nn.LayerNorm.forward,),
-    nn.GroupNorm: (nn.GroupNorm.forward,),
-}
-
-
-_PLAIN_CACHE: dict[tuple, bool] = {}
-
-
-def _plain_forward(mod: nn.Module) -> bool:
-    """True when ``mod`` is one of the supported classes and computes that class's own forward (decided per class;
-    an instance whose ``forward`` was replaced on the object itself is never plain)."""
-    if "forward" in mod.__dict__ or "_conv_forward" in mod.__dict__:
-        return False
-    cls = type(mod)
-    key = (cls, cls.forward, getattr(cls, "_conv_forward", None))  # a class patched later gets a new key
-    hit = _PLAIN_CACHE.get(key)
-    if hit is None:
-        hit = False
-        for base, fns in _PLAIN_FORWARDS.items():
-            if issubclass(cls, base):
-                names = ("forward", "_conv_forward")[: len(fns)]
-                if all(getattr(cls, n) is f for n, f in zip(names, fns)):
-                    hit = True
-                    break
-        _PLAIN_CACHE[key] = hit
-    return hit
 
 
 _CL_MIN_CHANNELS = 4  # input channels per group from which the channels-last patches are used (measured faster)
@@ -153,7 +95,7 @@ _CL_MIN_CHANNELS = 4  # input channels per group from which the channels-last pa
 def conv_patches(mod: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
     """Unfolded input patches (c, C_in·k, T) of a Conv1d/Conv2d call with input ``a`` — exactly the columns its weight
     multiplies (padding mode, string padding, stride and dilation applied) — or None for other convolutions."""
-    if not isinstance(mod, (nn.Conv1d, nn.Conv2d)) or not _plain_forward(mod) or getattr(mod, "transposed", False):
+    if not isinstance(mod, (nn.Conv1d, nn.Conv2d)) or not plain_forward(mod) or getattr(mod, "transposed", False):
         return None
     k, dil, st = tuple(mod.kernel_size), tuple(mod.dilation), tuple(mod.stride)
     if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
@@ -198,14 +140,29 @@ def _patches_channels_last(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 class _Lin:
     """Per-sample weight gradient Σ_t E_t A_tᵀ per group: A (c, G, T, C), E (c, G, T, O). ``kshape``: None when A's
-    features are in the weight's own order, else (kh, kw, C_g) for patches ordered (kernel row, column, channel)."""
+    features are in the weight's own order, else (kh, kw, C_g) for patches ordered (kernel row, column, channel).
+    ``vec``: for a Linear call on one vector per sample, the (c, C) and (c, O) matrices themselves (T = G = 1), from
+    which A and E are made only when asked for (the reductions use the matrices: fewer kernels for small MLPs)."""
 
-    def __init__(self, A, E, weight, bias, label, kshape=None):
-        self.A, self.E, self.weight, self.bias, self.label, self.kshape = A, E, weight, bias, label, kshape
+    def __init__(self, A, E, weight, bias, label, kshape=None, vec=None):
+        self._A, self._E, self.weight, self.bias, self.label, self.kshape, self.vec = A, E, weight, bias, label, kshape, vec
+
+    @property
+    def A(self):
+        if self._A is None:
+            self._A = self.vec[0][:, None, None, :]
+        return self._A
+
+    @property
+    def E(self):
+        if self._E is None:
+            self._E = self.vec[1][:, None, None, :]
+        return self._E
 
     def add(self, other: "_Lin") -> None:  # another call of the same module: its positions add up
-        self.A = torch.cat([self.A, other.A], 2)
-        self.E = torch.cat([self.E, other.E], 2)
+        self._A = torch.cat([self.A, other.A], 2)
+        self._E = torch.cat([self.E, other.E], 2)
+        self.vec = None
 
 
 def lin_factor(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict) -> _Lin | None:
@@ -213,9 +170,11 @@ def lin_factor(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict) -> _Li
     if len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     a, c = args[0], e.shape[0]
-    if not _plain_forward(mod):
+    if not plain_forward(mod):
         return None
     if isinstance(mod, nn.Linear):
+        if a.ndim == 2:
+            return _Lin(None, None, local.get("weight"), local.get("bias"), "Linear", vec=(a, e))
         A = a.reshape(c, 1, -1, a.shape[-1])
         E = e.reshape(c, 1, -1, e.shape[-1])
         label = "Linear"
@@ -254,7 +213,7 @@ class _Emb:
 
 def emb_factor(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict) -> _Emb | None:
     """The :class:`_Emb` factor of one plain Embedding call (no max_norm, no frequency scaling), or None."""
-    if (not isinstance(mod, nn.Embedding) or not _plain_forward(mod) or len(args) != 1 or mod.max_norm is not None
+    if (not isinstance(mod, nn.Embedding) or not plain_forward(mod) or len(args) != 1 or mod.max_norm is not None
             or mod.scale_grad_by_freq or "weight" not in local):
         return None
     c = e.shape[0]
@@ -268,7 +227,7 @@ def emb_factor(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict) -> _Em
 def norm_grads(mod: nn.Module, args: tuple, e: torch.Tensor, local: dict, buffers: dict, name: str):
     """Closed-form per-sample gradients {full name: (c, k)} of the affine parameters of a BatchNorm (eval mode / frozen
     statistics), LayerNorm or GroupNorm call, or None for other modules."""
-    if len(args) != 1 or not _plain_forward(mod):
+    if len(args) != 1 or not plain_forward(mod):
         return None
     a = args[0]
     c = e.shape[0]
@@ -380,10 +339,25 @@ def _lin_gram(A, E, budget: int, bias: bool = False) -> torch.Tensor:
     step = _chunk(O, _cache_budget(budget, A) // (c * G * C))
     for s in range(0, O, step):
         g = (E[..., s:s + step].mT @ A).reshape(c, -1)
-        out += (g @ g.T).double()
+        out += _sym_gram(g).double()
     if bias:
         bs = E.sum(2).reshape(c, -1)
         out += (bs @ bs.T).double()
+    return out
+
+
+def _sym_gram(M: torch.Tensor) -> torch.Tensor:
+    """``M Mᵀ`` of a (c, k) matrix with long rows from its upper triangle of row blocks (4 blocks: 10 of the 16 block
+    products; measured on one core, (64, 4608): 0.37 ms instead of 0.45 ms), mirrored; plain ``M Mᵀ`` for short M."""
+    c = M.shape[0]
+    if c < 32 or M.shape[1] < 4 * c or M.device.type != "cpu":
+        return M @ M.T
+    s = -(-c // 4)
+    out = torch.empty(c, c, dtype=M.dtype, device=M.device)
+    for a in range(0, c, s):
+        blk = M[a:a + s] @ M[a:].T  # rows a.., columns a.. (the diagonal block and those to its right)
+        out[a:a + s, a:] = blk
+        out[a + s:, a:a + s] = blk[:, s:].T
     return out
 
 
@@ -428,11 +402,11 @@ def _emb_reduce(f: _Emb, want_sq: bool, want_gram: bool, budget: int):
     return sq, gram
 
 
-def build_factors(path, calls) -> tuple[dict, dict, dict, dict]:
-    """Group the captured calls of a :class:`~gradcond.probes.per_sample_fast.LayerPath` by module and turn them into
-    factors. Returns (lin factors, embedding factors, dense per-sample gradients {name: (c, k)}, identities/fallback
-    labels {name: (kind, text)}) with kind ``"identity"`` or ``"fallback"``."""
-    eng = path.engine
+def build_factors(eng, calls) -> tuple[dict, dict, dict, dict]:
+    """Group captured calls (``(module name, inputs, e)``, step 2) by module and turn them into factors. ``eng``: the
+    engine's layout (``plan``, ``buffers``, ``w``, ``all_params``). Returns (lin factors, embedding factors, dense
+    per-sample gradients {name: (c, k)}, identities/fallback labels {name: (kind, text)}) with kind ``"identity"`` or
+    ``"fallback"``."""
     plan = eng.plan
     lins: dict[str, _Lin] = {}
     embs: dict[str, _Emb] = {}
@@ -469,7 +443,7 @@ def build_factors(path, calls) -> tuple[dict, dict, dict, dict]:
                 labels[full] = ("identity", type(mod).__name__)
             continue
         # no identity: materialise this module's per-sample gradients (vmap of its own vjp)
-        grads = path.module_grads(name, args, e, eng.w, path.select_map(None))
+        grads = module_grads(eng, name, args, e, eng.w, None)
         for full, g in grads.items():
             if lins.get(name) is not None and full in (lins[name].weight, lins[name].bias):
                 continue
@@ -486,7 +460,17 @@ def reduce_factors(lins, embs, dense, c: int, want_sq: bool, want_gram: bool, bu
     sq = torch.zeros(c, dtype=torch.float64, device=device) if want_sq else None
     gram = torch.zeros(c, c, dtype=torch.float64, device=device) if want_gram else None
     for f in lins.values():
-        if f.weight is not None:
+        if f.weight is not None and (f.vec is not None or (f.A.shape[1] == 1 and f.A.shape[2] == 1)):
+            # one position, one group (Linear on a vector per sample): four kernels, the layer's term in float32
+            # (as every layer term) accumulated in float64; with a bias, (AAᵀ + 1)∘(EEᵀ) = (AAᵀ)∘(EEᵀ) + EEᵀ
+            a, ee = f.vec if f.vec is not None else (f.A[:, 0, 0], f.E[:, 0, 0])
+            if want_sq:
+                sa, se = torch.linalg.vecdot(a, a), torch.linalg.vecdot(ee, ee)
+                sq.add_(torch.addcmul(se, sa, se) if f.bias is not None else sa.mul_(se))
+            if want_gram:
+                ka, ke = a @ a.T, ee @ ee.T
+                gram.add_(torch.addcmul(ke, ka, ke) if f.bias is not None else ka.mul_(ke))
+        elif f.weight is not None:
             if want_sq:
                 sq += _lin_sq_norms(f.A, f.E, budget, bias=f.bias is not None)
             if want_gram:
@@ -542,11 +526,12 @@ def first_sample(lins, embs, dense):
             {k: g[:1] for k, g in dense.items()})
 
 
-def stats_from_calls(path, calls, want_sq: bool, want_gram: bool, budget_bytes: int) -> PerSampleStats:
-    """:class:`PerSampleStats` of one captured batch (``calls`` from ``LayerPath.capture``)."""
+@torch.no_grad()
+def stats_from_calls(eng, calls, want_sq: bool, want_gram: bool, budget_bytes: int) -> PerSampleStats:
+    """:class:`PerSampleStats` of one captured batch (``calls`` from :func:`gradcond.probes.per_sample.capture.capture`;
+    ``eng``: the engine's layout, see :func:`build_factors`)."""
     t0 = time.perf_counter()
-    eng = path.engine
-    lins, embs, dense, labels = build_factors(path, calls)
+    lins, embs, dense, labels = build_factors(eng, calls)
     c = calls[0][2].shape[0]
     elem = max(1, torch.finfo(eng.dtype).bits // 8) if eng.dtype.is_floating_point else 8
     budget = max(1, int(budget_bytes) // elem)
@@ -560,3 +545,214 @@ def whole_model_fallback(names, reason: str) -> dict[str, str]:
     """The ``fallback`` dict when the whole model is measured by vmap(grad)."""
     text = f"the layer path cannot handle this model ({reason}); per-sample gradients materialised by vmap(grad)"
     return {n: text for n in names}
+
+
+# ---------------------------------------------------------------------------------------------------- materialised
+# per-sample gradients (c, k) of every parameter, for Engine.per_sample_grads (masks, perturbed points, vmap-free)
+
+_BMM_DIRECT_MIN = 4096  # O·C above which per-sample Linear/Conv weight gradients are written in place by bmm
+
+
+def _conv_fast_ok(mod) -> bool:
+    return (mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+            and not getattr(mod, "transposed", False))
+
+
+def _as_lin(mod, args, e):
+    """(A, E) of shapes (c, T, C) and (c, T, O) such that the per-sample weight gradient is Σ_t E_t A_tᵀ, for Linear
+    and zero-padded, ungrouped Conv1d/Conv2d (A = unfolded patches in the weight's own feature order, T = output
+    positions); None otherwise."""
+    if len(args) != 1 or not plain_forward(mod):  # a subclass with its own forward computes something else
+        return None
+    a, c = args[0], e.shape[0]
+    if isinstance(mod, nn.Linear):
+        return a.reshape(c, -1, a.shape[-1]), e.reshape(c, -1, e.shape[-1])
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and _conv_fast_ok(mod):
+        k, dil, pad, st = (tuple(mod.kernel_size), tuple(mod.dilation), tuple(mod.padding), tuple(mod.stride))
+        if isinstance(mod, nn.Conv1d):
+            a, e = a.unsqueeze(2), e.unsqueeze(2)
+            k, dil, pad, st = (1,) + k, (1,) + dil, (0,) + pad, (1,) + st
+        U = F.unfold(a, k, dilation=dil, padding=pad, stride=st)  # (c, C·kk, T)
+        return U.transpose(1, 2), e.reshape(c, e.shape[1], -1).transpose(1, 2)
+    return None
+
+
+def select_map(eng, select) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per parameter: (local indices into its flat gradient, positions in the selected output); None = all.
+    ``eng``: ``names`` and ``offsets`` of the flat layout; ``select``: flat indices or None."""
+    if select is None:
+        return {n: (None, None) for n in eng.names}
+    out = {}
+    for n in eng.names:
+        start, k = eng.offsets[n]
+        pos = ((select >= start) & (select < start + k)).nonzero().reshape(-1)
+        out[n] = (select[pos] - start, pos)
+    return out
+
+
+def module_grads(eng, name, args, e, w, smap, dest=None) -> dict[str, torch.Tensor | None]:
+    """Per-sample gradients (c, k) of the parameters module ``name`` owns, for one call with inputs ``args`` and
+    output gradient ``e``; k = all entries, or those in ``smap`` (from :func:`select_map`; None = all). ``w``: the
+    trainable weights the call was made at; ``eng``: ``plan``, ``buffers`` and ``all_params`` of the engine. A weight
+    whose (c, k) view is in ``dest`` may be written there directly, in which case its entry is None.
+
+    Linear / zero-padded ungrouped Conv: the outer-product sums Σ_t E_t A_tᵀ (bmm); BatchNorm (eval / frozen
+    statistics) and LayerNorm: closed forms; anything else: ``vmap`` over samples of the ``vjp`` of this module alone
+    (its own parameters only)."""
+    from torch.func import functional_call, vjp, vmap
+
+    mod = eng.plan.modules[name]
+    local = eng.plan.params[name]  # local name -> full name
+    a = args[0]
+    c = e.shape[0]
+    out: dict[str, torch.Tensor] = {}
+
+    def pick(full, full_grad):
+        idx = None if smap is None else smap[full][0]
+        g = full_grad.reshape(c, -1)
+        return g if idx is None else g[:, idx]
+
+    lin = _as_lin(mod, args, e)
+    if lin is not None:
+        A, E = lin  # (c, T, C), (c, T, O): per-sample weight gradient Σ_t E_t A_tᵀ, shape (O, C)
+        if "weight" in local:
+            full = local["weight"]
+            idx = None if smap is None else smap[full][0]
+            C = A.shape[2]
+            if idx is None:
+                O = E.shape[2]
+                d = None if dest is None or full not in dest else dest[full].view(c, O, C)
+                if A.shape[1] == 1:
+                    g = torch.mul(E[:, 0, :, None], A[:, 0, None, :], **({} if d is None else {"out": d}))
+                elif d is not None and O * C <= _BMM_DIRECT_MIN:
+                    # bmm into a strided slice of the output runs one GEMM per sample (measured: 3-4x slower than
+                    # a batched GEMM plus a copy for small O·C); large blocks are written in place
+                    d.copy_(torch.bmm(E.transpose(1, 2), A))
+                else:
+                    g = torch.bmm(E.transpose(1, 2), A, **({} if d is None else {"out": d}))
+                out[full] = None if d is not None else g.reshape(c, -1)
+            else:
+                o, ci = idx // C, idx % C
+                out[full] = (E[:, :, o] * A[:, :, ci]).sum(1)
+        if "bias" in local:
+            out[local["bias"]] = pick(local["bias"], E.sum(1))
+        return out
+    if isinstance(mod, BN_TYPES) and len(args) == 1 and not mod.training and plain_forward(mod):
+        shape = [1, -1] + [1] * (a.ndim - 2)
+        dims = list(range(2, a.ndim))
+        if "weight" in local:
+            pre = f"{name}." if name else ""
+            mean = eng.buffers[pre + "running_mean"].view(shape)
+            var = eng.buffers[pre + "running_var"].view(shape)
+            xhat = (a - mean) / torch.sqrt(var + mod.eps)
+            out[local["weight"]] = pick(local["weight"], (e * xhat).sum(dims) if dims else e * xhat)
+        if "bias" in local:
+            out[local["bias"]] = pick(local["bias"], e.sum(dims) if dims else e)
+        return out
+    if isinstance(mod, nn.LayerNorm) and len(args) == 1 and plain_forward(mod):
+        nd = len(mod.normalized_shape)
+        red = tuple(range(a.ndim - nd, a.ndim))
+        lead = tuple(range(1, a.ndim - nd))
+        if "weight" in local:
+            mean = a.mean(red, keepdim=True)
+            var = a.var(red, unbiased=False, keepdim=True)
+            xhat = (a - mean) / torch.sqrt(var + mod.eps)
+            out[local["weight"]] = pick(local["weight"], (e * xhat).sum(lead) if lead else e * xhat)
+        if "bias" in local:
+            out[local["bias"]] = pick(local["bias"], e.sum(lead) if lead else e)
+        return out
+    # generic: vmap over samples of the vjp of this module alone (torch.func), its own parameters only
+    own = {ln: w[fn] for ln, fn in local.items()}
+    rest = {ln: t for ln, t in LayerPlan.module_tensors(name, eng.all_params(w), eng.buffers).items() if ln not in own}
+
+    def one(e_i, *a_i):
+        def f(p):
+            return functional_call(mod, {**rest, **p}, tuple(t.unsqueeze(0) for t in a_i))
+        _, pull = vjp(f, own)
+        return pull(e_i.unsqueeze(0))[0]
+
+    g = vmap(one)(e, *args)
+    return {local[ln]: pick(local[ln], g[ln]) for ln in own}
+
+
+@torch.no_grad()
+def assemble(eng, calls, w, select, smap) -> torch.Tensor:
+    """Flat (c, m) — or (c, len(select)) — per-sample gradients from captured module calls (``eng``: ``names``,
+    ``offsets``, ``m``, ``dtype``, ``plan`` of the flat layout). With ``select`` (and its ``smap``) only the selected
+    coordinates of Linear/Conv weights are ever computed (c·T·k work instead of c·T·O·C)."""
+    c = calls[0][2].shape[0]
+    dev = calls[0][2].device  # the model's device: the captured outputs live there
+    if select is None:
+        out = torch.empty(c, eng.m, dtype=eng.dtype, device=dev)
+    else:
+        out = torch.zeros(c, int(select.numel()), dtype=eng.dtype, device=dev)
+    written: set[str] = set()
+    for name, args, e in calls:
+        dest = None
+        if select is None:  # unwritten Linear/Conv weights are computed straight into the output (no temporary)
+            dest = {}
+            for full in eng.plan.params[name].values():
+                if full not in written:
+                    start, k = eng.offsets[full]
+                    dest[full] = out[:, start:start + k]
+        for full, g in module_grads(eng, name, args, e, w, smap, dest).items():
+            if g is None:  # written in place
+                pass
+            elif select is None:
+                start, k = eng.offsets[full]
+                dst = out[:, start:start + k]
+                dst.add_(g) if full in written else dst.copy_(g)
+            else:
+                out.index_add_(1, smap[full][1], g)
+            written.add(full)
+    if len(written) != len(eng.names):  # cannot happen after the capture's checks; guard against silent zeros
+        raise Unsupported("some parameters received no per-sample gradient")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- first-use check
+_VALIDATION_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _validation_rtol(t: torch.Tensor) -> float:
+    """Tolerance of the first-use check for ``t``'s dtype and device. On CUDA, float32 convolutions and matmuls may
+    run in TF32 (10-bit mantissa; cuDNN convolutions do by default), so autograd's reference gradient is only good to
+    about 1e-3 of the summed magnitudes there; a parameter read outside its module still differs by O(1)."""
+    tol = _VALIDATION_RTOL.get(t.dtype, 1e-4)
+    if t.dtype == torch.float32 and t.is_cuda and (torch.backends.cudnn.allow_tf32
+                                                   or torch.backends.cuda.matmul.allow_tf32):
+        tol = max(tol, 1e-2)
+    return tol
+
+
+@torch.no_grad()
+def validate(eng, calls, ref: dict, ref0: dict) -> None:
+    """First use of the layer path on a model, two checks per parameter (relative to a bound of the summed magnitudes):
+
+    * the per-sample gradients implied by the captured calls sum to autograd's gradient of Σ_i ℓ_i (``ref``), else
+      some parameter is also used outside its module's forward (e.g. a parent reading a child's weight);
+    * the gradient they give sample 0 equals autograd's gradient of sample 0 evaluated alone (``ref0``), else the
+      layers do not keep samples apart along dimension 0 (a sequence-first layout whose length happens to equal the
+      batch size, an op mixing samples) — a split that the sum check cannot see.
+
+    Raises :class:`Unsupported` on either failure; on success the model is remembered as validated (for
+    ``eng.names``). Both sides come from the layer factors (one matmul per layer), so no b × P matrix is formed."""
+    lins, embs, dense, _ = build_factors(eng, calls)
+    # one check at a time, so that at most one set of parameter-sized sums is alive
+    checks = ((lambda: factor_sums(lins, embs, dense, ref), ref, "is used outside its module's forward"),
+              (lambda: factor_sums(*first_sample(lins, embs, dense), ref0), ref0,
+               "gets per-sample gradients that do not match a sample evaluated alone (dimension 0 of some layer's "
+               "input is not the sample dimension, or the model mixes samples)"))
+    for make_sums, target, why in checks:
+        sums = make_sums()
+        for n in eng.names:
+            if n not in sums:
+                raise Unsupported(f"parameter {n!r} received no per-sample gradient")
+            s, a = sums[n]
+            tol = _validation_rtol(s)
+            if not a.numel():
+                continue
+            scale = max(float(a.max()), float(target[n].abs().max()))
+            if float((s - target[n]).abs().max()) > tol * (scale or 1.0):
+                raise Unsupported(f"parameter {n!r} {why}")
+    mark_validated(eng.model, eng.names)
