@@ -32,11 +32,22 @@ def weight_layers(model: nn.Module):
             yield name or "<root>", w
 
 
-def _sq(t: torch.Tensor | None) -> torch.Tensor:
-    if t is None:
-        return torch.zeros((), dtype=torch.float64)
-    loc = D.local_tensor(t).detach()
-    return loc.double().pow(2).sum().cpu() if loc.numel() else torch.zeros((), dtype=torch.float64)
+def _squares(tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Sums of squares (float64, on the CPU) of the rank-local parts of ``tensors`` (None or empty: 0): one fused
+    ``torch._foreach_norm`` per device and one host transfer, instead of a kernel chain and a sync per tensor."""
+    out = [torch.zeros((), dtype=torch.float64)] * len(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        loc = D.local_tensor(t).detach()
+        if loc.numel():
+            groups.setdefault(loc.device, []).append((i, loc))
+    for items in groups.values():
+        norms = torch.stack(torch._foreach_norm([t for _, t in items], 2, dtype=torch.float64)).cpu()
+        for (i, _), n in zip(items, norms.pow(2)):
+            out[i] = n
+    return out
 
 
 def _reduced(pairs: list[tuple[torch.Tensor, bool]]) -> list[float]:
@@ -52,23 +63,22 @@ def _reduced(pairs: list[tuple[torch.Tensor, bool]]) -> list[float]:
 
 def layer_norms(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per layer: ``weight_norm`` = ||W||_F and, where the weight has a gradient, ``grad_norm`` = ||dL/dW||_F (the
-    ``.grad`` left by the last backward). Collective under FSDP2 (every rank must call it); cost: one pass over the
-    rank-local weights and gradients, one all-reduce of 2 floats per sharded layer."""
+    ``.grad`` left by the last backward). Collective under FSDP2 (every rank must call it); cost: one fused norm
+    kernel over the rank-local weights and gradients (float64 accumulation), one host transfer, and one all-reduce of
+    2 floats per sharded layer."""
     layers = list(weight_layers(D.unwrap(model)))
-    pairs = []
+    tensors, sharded = [], []
     for _, w in layers:
-        sharded = D.is_sharded(w)
-        pairs.append((_sq(w), sharded))
-        has = w.grad is not None
-        pairs.append((_sq(w.grad), sharded))
-        pairs.append((torch.tensor(1.0 if has else 0.0, dtype=torch.float64), sharded))
-    vals = _reduced(pairs)
+        s = D.is_sharded(w)
+        tensors += [w, w.grad]
+        sharded += [s, s]
+    sq = _squares(tensors)
+    vals = _reduced(list(zip(sq, sharded)))
     out = {}
-    for i, (name, _) in enumerate(layers):
-        w2, g2, has = vals[3 * i: 3 * i + 3]
-        out[name] = {"weight_norm": math.sqrt(w2)}
-        if has > 0:
-            out[name]["grad_norm"] = math.sqrt(g2)
+    for i, (name, w) in enumerate(layers):
+        out[name] = {"weight_norm": math.sqrt(vals[2 * i])}
+        if w.grad is not None:
+            out[name]["grad_norm"] = math.sqrt(vals[2 * i + 1])
     return out
 
 
@@ -82,14 +92,14 @@ def update_norms(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str,
     """Relative update size per layer, ``||W_after - W_before||_F / ||W_before||_F``, from a :func:`snapshot_weights`
     taken before the optimizer step (layers missing from ``before`` are left out). Collective under FSDP2."""
     layers = [(n, w) for n, w in weight_layers(D.unwrap(model)) if n in before]
-    pairs = []
+    tensors, sharded = [], []
     for name, w in layers:
-        sharded = D.is_sharded(w)
+        s = D.is_sharded(w)
         loc = D.local_tensor(w).detach()
         b = before[name].to(loc.device)
-        pairs.append((_sq(loc - b), sharded))
-        pairs.append((_sq(b), sharded))
-    vals = _reduced(pairs)
+        tensors += [loc - b, b]
+        sharded += [s, s]
+    vals = _reduced(list(zip(_squares(tensors), sharded)))
     out = {}
     for i, (name, _) in enumerate(layers):
         d2, b2 = vals[2 * i], vals[2 * i + 1]
