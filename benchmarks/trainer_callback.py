@@ -6,12 +6,11 @@ wall time). Target (issue 24): <= 1.10x.
 The run: a GPT-2 built from a config (2 layers, width 64, context 64, byte vocabulary) trained for ``STEPS`` (1000)
 optimizer steps of 8 sequences on the standard library's source bytes (``examples/gpt2_trainer.py``'s corpus), CPU, one
 thread. The callback's default schedule is the monitor's "default" preset plus the noise scale at epoch ends, under
-the default 5% budget: after 3 calibration steps every probe is measured once (logged, it counts), then the plan
-(printed below, the same sentences as in the run report) thins what would exceed the budget. The overhead has a
-per-step part (grad_norm every 5 steps, well under 1%) and one-off parts -- the calibration measurements (every probe
-once, conditioning and the per-sample noise scale the dearest) and the report written when training ends (its
-figures); the second table row leaves the report out (its CPU time is measured inside the callback), so a reader can
-scale the one-off parts to a run of another length.
+the default 5% budget: at the first step the monitor plans from its cost model (operation counts of the model, no
+clock), and the plan (printed below, the same sentences as in the run report) thins what would exceed the budget.
+The overhead has a per-step part (the probes the plan keeps) and one-off parts -- the cost-model profile at the first
+step and the report written when training ends (its figures); the second table row leaves the report out (its CPU
+time is measured inside the callback), so a reader can scale the one-off parts to a run of another length.
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ def train_once(with_callback: bool, tmp: Path, steps: int = STEPS, last: dict | 
     dt = time.process_time() - t
     if with_callback and last is not None:
         last["plan"] = cbs[0].monitor.plan
-        last["cost"] = dict(cbs[0].monitor.cost)
         last.setdefault("report", []).append(cbs[0].report_cpu_s)
     return dt
 
@@ -103,7 +101,6 @@ def main(reps: int = 3) -> None:
           f"  (target <= {TARGET})")
     print(f"  of which the report written at the end: {r['report_s']:.2f} s CPU; without it "
           f"{statistics.median(r['no_report']):.3f}x")
-    print("probe costs (s, fastest call):", {k: round(v, 4) for k, v in (r.get("cost") or {}).items()})
     for s in _coverage(r):
         print(f"  - {s}")
 
