@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gradcond.cli import main
-from gradcond.runner import FAULT_ENV
+from gradcond.runner import FAULT_ENV, TIMEOUT_ENV
 from gradcond.train import read_metrics
 
 SRC = str(Path(__file__).parents[1] / "src")
@@ -70,7 +70,9 @@ def test_sigkill_of_rank_0_is_named_and_resumable(tmp_path, monkeypatch, capsys)
 def test_ctrl_c_keeps_the_partial_run_and_exits_130(tmp_path):
     """Rank 1 stops itself (SIGSTOP) at the start of epoch 1, after the first checkpoint; then the parent gets
     SIGINT, as from Ctrl-C: it stops the ranks, keeps the partial run and says how to continue."""
-    env = dict(os.environ, PYTHONPATH=SRC, **{FAULT_ENV: "1:1:SIGSTOP"})
+    # the ranks' group timeout is raised from 60 s: on a saturated machine the SIGINT below may come later than that
+    # after rank 1 stopped, and the run would then (correctly) end with rank 0's timeout instead
+    env = dict(os.environ, PYTHONPATH=SRC, **{FAULT_ENV: "1:1:SIGSTOP", TIMEOUT_ENV: "900"})
     proc = subprocess.Popen([sys.executable, "-m", "gradcond.cli", "run", "--out", str(tmp_path), *PLAIN],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ck = tmp_path / ".p.partial" / "checkpoints" / "last.pt"
@@ -87,3 +89,12 @@ def test_ctrl_c_keeps_the_partial_run_and_exits_130(tmp_path):
     assert ck.is_file()
     assert main(["run", "--out", str(tmp_path), *PLAIN, "--resume"]) == 0
     assert (tmp_path / "p" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "inf"])
+def test_a_bad_group_timeout_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    assert main(["run", "--out", str(tmp_path), *PLAIN]) == 2
+    assert capsys.readouterr().err == (f"gradcond: error: GRADCOND_DDP_TIMEOUT_S must be a positive number of seconds, "
+                                       f"got {value!r}.\n")
+    assert not any(tmp_path.iterdir())

@@ -555,6 +555,22 @@ def _publish(partial: Path, final: Path) -> None:
 # waiting; collectives are bounded by the group's timeout (DDP_TIMEOUT_S).
 
 DDP_TIMEOUT_S = 60  # process-group timeout of `gradcond run --nproc`: a hung rank ends the run within a minute
+TIMEOUT_ENV = "GRADCOND_DDP_TIMEOUT_S"  # overrides DDP_TIMEOUT_S (seconds), e.g. on a heavily loaded machine
+
+
+def ddp_timeout_s() -> float:
+    """The process-group timeout of `gradcond run --nproc`: :data:`DDP_TIMEOUT_S`, or the environment variable
+    ``GRADCOND_DDP_TIMEOUT_S`` (a positive number of seconds; anything else is a :class:`UserError`)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return float(DDP_TIMEOUT_S)
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and math.isfinite(v)):
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}.")
+    return v
 
 
 def check_nproc(nproc, device="cpu") -> int:
@@ -655,7 +671,7 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
 
     This process validates everything first (bad input is :class:`UserError` before anything is written), takes the
     run's lock (:class:`RunLock`: exactly one writer), then spawns the ranks (gloo on the CPU, NCCL with one GPU
-    per rank on CUDA; ``tcp://127.0.0.1:<free port>``, timeout :data:`DDP_TIMEOUT_S`). Every rank builds the same
+    per rank on CUDA; ``tcp://127.0.0.1:<free port>``, timeout :func:`ddp_timeout_s`). Every rank builds the same
     model (same seed), wraps it in ``DistributedDataParallel`` and trains on its shard of the training set
     (``data.batch_size`` per rank: the global batch is ``nproc`` times larger); **rank 0 alone writes** the partial
     run directory, its metrics (rank 0's shard; test metrics on rank 0's replica), the checkpoints (holding every
@@ -680,6 +696,7 @@ def run_ranks(cfg: dict, out: str | Path, nproc: int, resume: bool = False, devi
     from .utils import Interrupted, is_quiet
 
     nproc = check_nproc(nproc, device)
+    ddp_timeout_s()  # a bad GRADCOND_DDP_TIMEOUT_S is bad input, before anything is written
     if cfg["distributed"]["strategy"] == "fsdp2" and (cfg.get("compare_teleport") or any(
             isinstance(c, dict) and "teleport" in str(c.get("name", "")) for c in cfg.get("callbacks") or [])):
         raise UserError("distributed.strategy = \"fsdp2\" cannot run teleports (compare_teleport or a teleport "
@@ -888,7 +905,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: dict, partial: str, device
             torch.cuda.set_device(dev)
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        _dist.init_local_group("nccl" if dev.type == "cuda" else "gloo", port, rank, world, DDP_TIMEOUT_S)
+        _dist.init_local_group("nccl" if dev.type == "cuda" else "gloo", port, rank, world, ddp_timeout_s())
         job = build_job(cfg, device=dev)
         report = _rank_body(job, cfg, Path(partial), resume, _fault_hook(rank))
         if rank == 0 and report is not None:
