@@ -72,7 +72,10 @@ def test_ctrl_c_keeps_the_partial_run_and_exits_130(tmp_path):
     SIGINT, as from Ctrl-C: it stops the ranks, keeps the partial run and says how to continue."""
     env = dict(os.environ, PYTHONPATH=SRC, **{FAULT_ENV: "1:1:SIGSTOP"})
     proc = subprocess.Popen([sys.executable, "-m", "gradcond.cli", "run", "--out", str(tmp_path), *PLAIN],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # Ctrl-C's SIGINT handled as in a terminal even when this suite runs with SIGINT ignored
+                            # (a background job of a shell without job control inherits SIG_IGN, which Python keeps)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ck = tmp_path / ".p.partial" / "checkpoints" / "last.pt"
     t0 = time.monotonic()
     while not ck.exists():  # a condition, not a timing assertion (the limit only bounds a hung test)
